@@ -1,0 +1,47 @@
+r"""The one entry point: flags only, then the stage function for --mode.
+
+  python -m msldm_jax.main --config=configs/demo.py[:variant=tiny] --workdir=DIR --mode=MODE
+
+Modes:
+  data   render the mini dataset when the config asks for it, and build the TFDS dataset.
+"""
+
+import importlib
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+# mode -> "module:function", each taking (config, workdir). Imported lazily so that a mode
+# pays only for what it uses.
+MODES = {
+    "data": "msldm_jax.data.prepare:prepare_data",
+}
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config script (configs/*.py[:arg]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for data, checkpoints and outputs.")
+_MODE = flags.DEFINE_enum("mode", "data", list(MODES), "Which stage to run.")
+
+
+def run(mode: str, config, workdir: str):
+  """Runs one mode; importable so that tests and notebooks take the same path as the CLI."""
+  if mode not in MODES:
+    raise ValueError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
+  module_name, function_name = MODES[mode].split(":")
+  function = getattr(importlib.import_module(module_name), function_name)
+  return function(config, workdir)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  flags.mark_flags_as_required(["config", "workdir"])
+  logging.info("mode=%s workdir=%s", _MODE.value, _WORKDIR.value)
+  run(_MODE.value, _CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)
