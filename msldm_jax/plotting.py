@@ -1,0 +1,68 @@
+"""Pictures people would rather see than read: spectrograms and loss curves (matplotlib Agg)."""
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _log_spectrogram(waveform: np.ndarray, n_fft: int = 1024, hop: int = 256) -> np.ndarray:
+  x = np.asarray(waveform, np.float64)
+  if len(x) < n_fft:
+    x = np.pad(x, (0, n_fft - len(x)))
+  frames = np.lib.stride_tricks.sliding_window_view(x, n_fft)[::hop] * np.hanning(n_fft)
+  magnitude = np.abs(np.fft.rfft(frames, axis=-1)).T
+  return 20 * np.log10(np.maximum(magnitude, 1e-5))
+
+
+def spectrogram_figure(waveforms: dict, sample_rate: int, title: str = ""):
+  """One row per named waveform ({'bass': x, ..., 'mix': y}), shared colour scale."""
+  names = list(waveforms)
+  fig, axes = plt.subplots(len(names), 1, figsize=(10, 1.8 * len(names) + 0.6), squeeze=False)
+  for ax, name in zip(axes[:, 0], names):
+    spec = _log_spectrogram(waveforms[name])
+    duration = len(waveforms[name]) / sample_rate
+    ax.imshow(spec, origin="lower", aspect="auto", vmin=-80, vmax=40, cmap="magma",
+              extent=(0, duration, 0, sample_rate / 2000))
+    ax.set_ylabel(f"{name}\nkHz")
+  axes[-1, 0].set_xlabel("seconds")
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  return fig
+
+
+def save_spectrograms(path: str, waveforms: dict, sample_rate: int, title: str = ""):
+  fig = spectrogram_figure(waveforms, sample_rate, title)
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+
+
+def spectrogram_image(waveforms: dict, sample_rate: int, title: str = "") -> np.ndarray:
+  """The figure as an [height, width, 3] uint8 array (for TensorBoard)."""
+  fig = spectrogram_figure(waveforms, sample_rate, title)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=60)
+  plt.close(fig)
+  buffer.seek(0)
+  return (plt.imread(buffer)[..., :3] * 255).astype(np.uint8)
+
+
+def save_curves(path: str, curves: dict, xlabel: str = "step", ylabel: str = "loss",
+                logy: bool = True):
+  """curves: name -> (steps, values)."""
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for name, (steps, values) in curves.items():
+    ax.plot(steps, values, label=name)
+  if logy:
+    ax.set_yscale("log")
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.legend()
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+  plt.close(fig)

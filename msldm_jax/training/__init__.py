@@ -1,0 +1,1 @@
+"""Training loops for the two stages and what they share (checkpoints, metrics, guards)."""
