@@ -1,9 +1,18 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine: the system packages the renderer needs and a virtual environment
 # (.venv) with msldm_jax installed. Safe to run again.
-#   bash setup.sh
+#   bash setup.sh              the main environment
+#   bash setup.sh --reference  also .venv-reference (PyTorch CPU) for equivalence tests
 set -euo pipefail
 cd "$(dirname "$0")"
+
+WITH_REFERENCE=0
+for arg in "$@"; do
+  case "$arg" in
+    --reference) WITH_REFERENCE=1 ;;
+    *) echo "setup.sh: unknown option $arg (known: --reference)" >&2; exit 2 ;;
+  esac
+done
 
 # fluidsynth renders the mini dataset's MIDI stems to audio; libsndfile reads/writes audio.
 if ! command -v fluidsynth >/dev/null 2>&1; then
@@ -20,4 +29,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[test]"
-echo "setup.sh: ready (.venv)"
+if [ "$WITH_REFERENCE" = 1 ]; then
+  bash tests/reference/install_reference_env.sh .venv-reference
+fi
+echo "setup.sh: ready (.venv$([ "$WITH_REFERENCE" = 1 ] && echo ', .venv-reference'))"
