@@ -23,7 +23,9 @@ SPLITS = ("train", "validation", "test")
 def features_dict() -> tfds.features.FeaturesDict:
   return tfds.features.FeaturesDict({
       TRACK_ID: tfds.features.Text(),
-      AUDIO: tfds.features.Tensor(shape=(stems.NUM_STEMS, None), dtype=np.float32),
+      # Raw bytes, not a float list: about 7x faster to serialise and smaller on disk.
+      AUDIO: tfds.features.Tensor(shape=(stems.NUM_STEMS, None), dtype=np.float32,
+                                  encoding=tfds.features.Encoding.BYTES),
       NUM_SAMPLES: tfds.features.Scalar(dtype=np.int64),
       STEM_PRESENT: tfds.features.Tensor(shape=(stems.NUM_STEMS,), dtype=np.bool_),
   })
