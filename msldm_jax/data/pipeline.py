@@ -1,0 +1,467 @@
+"""tf.data input pipelines: two views over a built stem dataset, and a resumable iterator.
+
+A built dataset (`data/features.py`) holds one whole track per example. Two views cut it:
+
+- `vae_windows`: single-stem windows for the SourceVAE (reference §2). Training: 1 s windows
+  at 0.5 s hop, each start jittered by a uniform shift in ±0.25 s and clamped to the track;
+  evaluation: 5 s windows at 1 s hop, no jitter, no shuffle. Only the stems named in
+  `data_config.vae_windows.stems` and present in the track (`stem_present`) are cut, and a
+  window x of N samples is dropped as silent when ||x||_2 / N < `silence_threshold`.
+  Batches: {"audio": float32 [batch, window], "stem": int32 [batch] (index in STEM_NAMES)}.
+- `diffusion_chunks`: stem-aligned chunks of `data_config.chunks.samples` samples for the
+  latent diffusion model: non-overlapping from sample 0, all four stems of a chunk from the
+  same place of the same track; no silence filtering; a track's final partial chunk is
+  dropped. Batches: {"audio": float32 [batch, NUM_STEMS, samples]}.
+
+Both build ONE EPOCH as a finite `tf.data.Dataset` of this process's batches; `InputIterator`
+chains epochs (training) and keeps a position to resume from.
+
+Per-process splits: each process reads a contiguous, disjoint slice of the split's tracks
+(`tfds.split_for_jax_process`, i.e. `tfds.even_splits` by example: with 11 tracks and 3
+processes the slices hold 4, 4 and 3 tracks), so sharding is by track. `batch_size` is the
+GLOBAL batch size; each process emits batch_size / process_count rows. Processes read
+different tracks, whose window counts differ, so their epochs end at different batches: each
+process keeps its own position (see `InputIterator.state`).
+
+Determinism: for a (seed, epoch) the batches are a pure function of the dataset. Seeds of the
+epoch come from numpy's SeedSequence([seed, epoch]): the TFDS file-order shuffle, the
+window/chunk shuffle buffer, and the jitter key, from which each (track, stem) derives its
+shifts statelessly (fold in a hash of `track_id`, then the stem index), so jitter does not
+depend on read order or process split. tf.data runs with `deterministic=True`, so parallel
+interleave/map keep their order. Each epoch reshuffles with its own seeds.
+
+Evaluation batches (`train=False`) keep every example: the final partial batch is padded with
+zeros to the full batch size and all evaluation batches carry "valid": bool [batch], False on
+padding rows. Training drops the final partial batch of each epoch. Evaluation chunks come in
+the dataset's track order, each track's in time order. In a multi-process evaluation the
+slices hold different numbers of batches; `InputIterator` (with a mesh and num_epochs set)
+feeds all-padding batches on processes that have finished until every process has, so that
+all take part in every step.
+
+Throughput: all windowing is vectorised per track and stem (see `data/windows.py`); tracks
+are read with TFDS's parallel interleave over files, windows are cut in a parallel,
+deterministic interleave over (track, stem) pairs, and batches are prefetched.
+`benchmarks/input_pipeline.py` measures stem-audio seconds delivered per second per core.
+"""
+
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from msldm_jax import stems as stems_lib
+from msldm_jax.data import features
+from msldm_jax.data import windows as windows_lib
+from msldm_jax.parallel import mesh as mesh_lib
+
+# Keys of a batch.
+AUDIO = "audio"    # VAE: float32 [batch, window]; chunks: float32 [batch, NUM_STEMS, samples]
+STEM = "stem"      # VAE only: int32 [batch], index into stems.STEM_NAMES
+VALID = "valid"    # evaluation only: bool [batch], False on rows padding the final batch
+
+# Keys of a position (`InputIterator.state`).
+EPOCH = "epoch"
+BATCH_IN_EPOCH = "batch_in_epoch"
+
+# How many (track, stem) streams the VAE view interleaves window by window: windows of ~16
+# stems from ~4+ tracks are mixed before the shuffle buffer, which alone would hold only a
+# couple of tracks' windows. Each stream holds one stem (plus its windows, ~2x for 1 s / 0.5 s)
+# in memory: ~16 x 3 x 21 MB for 4-minute tracks.
+_STEM_STREAMS = 16
+# Tracks interleaved chunk by chunk in the diffusion view; each holds a whole track (x2 while
+# it is transposed into chunks), hence fewer than for stems.
+_TRACK_STREAMS = 8
+# track_id hashes seed the jitter; any large range works, this one fits an int64 key.
+_HASH_BUCKETS = 2**62
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowSpec:
+  """One view's windowing in samples."""
+  window: int
+  hop: int
+  jitter: int
+  silence_threshold: float
+  stems: tuple[str, ...]
+
+
+def vae_window_spec(data_config: ml_collections.ConfigDict, train: bool) -> WindowSpec:
+  """Training or evaluation windowing of `data_config.vae_windows`, in samples."""
+  cfg = data_config.vae_windows
+  rate = data_config.sample_rate
+  prefix = "data.vae_windows."
+  if train:
+    window = windows_lib.seconds_to_samples(cfg.train_seconds, rate, name=prefix + "train_seconds")
+    hop = windows_lib.seconds_to_samples(
+        cfg.train_hop_seconds, rate, name=prefix + "train_hop_seconds")
+    jitter = windows_lib.seconds_to_samples(
+        cfg.jitter_seconds, rate, name=prefix + "jitter_seconds")
+  else:
+    window = windows_lib.seconds_to_samples(cfg.eval_seconds, rate, name=prefix + "eval_seconds")
+    hop = windows_lib.seconds_to_samples(
+        cfg.eval_hop_seconds, rate, name=prefix + "eval_hop_seconds")
+    jitter = 0
+  for key, value in (("window", window), ("hop", hop)):
+    if value <= 0:
+      raise ValueError(f"{prefix}{'train' if train else 'eval'} {key} is {value} samples at "
+                       f"sample_rate={rate}: it must be positive")
+  return WindowSpec(window=window, hop=hop, jitter=jitter,
+                    silence_threshold=float(cfg.silence_threshold),
+                    stems=stems_lib.parse_stem_list(cfg.stems))
+
+
+@dataclasses.dataclass(frozen=True)
+class _EpochSeeds:
+  shuffle_files: int
+  shuffle_buffer: int
+  jitter_key: tuple[int, int]
+
+
+def _epoch_seeds(seed: int, epoch: int) -> _EpochSeeds:
+  """Independent, well-mixed seeds for one epoch, a pure function of (seed, epoch)."""
+  for key, value in (("seed", seed), ("epoch", epoch)):
+    if not isinstance(value, (int, np.integer)) or value < 0:
+      raise ValueError(f"{key} must be a non-negative integer, got {value!r}")
+  words = np.random.SeedSequence([int(seed), int(epoch)]).generate_state(4, dtype=np.uint32)
+  return _EpochSeeds(shuffle_files=int(words[0]), shuffle_buffer=int(words[1]),
+                     jitter_key=(int(words[2]), int(words[3])))
+
+
+def _process(process_index, process_count) -> tuple[int, int]:
+  index = jax.process_index() if process_index is None else int(process_index)
+  count = jax.process_count() if process_count is None else int(process_count)
+  if not 0 <= index < count:
+    raise ValueError(f"process_index={index} is outside [0, process_count={count})")
+  return index, count
+
+
+def _local_batch_size(batch_size: int, process_count: int) -> int:
+  if batch_size <= 0 or batch_size % process_count:
+    raise ValueError(f"batch_size={batch_size} (global) must be positive and divisible by "
+                     f"process_count={process_count}")
+  return batch_size // process_count
+
+
+def _options() -> tf.data.Options:
+  options = tf.data.Options()
+  # Parallel map/interleave must keep their input order, or batches would depend on thread
+  # timing; this is the default, set explicitly because reproducibility depends on it.
+  options.deterministic = True
+  return options
+
+
+def read_tracks(dataset_dir: str, split: str, *, shuffle_seed: int | None = None,
+                process_index: int | None = None,
+                process_count: int | None = None) -> tf.data.Dataset:
+  """This process's slice of a split's tracks, as decoded examples (`data/features.py`).
+
+  Args:
+    dataset_dir: a directory `tfds.builder_from_directory` loads (`data.build.build_dataset`).
+    split: 'train', 'validation', 'test', or a TFDS sub-split such as 'train[:10]'.
+    shuffle_seed: None reads files in order; an int shuffles the order of the TFDS files
+      (shards) deterministically and interleaves them one track at a time.
+    process_index, process_count: default to JAX's; pass them to simulate other processes.
+  """
+  index, count = _process(process_index, process_count)
+  try:
+    builder = tfds.builder_from_directory(dataset_dir)
+  except Exception as e:  # TFDS raises several types for a missing or malformed directory.
+    raise ValueError(f"cannot load a TFDS dataset from dataset_dir={dataset_dir!r}: {e}") from e
+  base_split = split.split("[", 1)[0]
+  if base_split not in builder.info.splits:
+    raise ValueError(f"split {split!r} is not in the dataset at {dataset_dir!r}; it has: "
+                     + ", ".join(sorted(builder.info.splits)))
+  total = builder.info.splits[split].num_examples
+  if total < count:
+    raise ValueError(f"split {split!r} of {dataset_dir!r} has {total} tracks, fewer than the "
+                     f"{count} processes that must each read at least one")
+  process_split = tfds.split_for_jax_process(split, process_index=index, process_count=count)
+  read_config = tfds.ReadConfig(
+      shuffle_seed=shuffle_seed,
+      shuffle_reshuffle_each_iteration=False,
+      # One track per file before switching files: tracks are large, and mixing files mixes
+      # the music more than reading runs of neighbouring tracks.
+      interleave_block_length=1,
+      # Caching whole tracks in memory is never what we want for Slakh-sized splits, and it
+      # would make small datasets measure differently from large ones.
+      try_autocache=False,
+      options=_options(),
+  )
+  logging.info("Reading %s of %s (process %d of %d)%s.", process_split, dataset_dir, index,
+               count, f", file-order seed {shuffle_seed}" if shuffle_seed is not None else "")
+  return builder.as_dataset(split=process_split, shuffle_files=shuffle_seed is not None,
+                            read_config=read_config)
+
+
+def _stem_streams(track: Mapping[str, tf.Tensor], selected: tf.Tensor) -> tf.data.Dataset:
+  """One element per selected stem that the track has: its audio, index and a track hash."""
+  keep = tf.logical_and(track[features.STEM_PRESENT], selected)
+  stem_ids = tf.cast(tf.where(keep)[:, 0], tf.int32)
+  track_hash = tf.strings.to_hash_bucket_fast(track[features.TRACK_ID], _HASH_BUCKETS)
+  return tf.data.Dataset.from_tensor_slices({
+      AUDIO: tf.gather(track[features.AUDIO], stem_ids),
+      STEM: stem_ids,
+      "track_hash": tf.fill(tf.shape(stem_ids), track_hash),
+  })
+
+
+def _stem_windows(stream: Mapping[str, tf.Tensor], spec: WindowSpec,
+                  jitter_key: tf.Tensor) -> tf.data.Dataset:
+  """The non-silent windows of one stem of one track, cut in one vectorised step."""
+  audio = stream[AUDIO]
+  if spec.jitter:
+    # Stateless: the shifts of (seed, epoch, track, stem) are the same whenever and wherever
+    # they are computed, which is what makes resumption and per-process splits exact.
+    key = tf.random.experimental.stateless_fold_in(jitter_key, stream["track_hash"])
+    key = tf.random.experimental.stateless_fold_in(key, tf.cast(stream[STEM], tf.int64))
+    starts = windows_lib.jittered_starts(tf.shape(audio)[0], spec.window, spec.hop,
+                                         spec.jitter, key)
+    cut = windows_lib.gather_windows(audio, starts, spec.window)
+  else:
+    cut = windows_lib.frame_windows(audio, spec.window, spec.hop)
+  cut = tf.boolean_mask(cut, tf.logical_not(windows_lib.is_silent(cut, spec.silence_threshold)))
+  return tf.data.Dataset.from_tensor_slices({
+      AUDIO: cut, STEM: tf.fill(tf.shape(cut)[:1], stream[STEM])})
+
+
+def _batch(ds: tf.data.Dataset, local_batch: int, train: bool) -> tf.data.Dataset:
+  if train:
+    return ds.batch(local_batch, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE,
+                    deterministic=True)
+
+  def pad(batch):
+    rows = tf.shape(batch[AUDIO])[0]
+    padded = {}
+    for key, value in batch.items():
+      paddings = [[0, local_batch - rows]] + [[0, 0]] * (value.shape.rank - 1)
+      padded[key] = tf.ensure_shape(tf.pad(value, paddings), [local_batch] + value.shape[1:])
+    padded[VALID] = tf.range(local_batch) < rows
+    return padded
+
+  ds = ds.batch(local_batch, drop_remainder=False, num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True)
+  return ds.map(pad, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def vae_windows(dataset_dir: str, split: str, *, data_config: ml_collections.ConfigDict,
+                batch_size: int, train: bool, seed: int | None = None, epoch: int = 0,
+                process_index: int | None = None,
+                process_count: int | None = None) -> tf.data.Dataset:
+  """One epoch of single-stem VAE windows, batched for this process (see module docstring).
+
+  Args:
+    dataset_dir: the built dataset (`tfds.builder_from_directory`).
+    split: TFDS split, e.g. 'train' or 'validation'.
+    data_config: the `data` section of a config (`vae_windows`, `sample_rate`, `seed`).
+    batch_size: GLOBAL batch size; this process emits batch_size / process_count rows.
+    train: True for jittered, shuffled training windows (final partial batch dropped);
+      False for the deterministic evaluation pass (padded final batch, "valid" mask).
+    seed: defaults to `data_config.seed`.
+    epoch: which epoch's shuffle and jitter (training); ignored for evaluation.
+    process_index, process_count: default to JAX's; pass them to simulate other processes.
+
+  Returns:
+    A finite dataset of {"audio": float32 [b, window], "stem": int32 [b]} (+ "valid": bool
+    [b] when not training), b = batch_size / process_count.
+  """
+  spec = vae_window_spec(data_config, train)
+  index, count = _process(process_index, process_count)
+  local_batch = _local_batch_size(batch_size, count)
+  seeds = _epoch_seeds(data_config.seed if seed is None else seed, epoch if train else 0)
+  tracks = read_tracks(dataset_dir, split, shuffle_seed=seeds.shuffle_files if train else None,
+                       process_index=index, process_count=count)
+  selected = tf.constant([name in spec.stems for name in stems_lib.STEM_NAMES])
+  jitter_key = tf.constant(seeds.jitter_key, tf.int64)
+  ds = tracks.flat_map(functools.partial(_stem_streams, selected=selected))
+  ds = ds.interleave(
+      functools.partial(_stem_windows, spec=spec, jitter_key=jitter_key),
+      cycle_length=_STEM_STREAMS, block_length=1, num_parallel_calls=tf.data.AUTOTUNE,
+      deterministic=True)
+  if train:
+    ds = ds.shuffle(data_config.vae_windows.shuffle_buffer, seed=seeds.shuffle_buffer,
+                    reshuffle_each_iteration=False)
+  ds = _batch(ds, local_batch, train)
+  logging.info("VAE windows (%s, %s): %d-sample windows, hop %d, jitter ±%d, stems %s, "
+               "%d rows per process batch, epoch %d.", split, "train" if train else "eval",
+               spec.window, spec.hop, spec.jitter, ",".join(spec.stems), local_batch, epoch)
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+
+def _track_chunks(track: Mapping[str, tf.Tensor], chunk: int) -> tf.data.Dataset:
+  return tf.data.Dataset.from_tensor_slices(
+      {AUDIO: windows_lib.chunk_track(track[features.AUDIO], chunk)})
+
+
+def diffusion_chunks(dataset_dir: str, split: str, *, data_config: ml_collections.ConfigDict,
+                     batch_size: int, train: bool, seed: int | None = None, epoch: int = 0,
+                     process_index: int | None = None,
+                     process_count: int | None = None) -> tf.data.Dataset:
+  """One epoch of stem-aligned multi-stem chunks, batched for this process.
+
+  Arguments as for `vae_windows`; the chunk length is `data_config.chunks.samples`.
+  Training shuffles chunks (buffer `data_config.chunks.shuffle_buffer`) and drops the final
+  partial batch. Evaluation keeps the order of the dataset: its tracks in stored order, each
+  track's chunks in time order (what a latent-extraction pass wants to index its output by).
+
+  Returns:
+    A finite dataset of {"audio": float32 [b, NUM_STEMS, samples]} (+ "valid" when not
+    training), b = batch_size / process_count.
+  """
+  chunk = int(data_config.chunks.samples)
+  if chunk <= 0:
+    raise ValueError(f"data.chunks.samples={chunk} must be positive")
+  index, count = _process(process_index, process_count)
+  local_batch = _local_batch_size(batch_size, count)
+  seeds = _epoch_seeds(data_config.seed if seed is None else seed, epoch if train else 0)
+  tracks = read_tracks(dataset_dir, split, shuffle_seed=seeds.shuffle_files if train else None,
+                       process_index=index, process_count=count)
+  ds = tracks.interleave(
+      functools.partial(_track_chunks, chunk=chunk),
+      cycle_length=_TRACK_STREAMS if train else 1, block_length=1,
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  if train:
+    ds = ds.shuffle(data_config.chunks.shuffle_buffer, seed=seeds.shuffle_buffer,
+                    reshuffle_each_iteration=False)
+  ds = _batch(ds, local_batch, train)
+  logging.info("Diffusion chunks (%s, %s): %d samples x %d stems, %d rows per process batch, "
+               "epoch %d.", split, "train" if train else "eval", chunk, stems_lib.NUM_STEMS,
+               local_batch, epoch)
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+
+def _parse_position(position, process_index: int, process_count: int) -> tuple[int, int]:
+  if position is None:
+    return 0, 0
+  if not isinstance(position, Mapping) or set(position) != {EPOCH, BATCH_IN_EPOCH}:
+    raise ValueError(f"input position must be a dict with keys {EPOCH!r} and "
+                     f"{BATCH_IN_EPOCH!r}, got {position!r}")
+  values = []
+  for key in (EPOCH, BATCH_IN_EPOCH):
+    value = position[key]
+    if isinstance(value, (list, tuple)):
+      # The form `state()` gathers in a multi-process run: one entry per process.
+      if len(value) != process_count:
+        raise ValueError(f"input position {key!r} has {len(value)} per-process entries, but "
+                         f"this run has {process_count} processes: {position!r}")
+      value = value[process_index]
+    if not isinstance(value, (int, np.integer)) or value < 0:
+      raise ValueError(f"input position {key!r}={value!r} is not a non-negative integer")
+    values.append(int(value))
+  return values[0], values[1]
+
+
+class InputIterator:
+  """Batches of a view over epochs, with a JSON-serialisable position to resume from.
+
+  `dataset_fn(epoch=e)` must return epoch e's finite dataset of this process's batches, e.g.
+  `functools.partial(pipeline.vae_windows, dataset_dir, "train", data_config=config.data,
+  batch_size=config.batch_size, train=True)`. Epochs follow each other from the position's
+  epoch on (for ever when num_epochs is None; evaluation: num_epochs=1).
+
+  Resuming: `InputIterator(dataset_fn, position=saved_state)` yields exactly the batches an
+  uninterrupted iterator would have yielded after the saved one: it rebuilds the saved epoch
+  (a pure function of seed and epoch) and skips `batch_in_epoch` batches. The skip runs the
+  input pipeline for those batches (reading, windowing, shuffling; no transfer to devices),
+  so a resume mid-epoch costs up to one epoch of input work at the pipeline's throughput.
+
+  With a mesh, batches are global `jax.Array`s sharded over the mesh's data axis
+  (`parallel.mesh.to_global_batch`); without one, this process's numpy batches.
+  """
+
+  def __init__(self, dataset_fn: Callable[..., tf.data.Dataset], *, mesh=None,
+               position: Mapping[str, Any] | None = None, num_epochs: int | None = None):
+    self._dataset_fn = dataset_fn
+    self._mesh = mesh
+    self._num_epochs = num_epochs
+    self._epoch, self._batch_in_epoch = _parse_position(
+        position, jax.process_index(), jax.process_count())
+    self._iterator = None
+    self._element_spec = None
+    self._opened_at = 0
+    self._yielded_since_open = 0
+    self._checked_mesh = False
+
+  def __iter__(self):
+    return self
+
+  def _open(self):
+    ds = self._dataset_fn(epoch=self._epoch)
+    if self._batch_in_epoch:
+      logging.info("Resuming input at epoch %d: skipping %d batches.", self._epoch,
+                   self._batch_in_epoch)
+      ds = ds.skip(self._batch_in_epoch)
+    self._element_spec = ds.element_spec
+    self._iterator = ds.as_numpy_iterator()
+    self._opened_at = self._batch_in_epoch
+    self._yielded_since_open = 0
+
+  def _next_local(self):
+    """This process's next numpy batch, or None at the end of the last epoch."""
+    while self._num_epochs is None or self._epoch < self._num_epochs:
+      if self._iterator is None:
+        self._open()
+      try:
+        batch = next(self._iterator)
+      except StopIteration:
+        if self._opened_at == 0 and self._yielded_since_open == 0 and self._num_epochs is None:
+          # Without this, an epoch too small for one batch would loop here for ever.
+          raise ValueError(f"epoch {self._epoch} of the input yielded no batch: the split "
+                           "has fewer examples than one batch") from None
+        self._epoch += 1
+        self._batch_in_epoch = 0
+        self._iterator = None
+        continue
+      self._batch_in_epoch += 1
+      self._yielded_since_open += 1
+      return batch
+    return None
+
+  def __next__(self):
+    batch = self._next_local()
+    if self._mesh is not None and jax.process_count() > 1 and self._num_epochs is not None:
+      # Evaluation across processes: every process must take part in every step, but their
+      # slices hold different numbers of batches. Processes that have finished feed
+      # all-padding batches until every process has.
+      any_left = multihost_utils.process_allgather(np.asarray(batch is not None)).any()
+      if not any_left:
+        raise StopIteration
+      if batch is None:
+        batch = self._padding_batch()
+    if batch is None:
+      raise StopIteration
+    if self._mesh is None:
+      return batch
+    if not self._checked_mesh:
+      rows = next(iter(batch.values())).shape[0]
+      mesh_lib.local_batch_size(rows * jax.process_count(), self._mesh)  # Raises if uneven.
+      self._checked_mesh = True
+    return mesh_lib.to_global_batch(batch, self._mesh)
+
+  def _padding_batch(self):
+    spec = self._element_spec or self._dataset_fn(epoch=0).element_spec
+    if VALID not in spec:
+      raise ValueError("a finished process can only pad evaluation batches (with 'valid')")
+    return {key: np.zeros(s.shape, s.dtype.as_numpy_dtype) for key, s in spec.items()}
+
+  def state(self) -> dict[str, Any]:
+    """The position after the last batch returned: {"epoch": e, "batch_in_epoch": k}.
+
+    JSON-serialisable, for the trainer's checkpoint. In a multi-process run, processes are
+    at different places in their slices, so this gathers every process's position (all
+    processes must call it together, as they do when saving a checkpoint) and returns
+    {"epoch": [e_0, ...], "batch_in_epoch": [k_0, ...]}, the same on every process; the
+    constructor takes either form.
+    """
+    if jax.process_count() == 1:
+      return {EPOCH: self._epoch, BATCH_IN_EPOCH: self._batch_in_epoch}
+    gathered = multihost_utils.process_allgather(
+        np.asarray([self._epoch, self._batch_in_epoch], np.int64))
+    return {EPOCH: [int(v) for v in gathered[:, 0]],
+            BATCH_IN_EPOCH: [int(v) for v in gathered[:, 1]]}
