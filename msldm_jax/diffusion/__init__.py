@@ -1,0 +1,1 @@
+"""The diffusion maths: EDM preconditioning and loss (`edm`), samplers (`samplers`)."""

@@ -1,0 +1,137 @@
+"""The diffusion transformer: shapes, adaLN-Zero initialisation, precision, sizes."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from msldm_jax.diffusion import edm
+from msldm_jax.models import dit
+
+# A joint latent of 4 sources × 8 channels, 16 frames: 4 tokens of 4 frames.
+CHANNELS, FRAMES = 32, 16
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  config = dit.model_config("tiny", in_channels=CHANNELS)
+  model = dit.build_model(config)
+  x = jax.random.normal(jax.random.key(0), (2, CHANNELS, FRAMES))
+  c_noise = jnp.array([-1.0, 0.2])
+  variables = jax.jit(model.init)(jax.random.key(1), x, c_noise)
+  return config, model, variables, x, c_noise
+
+
+@pytest.fixture(scope="module")
+def apply(tiny):
+  """One compiled forward pass for the module's tests (compiles once per input shape)."""
+  return jax.jit(tiny[1].apply)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny):
+  """Params after 'training': every leaf moved, so zero-initialised layers are live."""
+  variables = tiny[2]
+
+  leaves, treedef = jax.tree.flatten(variables)
+  sizes = [leaf.size for leaf in leaves]
+  # One draw for all leaves: cheap to compile on CPU, unlike one PRNG call per leaf.
+  noise = np.random.default_rng(42).normal(scale=0.05, size=sum(sizes)).astype(np.float32)
+  chunks = np.split(noise, np.cumsum(sizes)[:-1])
+  return jax.tree.unflatten(treedef, [
+      leaf + chunk.reshape(leaf.shape) for leaf, chunk in zip(leaves, chunks)])
+
+
+def test_patchify_round_trip_and_token_content():
+  x = jnp.arange(2 * 3 * 8, dtype=jnp.float32).reshape(2, 3, 8)
+  tokens = dit.patchify(x, 4)
+  assert tokens.shape == (2, 2, 12)
+  # Token 1 holds frames 4..7 of every channel.
+  np.testing.assert_array_equal(tokens[0, 1].reshape(4, 3), x[0, :, 4:8].T)
+  np.testing.assert_array_equal(dit.unpatchify(tokens, 4, 3), x)
+
+
+def test_shapes_dtypes_and_zero_output_at_init(tiny, apply):
+  _, _, variables, x, c_noise = tiny
+  out = apply(variables, x, c_noise)
+  assert out.shape == x.shape and out.dtype == jnp.float32
+  np.testing.assert_array_equal(out, 0.0)  # Zero-initialised final projection.
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
+  # So the fresh EDM denoiser is D = c_skip·x.
+  sigma = jnp.array([0.5, 2.0])
+  denoised = jax.jit(lambda v, x, s: edm.denoise(apply, v, x, s))(variables, x, sigma)
+  np.testing.assert_allclose(denoised, edm.c_skip(sigma)[:, None, None] * x, rtol=1e-6)
+
+
+def test_adaln_zero_modulation_and_gates_start_at_zero(tiny):
+  config, _, variables, _, _ = tiny
+  params = variables["params"]
+  for i in range(config.depth):
+    modulation = params[f"block_{i}"]["adaLN_modulation"]
+    np.testing.assert_array_equal(modulation["kernel"], 0.0)
+    np.testing.assert_array_equal(modulation["bias"], 0.0)
+  np.testing.assert_array_equal(params["final"]["adaLN_modulation"]["kernel"], 0.0)
+  np.testing.assert_array_equal(params["final"]["linear"]["kernel"], 0.0)
+  # Hence each block is the identity at initialisation.
+  block = dit.DiTBlock(config.width, config.num_heads)
+  h = jax.random.normal(jax.random.key(0), (2, 4, config.width))
+  cond = jax.random.normal(jax.random.key(1), (2, config.width))
+  block_vars = {"params": params["block_0"]}
+  np.testing.assert_array_equal(jax.jit(block.apply)(block_vars, h, cond), h)
+
+
+def test_output_depends_on_noise_level_and_on_other_patches_after_training(tiny, apply,
+                                                                          trained):
+  x = tiny[3]
+  out_a = apply(trained, x, jnp.array([-1.0, -1.0]))
+  out_b = apply(trained, x, jnp.array([0.25, 0.25]))
+  assert float(jnp.max(jnp.abs(out_a))) > 0
+  assert float(jnp.max(jnp.abs(out_a - out_b))) > 1e-3
+  # Attention mixes patches: changing the first frame changes the last patch's output.
+  out_c = apply(trained, x.at[:, :, 0].add(1.0), jnp.array([-1.0, -1.0]))
+  assert float(jnp.max(jnp.abs((out_c - out_a)[:, :, -4:]))) > 1e-4
+
+
+def test_bfloat16_compute_with_float32_params(tiny, apply, trained):
+  _, _, _, x, c_noise = tiny
+  bf16_model = dit.build_model(dit.model_config("tiny", in_channels=CHANNELS,
+                                                dtype="bfloat16"))
+  bf16_vars = jax.eval_shape(bf16_model.init, jax.random.key(1), x, c_noise)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(bf16_vars))
+  out = jax.jit(bf16_model.apply)(trained, x, c_noise)
+  reference = apply(trained, x, c_noise)
+  assert out.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(out)))
+  np.testing.assert_allclose(out, reference, atol=0.05 * float(jnp.max(jnp.abs(reference))))
+
+
+def test_input_errors_name_the_problem(tiny):
+  _, model, variables, _, c_noise = tiny
+  # Checked while tracing: abstract evaluation is enough.
+  with pytest.raises(ValueError, match="multiple of patch_size"):
+    jax.eval_shape(model.apply, variables, jnp.zeros((2, CHANNELS, 18)), c_noise)
+  with pytest.raises(ValueError, match="expects 32 latent channels"):
+    jax.eval_shape(model.apply, variables, jnp.zeros((2, 320, 16)), c_noise)
+  with pytest.raises(ValueError, match="huge"):
+    dit.model_config("huge")
+  with pytest.raises(ValueError, match="widht"):
+    dit.model_config("tiny", widht=3)
+
+
+def test_count_params_matches_init(tiny):
+  config, _, variables, _, _ = tiny
+  actual = sum(math.prod(p.shape) for p in jax.tree.leaves(variables["params"]))
+  assert dit.count_params(config) == actual
+
+
+@pytest.mark.parametrize("variant", ["small", "base", "large"])
+def test_paper_size_parameter_counts(variant):
+  config = dit.model_config(variant)
+  assert config.in_channels == 320 and config.patch_size == 16
+  count = dit.count_params(config)
+  target = dit.PARAM_TARGETS[variant]
+  print(f"{variant}: width {config.width} depth {config.depth} heads {config.num_heads} "
+        f"patch {config.patch_size}: {count / 1e6:.1f} M parameters (target "
+        f"{target / 1e6:.0f} M)")
+  assert abs(count / target - 1) < 0.05
