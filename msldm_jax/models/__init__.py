@@ -1,0 +1,1 @@
+"""Networks: the SourceVAE (source_vae.py) and its DAC building blocks (audio_layers.py)."""
