@@ -2,6 +2,8 @@ r"""The embedded default: a mini Slakh rendered from music21's Bach chorales, on
 
 Prepare the data (render the mini dataset and build its TFDS dataset):
   python -m msldm_jax.main --config=configs/demo.py --workdir=runs/demo --mode=data
+Train the SourceVAE briefly (resumes from runs/demo/vae/checkpoints):
+  python -m msldm_jax.main --config=configs/demo.py --workdir=runs/demo --mode=train_vae
 
 Variants (one string argument):
   --config=configs/demo.py:variant=tiny    a few short pieces and tiny shapes, for tests/CI
@@ -11,6 +13,9 @@ import ml_collections
 
 from msldm_jax import config_loading
 from msldm_jax import stems
+from msldm_jax.losses import vae_losses
+from msldm_jax.models import dit
+from msldm_jax.models import source_vae
 
 
 def data_config(variant: str) -> ml_collections.ConfigDict:
@@ -41,9 +46,81 @@ def data_config(variant: str) -> ml_collections.ConfigDict:
       ),
       # Diffusion view: stem-aligned chunks; 327672 samples = 1024 latent frames.
       chunks=dict(
-          samples=3192 if tiny else 327672,
+          samples=10232 if tiny else 327672,  # 32 or 1024 latent frames
           shuffle_buffer=16 if tiny else 256,
       ),
+  ))
+
+
+def vae_config(variant: str) -> ml_collections.ConfigDict:
+  """The SourceVAE stage (reference §3): a narrow model with the paper's strides on CPU."""
+  tiny = variant == "tiny"
+  model = source_vae.model_config("paper")
+  # The paper's strides (hop 320, so chunk lengths map to latent frames as in the paper) at
+  # widths a CPU trains in minutes.
+  model.encoder_width = 4 if tiny else 16
+  model.decoder_width = 16 if tiny else 128
+  model.latent_dim = 8 if tiny else 16
+  return ml_collections.ConfigDict(dict(
+      model=model,
+      discriminator=dict(variant="tiny"),
+      loss_weights=dict(vae_losses.DEFAULT_LOSS_WEIGHTS),
+      optimizer=dict(learning_rate=5e-5 if not tiny else 1e-3, lr_decay=0.999996, b1=0.8,
+                     b2=0.99, weight_decay=0.01, generator_clip=1000.0,
+                     discriminator_clip=10.0),
+      # 'replicate' (data parallel) or 'fsdp'.
+      sharding="replicate",
+      batch_size=8,
+      seed=0,
+      train=dict(num_steps=6 if tiny else 600, log_every=2 if tiny else 20,
+                 eval_every=6 if tiny else 200, checkpoint_every=3 if tiny else 100,
+                 keep_checkpoints=2, eval_batches=1 if tiny else 4,
+                 eval_batch_size=8),
+  ))
+
+
+def ldm_config(variant: str, latent_dim: int) -> ml_collections.ConfigDict:
+  """The latent diffusion stage (reference §4-§5) with a diffusion transformer."""
+  tiny = variant == "tiny"
+  model = dit.model_config("tiny")
+  model.in_channels = stems.NUM_STEMS * latent_dim
+  return ml_collections.ConfigDict(dict(
+      model=model,
+      # Empty: the VAE stage's newest checkpoint in WORKDIR/vae/checkpoints.
+      vae_checkpoint="",
+      # Empty: WORKDIR/latents.
+      latents_dir="",
+      encode_batch_size=8,
+      sigma_data=0.4,
+      # 'uniform' on (0, sigma_max_train] (the release) or 'lognormal' (p_mean, p_std).
+      sigma_distribution="uniform", sigma_max_train=3.0, p_mean=-1.2, p_std=1.2,
+      optimizer=dict(learning_rate=1e-3 if tiny else 2e-4, warmup_steps=5 if tiny else 50,
+                     b1=0.9, b2=0.99, weight_decay=0.0, clip=1.0),
+      ema_decay=0.99 if tiny else 0.999,
+      sharding="replicate",
+      batch_size=8,
+      seed=0,
+      train=dict(num_steps=6 if tiny else 1000, log_every=2 if tiny else 50,
+                 sample_every=6 if tiny else 500, checkpoint_every=3 if tiny else 250,
+                 keep_checkpoints=2),
+  ))
+
+
+def sample_config(variant: str) -> ml_collections.ConfigDict:
+  """Generation (reference §6-§7): the release's sampler by default."""
+  tiny = variant == "tiny"
+  return ml_collections.ConfigDict(dict(
+      sampler="euler_churn", num_steps=8 if tiny else 150, sigma_min=0.01, sigma_max=3.0,
+      rho=7.0, s_churn=20.0,
+      num_pieces=2 if tiny else 4,
+      seed=0,
+      # Partial generation: a folder of given stems ({stem}.wav) and the stems to generate.
+      condition_dir="", generate="",
+      # RePaint passes per step for partial generation (1: the release's single pass).
+      resample_steps=1,
+      use_ema=True,
+      # Empty: WORKDIR/samples.
+      output_dir="",
   ))
 
 
@@ -54,5 +131,7 @@ def get_config(arg=None):
   config = ml_collections.ConfigDict()
   config.variant = args.variant
   config.data = data_config(args.variant)
-  config.batch_size = 8 if args.variant == "tiny" else 28
+  config.vae = vae_config(args.variant)
+  config.ldm = ldm_config(args.variant, config.vae.model.latent_dim)
+  config.sample = sample_config(args.variant)
   return config
