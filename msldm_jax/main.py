@@ -3,7 +3,8 @@ r"""The one entry point: flags only, then the stage function for --mode.
   python -m msldm_jax.main --config=configs/demo.py[:variant=tiny] --workdir=DIR --mode=MODE
 
 Modes:
-  data   render the mini dataset when the config asks for it, and build the TFDS dataset.
+  data        render the mini dataset when the config asks for it, and build the TFDS dataset.
+  train_vae   train (or resume) the SourceVAE with its discriminators, in WORKDIR/vae.
 """
 
 import importlib
@@ -17,6 +18,7 @@ from ml_collections import config_flags
 # pays only for what it uses.
 MODES = {
     "data": "msldm_jax.data.prepare:prepare_data",
+    "train_vae": "msldm_jax.training.train_vae:train_and_evaluate",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config script (configs/*.py[:arg]).",
