@@ -63,7 +63,8 @@ def vae_config(variant: str) -> ml_collections.ConfigDict:
   model.latent_dim = 8 if tiny else 16
   return ml_collections.ConfigDict(dict(
       model=model,
-      discriminator=dict(variant="tiny"),
+      # overrides: Discriminator fields (periods, fft_sizes, bands, ...) over the variant.
+      discriminator=dict(variant="tiny", overrides={}),
       loss_weights=dict(vae_losses.DEFAULT_LOSS_WEIGHTS),
       optimizer=dict(learning_rate=5e-5 if not tiny else 1e-3, lr_decay=0.999996, b1=0.8,
                      b2=0.99, weight_decay=0.01, generator_clip=1000.0,
@@ -91,6 +92,9 @@ def ldm_config(variant: str, latent_dim: int) -> ml_collections.ConfigDict:
       # Empty: WORKDIR/latents.
       latents_dir="",
       encode_batch_size=8,
+      # Latents per shard file (rounded up to a multiple of the encode batch); a killed
+      # encoding redoes at most one shard.
+      latents_per_shard=4 if tiny else 256,
       sigma_data=0.4,
       # 'uniform' on (0, sigma_max_train] (the release) or 'lognormal' (p_mean, p_std).
       sigma_distribution="uniform", sigma_max_train=3.0, p_mean=-1.2, p_std=1.2,
@@ -102,7 +106,10 @@ def ldm_config(variant: str, latent_dim: int) -> ml_collections.ConfigDict:
       seed=0,
       train=dict(num_steps=6 if tiny else 1000, log_every=2 if tiny else 50,
                  sample_every=6 if tiny else 500, checkpoint_every=3 if tiny else 250,
-                 keep_checkpoints=2),
+                 keep_checkpoints=2,
+                 # Steps of the default sampler for the periodic training samples
+                 # (sample_every=0 turns those off).
+                 sample_steps=4 if tiny else 32),
   ))
 
 
@@ -113,12 +120,17 @@ def sample_config(variant: str) -> ml_collections.ConfigDict:
       sampler="euler_churn", num_steps=8 if tiny else 150, sigma_min=0.01, sigma_max=3.0,
       rho=7.0, s_churn=20.0,
       num_pieces=2 if tiny else 4,
+      # Pieces per compiled call (sampler + decoding), split over the local devices.
+      batch_size=2 if tiny else 4,
       seed=0,
       # Partial generation: a folder of given stems ({stem}.wav) and the stems to generate.
       condition_dir="", generate="",
       # RePaint passes per step for partial generation (1: the release's single pass).
       resample_steps=1,
       use_ema=True,
+      # Log the sampler's steps/s and ETA every this many steps (0: off; one host callback
+      # per step when on).
+      log_every_steps=0,
       # Empty: WORKDIR/samples.
       output_dir="",
   ))

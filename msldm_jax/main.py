@@ -5,6 +5,12 @@ r"""The one entry point: flags only, then the stage function for --mode.
 Modes:
   data        render the mini dataset when the config asks for it, and build the TFDS dataset.
   train_vae   train (or resume) the SourceVAE with its discriminators, in WORKDIR/vae.
+  encode_latents
+              encode every chunk of every split with the frozen VAE (posterior mean) into the
+              latent store, WORKDIR/latents (resumes a killed run; a no-op when complete).
+  train_ldm   train (or resume) the latent diffusion transformer, in WORKDIR/ldm.
+  sample      generate pieces (all four stems, or --generate=bass,drums given the other
+              stems in --condition_dir) into WORKDIR/samples: stems, mix, spectrogram.
 """
 
 import importlib
@@ -19,12 +25,22 @@ from ml_collections import config_flags
 MODES = {
     "data": "msldm_jax.data.prepare:prepare_data",
     "train_vae": "msldm_jax.training.train_vae:train_and_evaluate",
+    "encode_latents": "msldm_jax.latents.encode:encode_latents",
+    "train_ldm": "msldm_jax.training.train_ldm:train_and_evaluate",
+    "sample": "msldm_jax.generation.stage:sample",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config script (configs/*.py[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for data, checkpoints and outputs.")
 _MODE = flags.DEFINE_enum("mode", "data", list(MODES), "Which stage to run.")
+# Shorthands for the sample stage's config keys (None: keep the config's value).
+_CONDITION_DIR = flags.DEFINE_string(
+    "condition_dir", None, "--mode=sample: folder of given stems {stem}.wav "
+    "(overrides config.sample.condition_dir).")
+_GENERATE = flags.DEFINE_string(
+    "generate", None, "--mode=sample: stems to generate, e.g. bass,drums; the others are "
+    "read from --condition_dir (overrides config.sample.generate).")
 
 
 def run(mode: str, config, workdir: str):
@@ -41,7 +57,12 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   flags.mark_flags_as_required(["config", "workdir"])
   logging.info("mode=%s workdir=%s", _MODE.value, _WORKDIR.value)
-  run(_MODE.value, _CONFIG.value, _WORKDIR.value)
+  config = _CONFIG.value
+  if _CONDITION_DIR.value is not None:
+    config.sample.condition_dir = _CONDITION_DIR.value
+  if _GENERATE.value is not None:
+    config.sample.generate = _GENERATE.value
+  run(_MODE.value, config, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,8 @@ BATCH_IN_EPOCH = "batch_in_epoch"
 # couple of tracks' windows. Each stream holds one stem (plus its windows, ~2x for 1 s / 0.5 s)
 # in memory: ~16 x 3 x 21 MB for 4-minute tracks.
 _STEM_STREAMS = 16
+# Whole tracks held to shuffle the track order of an ordered (track-id sorted) dataset.
+_ORDERED_TRACK_SHUFFLE = 4
 # Tracks interleaved chunk by chunk in the diffusion view; each holds a whole track (x2 while
 # it is transposed into chunks), hence fewer than for stems.
 _TRACK_STREAMS = 8
@@ -196,8 +198,15 @@ def read_tracks(dataset_dir: str, split: str, *, shuffle_seed: int | None = None
   )
   logging.info("Reading %s of %s (process %d of %d)%s.", process_split, dataset_dir, index,
                count, f", file-order seed {shuffle_seed}" if shuffle_seed is not None else "")
-  return builder.as_dataset(split=process_split, shuffle_files=shuffle_seed is not None,
-                            read_config=read_config)
+  # Built datasets keep track-id order (disable_shuffling), for which TFDS refuses file
+  # shuffling; their track order is mixed by a small seeded buffer of whole tracks instead.
+  ordered = bool(builder.info.disable_shuffling)
+  ds = builder.as_dataset(split=process_split,
+                          shuffle_files=shuffle_seed is not None and not ordered,
+                          read_config=read_config)
+  if shuffle_seed is not None and ordered:
+    ds = ds.shuffle(_ORDERED_TRACK_SHUFFLE, seed=shuffle_seed, reshuffle_each_iteration=False)
+  return ds
 
 
 def _stem_streams(track: Mapping[str, tf.Tensor], selected: tf.Tensor) -> tf.data.Dataset:

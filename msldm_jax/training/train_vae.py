@@ -111,7 +111,7 @@ def reconstruct_stem(models: VAEModels, params, waveforms_bt, stem_b, rng=None):
 
 def init_state(models: VAEModels, rng: jax.Array, window: int) -> VAETrainState:
   vae_rng, disc_rng = jax.random.split(rng)
-  generator = source_vae.init_params(models.vae, vae_rng, samples=window)
+  generator = models.vae.init(vae_rng, jnp.zeros((1, models.vae.num_stems, window)))
   discriminator = models.discriminator.init(disc_rng, jnp.zeros((1, window), jnp.float32))
   return VAETrainState(
       step=jnp.zeros((), jnp.int32), generator=generator, discriminator=discriminator,
@@ -278,21 +278,24 @@ class VAETrainer:
     pending = None  # (step, metrics) of the previous step, checked one step late so that
     # fetching it does not stall the device queue.
     final_metrics = {}
-    for step in range(start + 1, train.num_steps + 1):
-      batch = next(inputs)
-      state, metrics = self.step(state, batch)
+    try:
+      for step in range(start + 1, train.num_steps + 1):
+        batch = next(inputs)
+        state, metrics = self.step(state, batch)
+        if pending is not None:
+          final_metrics = self._check_and_log(*pending, writer, progress, history)
+        pending = (step, metrics)
+        if step % train.checkpoint_every == 0 or step == train.num_steps:
+          final_metrics = self._check_and_log(*pending, writer, progress, history)
+          pending = None
+          checkpointing.save(manager, step, state, inputs.state())
+        if step % train.eval_every == 0 or step == train.num_steps:
+          final_metrics.update(self.evaluate(state, writer, step))
       if pending is not None:
         final_metrics = self._check_and_log(*pending, writer, progress, history)
-      pending = (step, metrics)
-      if step % train.checkpoint_every == 0 or step == train.num_steps:
-        final_metrics = self._check_and_log(*pending, writer, progress, history)
-        pending = None
-        checkpointing.save(manager, step, state, inputs.state())
-      if step % train.eval_every == 0 or step == train.num_steps:
-        final_metrics.update(self.evaluate(state, writer, step))
-    if pending is not None:
-      final_metrics = self._check_and_log(*pending, writer, progress, history)
-    manager.wait_until_finished()
+    finally:
+      # Also on a failure: the checkpoints already under way are the last good ones.
+      manager.wait_until_finished()
     writer.flush()
     if history and jax.process_index() == 0:
       steps = [h[0] for h in history]

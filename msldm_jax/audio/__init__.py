@@ -1,0 +1,1 @@
+"""Signal processing shared by losses, discriminators and evaluation (STFT, mel)."""
