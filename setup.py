@@ -18,6 +18,7 @@ setuptools.setup(
         "librosa>=0.11,<0.12",
         "ml-collections>=1.1,<1.2",
         "chex>=0.1.90,<0.2",
+        "ml_dtypes>=0.5",
         "soundfile>=0.13,<0.15",
         "numpy>=2.0,<3",
         "scipy>=1.13,<2",

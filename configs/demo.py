@@ -4,6 +4,14 @@ Prepare the data (render the mini dataset and build its TFDS dataset):
   python -m msldm_jax.main --config=configs/demo.py --workdir=runs/demo --mode=data
 Train the SourceVAE briefly (resumes from runs/demo/vae/checkpoints):
   python -m msldm_jax.main --config=configs/demo.py --workdir=runs/demo --mode=train_vae
+Encode every chunk's stems to joint latents with the frozen VAE (runs/demo/latents):
+  python -m msldm_jax.main --config=configs/demo.py --workdir=runs/demo --mode=encode_latents
+Train the diffusion transformer on them (runs/demo/ldm):
+  python -m msldm_jax.main --config=configs/demo.py --workdir=runs/demo --mode=train_ldm
+Generate whole pieces, or new stems for given ones (runs/demo/samples):
+  python -m msldm_jax.main --config=configs/demo.py --workdir=runs/demo --mode=sample
+  python -m msldm_jax.main --config=configs/demo.py --workdir=runs/demo --mode=sample \
+      --condition_dir=DIR --generate=bass,drums
 
 Variants (one string argument):
   --config=configs/demo.py:variant=tiny    a few short pieces and tiny shapes, for tests/CI

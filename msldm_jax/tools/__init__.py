@@ -1,0 +1,1 @@
+"""Command-line tools: importing the authors' released weights (import_sourcevae.py)."""
