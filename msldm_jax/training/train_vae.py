@@ -156,8 +156,8 @@ def train_step(state: VAETrainState, batch, *, models: VAEModels, loss_weights, 
   metrics = {f"loss/{name}": value for name, value in terms.items()}
   metrics.update({
       "loss/generator": g_loss, "loss/discriminator": d_loss,
-      "grad_norm/generator": optax.global_norm(g_grads),
-      "grad_norm/discriminator": optax.global_norm(d_grads),
+      "grad_norm/generator": optax.tree.norm(g_grads),
+      "grad_norm/discriminator": optax.tree.norm(d_grads),
       "learning_rate": models.learning_rate(state.step),
   })
   new_state = VAETrainState(step=state.step + 1, generator=generator,
