@@ -1,0 +1,1 @@
+"""Evaluation metrics: Fréchet distances, embeddings (VGGish, statistics), music metrics, tables."""

@@ -1,0 +1,135 @@
+"""The paper's FAD tables for a set of generated pieces against a reference set.
+
+Total generation: the Fréchet distance of the mixtures, and of each stem on its own.
+Partial generation ("sub-FAD"): for every non-empty proper subset S of the stems (14 for four
+stems), the distance between the sums of the stems in S, generated vs reference. Each subset
+may come from its own generation run (S generated given the other stems), so the generated
+audio can be one array for all subsets or one per subset.
+
+Embeddings come from any `embed_fn(waveform [samples]) -> [n_windows, d]` (VGGish for FAD,
+or `features.embed`); the windows of all pieces are pooled before the Gaussian fit. Tables
+are written as markdown, CSV and a bar plot, labelled with the embedding's score label.
+"""
+
+import csv
+import itertools
+import os
+from typing import Callable, Mapping, Sequence, Union
+
+from absl import logging
+import numpy as np
+
+from msldm_jax import plotting  # noqa: F401  (selects the non-interactive matplotlib backend)
+from msldm_jax import stems
+from msldm_jax.evaluation import frechet
+
+import matplotlib.pyplot as plt  # noqa: E402  (after plotting set the backend)
+
+EmbedFn = Callable[[np.ndarray], np.ndarray]
+MIXTURE = "mixture"
+
+
+def subset_label(subset: Sequence[str]) -> str:
+  """'bass+drums' for ('bass', 'drums')."""
+  return "+".join(subset)
+
+
+def proper_subsets(stem_names: Sequence[str] = stems.STEM_NAMES) -> list[tuple[str, ...]]:
+  """Non-empty proper subsets in stem order, by size then position (14 for four stems)."""
+  return [subset for size in range(1, len(stem_names))
+          for subset in itertools.combinations(stem_names, size)]
+
+
+def _as_pieces(audio, stem_names: Sequence[str], what: str) -> np.ndarray:
+  audio = np.asarray(audio, np.float32)
+  if audio.ndim != 3 or audio.shape[1] != len(stem_names):
+    raise ValueError(f"{what}: expected [pieces, {len(stem_names)} stems, samples] for "
+                     f"stems {tuple(stem_names)}; got shape {audio.shape}")
+  return audio
+
+
+def subset_sum(audio, subset: Sequence[str],
+               stem_names: Sequence[str] = stems.STEM_NAMES) -> np.ndarray:
+  """Sum of the stems in `subset`: `[pieces, stems, samples]` -> `[pieces, samples]`."""
+  unknown = [s for s in subset if s not in stem_names]
+  if unknown:
+    raise ValueError(f"subset {tuple(subset)}: {unknown} not among stems {tuple(stem_names)}")
+  indices = [list(stem_names).index(s) for s in subset]
+  return np.asarray(audio)[:, indices].sum(axis=1)
+
+
+def embed_pieces(waveforms, embed_fn: EmbedFn) -> np.ndarray:
+  """Embeddings of every piece `[pieces, samples]`, pooled: `[sum of windows, d]`."""
+  return np.concatenate([np.asarray(embed_fn(w)) for w in np.asarray(waveforms)])
+
+
+def fad(generated_waveforms, reference_waveforms, embed_fn: EmbedFn) -> float:
+  """Fréchet distance of the pooled embeddings of two sets of pieces `[pieces, samples]`."""
+  return frechet.embedding_distance(embed_pieces(generated_waveforms, embed_fn),
+                                    embed_pieces(reference_waveforms, embed_fn))
+
+
+def total_generation_scores(generated, reference, embed_fn: EmbedFn,
+                            stem_names: Sequence[str] = stems.STEM_NAMES
+                            ) -> dict[str, float]:
+  """{'mixture': FD of the mixtures, stem: FD of that stem} for `[pieces, stems, samples]`."""
+  generated = _as_pieces(generated, stem_names, "generated")
+  reference = _as_pieces(reference, stem_names, "reference")
+  scores = {MIXTURE: fad(generated.sum(axis=1), reference.sum(axis=1), embed_fn)}
+  for i, name in enumerate(stem_names):
+    scores[name] = fad(generated[:, i], reference[:, i], embed_fn)
+  logging.info("Total generation scores: %s", scores)
+  return scores
+
+
+def partial_generation_scores(generated: Union[np.ndarray, Mapping[str, np.ndarray]],
+                              reference, embed_fn: EmbedFn,
+                              stem_names: Sequence[str] = stems.STEM_NAMES
+                              ) -> dict[str, float]:
+  """{'bass+drums': FD of the sums of those stems, ...} for every proper subset.
+
+  `generated` is `[pieces, stems, samples]` used for every subset, or a mapping from
+  `subset_label(S)` to the audio of the run that generated S (every subset must be there).
+  """
+  reference = _as_pieces(reference, stem_names, "reference")
+  scores = {}
+  for subset in proper_subsets(stem_names):
+    label = subset_label(subset)
+    if isinstance(generated, Mapping):
+      if label not in generated:
+        raise KeyError(f"generated audio has no entry {label!r}; it has {sorted(generated)}")
+      audio = _as_pieces(generated[label], stem_names, f"generated[{label!r}]")
+    else:
+      audio = _as_pieces(generated, stem_names, "generated")
+    scores[label] = fad(subset_sum(audio, subset, stem_names),
+                        subset_sum(reference, subset, stem_names), embed_fn)
+  logging.info("Partial generation scores: %s", scores)
+  return scores
+
+
+def write_score_table(directory: str, name: str, scores: Mapping[str, float],
+                      score_label: str, row_label: str = "stems") -> dict[str, str]:
+  """Writes `<name>.md`, `<name>.csv` and `<name>.png` (bar plot); returns their paths."""
+  os.makedirs(directory, exist_ok=True)
+  paths = {ext: os.path.join(directory, f"{name}.{ext}") for ext in ("md", "csv", "png")}
+  with open(paths["md"], "w") as f:
+    f.write(f"| {row_label} | {score_label} |\n|---|---:|\n")
+    for row, value in scores.items():
+      f.write(f"| {row} | {value:.4f} |\n")
+  with open(paths["csv"], "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow([row_label, score_label])
+    for row, value in scores.items():
+      writer.writerow([row, repr(float(value))])
+  fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(scores) + 1.5), 3.5))
+  ax.bar(range(len(scores)), list(scores.values()))
+  ax.set_xticks(range(len(scores)))
+  ax.set_xticklabels(list(scores), rotation=45, ha="right")
+  ax.set_ylabel(score_label)
+  ax.set_title(name)
+  ax.grid(axis="y", alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(paths["png"], dpi=80)
+  plt.close(fig)
+  logging.info("Wrote %s table to %s", name, paths["md"])
+  return paths

@@ -1,0 +1,115 @@
+"""Music metrics and the statistics embedding on inputs with a known answer."""
+
+import numpy as np
+import pytest
+
+from msldm_jax.evaluation import features
+from msldm_jax.evaluation import music_metrics as mm
+
+SR = 22050
+
+
+def _tone(freq, seconds=2.0, sr=SR, amplitude=0.3):
+  t = np.arange(int(seconds * sr)) / sr
+  return (amplitude * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def test_silence_rule_exact_at_threshold():
+  n = 1024
+  # One non-zero sample c: ||x||_2 / N = c / N, exact for a power-of-two N. At exactly the
+  # threshold the window is not silent (the rule is a strict <).
+  at = np.zeros(n)
+  at[0] = mm.SILENCE_THRESHOLD * n
+  assert mm.is_silent(at[None])[0] == np.False_
+  at[0] = np.nextafter(at[0], 0.0)
+  assert mm.is_silent(at)
+  assert mm.is_silent(np.zeros(n))
+
+
+def test_empty_stem_rates():
+  audio = np.zeros((2, 4, 1000), np.float32)
+  audio[0, 0] = 0.1
+  audio[1, 0] = 0.1
+  audio[1, 2] = 0.1
+  rates = mm.empty_stem_rates(audio)
+  assert rates == {"bass": 0.0, "drums": 1.0, "guitar": 0.5, "piano": 1.0, "all": 5 / 8}
+
+
+def test_chroma_agreement_identical_and_orthogonal():
+  a = _tone(220.0) + _tone(330.0)  # A3 and E4.
+  assert mm.chroma_agreement(a, 0.5 * a) == pytest.approx(1.0, abs=1e-6)
+  assert mm.chroma_agreement(a, _tone(440.0)) > 0.5  # Shares pitch class A.
+  c_sharp = _tone(277.18)  # C#4: no pitch class in common with A and E.
+  assert mm.chroma_agreement(a, c_sharp) < 0.05
+  assert np.isnan(mm.chroma_agreement(a, np.zeros_like(a)))
+
+
+def test_harmonic_chroma_agreement_pairs():
+  a = _tone(110.0)
+  piece = np.stack([a, np.zeros_like(a), _tone(220.0), _tone(440.0)])
+  scores = mm.harmonic_chroma_agreement(piece[None])
+  assert set(scores) == {"bass-guitar", "bass-piano", "guitar-piano", "mean"}
+  assert scores["mean"] > 0.9
+
+
+def _clicks(times, seconds=4.0, sr=SR, freq=None):
+  """Noise bursts (drum hits), or decaying tones (bass notes) when `freq` is given."""
+  x = np.zeros(int(seconds * sr), np.float32)
+  if freq is None:
+    burst = np.random.default_rng(0).normal(size=int(0.03 * sr)).astype(np.float32)
+    burst *= np.exp(-np.arange(burst.size) / (0.008 * sr)).astype(np.float32)
+  else:
+    burst = _tone(freq, 0.3, sr, 1.0)
+    burst *= np.exp(-np.arange(burst.size) / (0.04 * sr)).astype(np.float32)
+  for t in times:
+    start = int(t * sr)
+    x[start:start + burst.size] += burst
+  return x
+
+
+def test_onset_f_measure_matching():
+  assert mm.onset_f_measure([1.0, 2.0], [1.04, 2.0]) == 1.0
+  assert mm.onset_f_measure([1.0, 2.0], [1.2, 2.2]) == 0.0
+  assert mm.onset_f_measure([1.0, 2.0], [1.0]) == pytest.approx(2 / 3)
+  assert mm.onset_f_measure([], []) == 1.0
+
+
+def test_drum_bass_alignment_aligned_vs_shifted():
+  times = np.arange(0.5, 3.6, 0.5)
+  drums = _clicks(times)
+  aligned = _clicks(times, freq=80.0)
+  shifted = _clicks(times[:-1] + 0.2, freq=80.0)
+  found = mm.onset_times(drums)
+  assert mm.onset_f_measure(times, found) == 1.0
+  silent = np.zeros_like(drums)
+  aligned_piece = np.stack([aligned, drums, silent, silent])[None]
+  shifted_piece = np.stack([shifted, drums, silent, silent])[None]
+  assert mm.drum_bass_onset_alignment(aligned_piece) == 1.0
+  assert mm.drum_bass_onset_alignment(shifted_piece) < 0.2
+
+
+def test_reconstruction_quality():
+  rng = np.random.default_rng(1)
+  reference = rng.normal(size=(2, 4, SR // 2)).astype(np.float32) * 0.1
+  reference[:, 3] = 0.0  # A silent stem is skipped.
+  noisy = reference + 0.01 * rng.normal(size=reference.shape).astype(np.float32)
+  scores = mm.reconstruction_quality(noisy, reference)
+  assert scores["bass"]["si_sdr"] == pytest.approx(20.0, abs=0.5)
+  assert scores["bass"]["mel_distance"] > 0
+  assert np.isnan(scores["piano"]["si_sdr"])
+  exact = mm.reconstruction_quality(reference, reference)
+  assert exact["drums"]["mel_distance"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_statistics_embedding():
+  x = _tone(220.0, 3.5)
+  emb = features.embed(x)
+  assert emb.shape == (3, features.EMBEDDING_DIM)
+  assert np.all(np.isfinite(emb))
+  assert np.all(np.isfinite(features.embed(np.zeros(SR))))
+  assert not np.allclose(emb[0], features.embed(_tone(330.0, 1.0))[0])
+  # The chroma means peak at pitch class A (9).
+  chroma_mean = emb[0, 2 * (features.N_MELS + features.N_MFCC):][:12]
+  assert np.argmax(chroma_mean) == 9
+  with pytest.raises(ValueError, match="shorter"):
+    features.embed(np.zeros(100))
