@@ -1,0 +1,232 @@
+"""The pure generation program: sampler and VAE decoding in one compiled function.
+
+One call of `generate_batch` takes a batch of per-piece PRNG keys from σ_max·ε to waveforms:
+it runs the sampler on the joint latent [batch, stems·latent_dim, frames] (reference §6),
+splits it with `joint_latent.split_sources` and decodes the generated stems with the frozen
+SourceVAE. Partial generation (reference §7) is the same program with the known stems'
+latents (`encode_given`, the posterior mean) held by the sampler's `Inpaint`.
+
+Keys: piece i of a run with seed s is sampled from `fold_in(key(s), i)` alone (`piece_keys`);
+the sampler is vmapped over the pieces of a batch, so a piece's randomness does not depend on
+the batch it falls in, nor on how many pieces the run makes.
+
+Everything the program is specialised on (the two modules, sizes, sampler settings, which
+stems are generated) is one hashable `GenerationSpec`, a static argument of the module-level
+`jax.jit`: equal specs reuse one compiled program across calls (tests, repeated batches), and
+model code stays free of sharding: a batch of keys placed over a mesh's data axis
+(`place_keys`) splits the pieces over its devices, with the parameters replicated.
+"""
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from msldm_jax import joint_latent
+from msldm_jax import stems as stems_lib
+from msldm_jax.diffusion import edm
+from msldm_jax.diffusion import samplers
+from msldm_jax.models import source_vae
+from msldm_jax.parallel import mesh as mesh_lib
+
+# The config keys of `config.sample` that are sampler settings (the rest is the stage's).
+SAMPLER_KEYS = ("num_steps", "sigma_min", "sigma_max", "rho", "s_churn")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationSpec:
+  """What one compiled generation program is specialised on (hashable: a jit static arg).
+
+  Attributes:
+    vae: the SourceVAE module (frozen; its parameters are an argument).
+    denoiser: the network F of the EDM denoiser, e.g. the DiT, called as
+      `denoiser.apply(params, c_in·x, c_noise)`.
+    num_frames: latent frames of one piece.
+    sampler_name: a `samplers.SAMPLERS` name.
+    sampler_settings: (key, value) pairs passed to `samplers.get_sampler`.
+    sigma_data: σ_data of the EDM preconditioning the denoiser was trained with.
+    generate_stems: the stems to sample, in canonical order; the others are given.
+    resample_steps: RePaint passes per step for partial generation.
+    progress: optional host callback `progress(step, num_steps)` after each sampler step.
+  """
+  vae: source_vae.SourceVAE
+  denoiser: nn.Module
+  num_frames: int
+  sampler_name: str = samplers.DEFAULT_SAMPLER
+  sampler_settings: tuple[tuple[str, Any], ...] = ()
+  sigma_data: float = edm.SIGMA_DATA
+  generate_stems: tuple[str, ...] = stems_lib.STEM_NAMES
+  resample_steps: int = 1
+  progress: Callable[[int, int], None] | None = None
+
+  def __post_init__(self):
+    stems_lib.parse_stem_list(self.generate_stems)  # Names each unknown stem.
+    if tuple(self.generate_stems) != stems_lib.parse_stem_list(self.generate_stems):
+      raise ValueError(f"generate_stems {self.generate_stems} must be unique and in the "
+                       f"canonical order {stems_lib.STEM_NAMES}")
+    if self.vae.num_stems != stems_lib.NUM_STEMS:
+      raise ValueError(f"the SourceVAE has num_stems={self.vae.num_stems}, generation "
+                       f"needs the {stems_lib.NUM_STEMS} stems {stems_lib.STEM_NAMES}")
+    if self.resample_steps < 1:
+      raise ValueError(f"resample_steps must be >= 1, got {self.resample_steps}")
+    # Fails early, naming the setting, for a sampler that does not take one.
+    samplers.get_sampler(self.sampler_name, dict(self.sampler_settings))
+
+  @property
+  def channels(self) -> int:
+    return stems_lib.NUM_STEMS * self.vae.latent_dim
+
+  @property
+  def given_stems(self) -> tuple[str, ...]:
+    return tuple(s for s in stems_lib.STEM_NAMES if s not in self.generate_stems)
+
+  @property
+  def is_partial(self) -> bool:
+    return bool(self.given_stems)
+
+  @property
+  def num_samples(self) -> int:
+    """Decoded samples per stem (320·frames − 8 at the paper's strides)."""
+    return source_vae.decoded_length(self.num_frames, self.vae.decoder_strides)
+
+
+def sampler_settings(sample_config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+  """(sampler name, its settings) from `config.sample`.
+
+  Settings the chosen sampler does not take are left out (e.g. s_churn for the
+  deterministic dpmpp_2m), so that one `sample` section serves every sampler.
+  """
+  name = str(sample_config["sampler"])
+  if name not in samplers.SAMPLERS:
+    raise ValueError(f"config.sample.sampler={name!r} is not a sampler; samplers: "
+                     + ", ".join(samplers.SAMPLERS))
+  accepted = samplers.sampler_config(name)
+  settings = {key: sample_config[key] for key in SAMPLER_KEYS
+              if key in sample_config and key in accepted}
+  settings["num_steps"] = int(settings.get("num_steps", accepted["num_steps"]))
+  for key in settings:
+    if key != "num_steps":
+      settings[key] = float(settings[key])
+  return name, settings
+
+
+def latent_frames(num_samples: int, vae: source_vae.SourceVAE, patch_size: int = 1,
+                  what: str = "config.data.chunks.samples") -> int:
+  """Latent frames of `num_samples` audio samples, checked against the denoiser's patch.
+
+  Raises:
+    ValueError naming `what` when the frames are not a whole number of patches, or when the
+      VAE's decoding of them is shorter than the input (then pieces could not be that long).
+  """
+  frames = source_vae.encoded_length(num_samples, vae.encoder_strides)
+  if frames < 1 or frames % patch_size:
+    raise ValueError(f"{what}={num_samples} gives {frames} latent frames, not a positive "
+                     f"multiple of the denoiser's patch_size {patch_size}")
+  return frames
+
+
+def piece_keys(seed: int, piece_indices: Sequence[int]) -> jax.Array:
+  """Per-piece keys fold_in(key(seed), i): piece i is the same in every run with the seed."""
+  base = jax.random.key(int(seed))
+  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
+      base, jnp.asarray(np.asarray(piece_indices, np.uint32)))
+
+
+def generation_mesh(batch_size: int, devices=None) -> Mesh:
+  """A data-axis mesh over as many local devices as split `batch_size` pieces evenly."""
+  devices = list(jax.local_devices() if devices is None else devices)
+  return mesh_lib.make_mesh(devices[:math.gcd(batch_size, len(devices))])
+
+
+def place_keys(keys: jax.Array, mesh: Mesh) -> jax.Array:
+  """Keys with their batch axis split over the mesh's data axis."""
+  return jax.device_put(keys, mesh_lib.batch_sharding(mesh))
+
+
+def replicate(tree, mesh: Mesh):
+  """Parameters replicated over the mesh (the program then needs no collectives)."""
+  return jax.device_put(tree, mesh_lib.replicated(mesh))
+
+
+@functools.partial(jax.jit, static_argnames=("vae",))
+def encode_given(vae_params, waveforms_bst: jax.Array, *, vae: source_vae.SourceVAE):
+  """Waveforms [batch, stems, samples] → joint latent [batch, stems·latent, frames] (means).
+
+  Stems that are not given may be zeros: their channels are masked out by the sampler.
+  """
+  mean, _ = vae.apply(vae_params, waveforms_bst, method=vae.encode)
+  return joint_latent.stack_sources(mean)
+
+
+def decode_stems(vae: source_vae.SourceVAE, vae_params, latents_bsct: jax.Array,
+                 stem_indices: Sequence[int]) -> jax.Array:
+  """Decodes the stems `stem_indices` of [batch, stems, latent, frames] latents.
+
+  Returns:
+    float32 [batch, len(stem_indices), samples].
+
+  A shared VAE decodes only the requested stems (partial generation of one stem costs one
+  decoding, not four); a per-source VAE decodes all its groups in one pass and keeps the
+  requested ones, which costs no more than its single-stem path would.
+  """
+  stem_indices = tuple(stem_indices)
+  batch, num_stems, latent_dim, frames = latents_bsct.shape
+  if stem_indices == tuple(range(num_stems)) or vae.num_groups > 1:
+    waveforms = vae.apply(vae_params, latents_bsct, method=vae.decode)
+    return waveforms[:, list(stem_indices)]
+  selected = latents_bsct[:, list(stem_indices)].reshape(-1, latent_dim, frames)
+  waveforms = vae.apply(vae_params, selected, jnp.zeros((selected.shape[0],), jnp.int32),
+                        method=vae.decode_stem)
+  return waveforms.reshape(batch, len(stem_indices), -1)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def generate_batch(vae_params, denoiser_params, keys: jax.Array,
+                   x_known: jax.Array | None = None, *, spec: GenerationSpec):
+  """Samples and decodes one batch of pieces: the whole of generation, compiled once.
+
+  Args:
+    vae_params: the SourceVAE's variables.
+    denoiser_params: the denoiser network's variables.
+    keys: [batch] PRNG keys, one per piece (`piece_keys`).
+    x_known: partial generation only: [1, stems·latent, frames] joint latent of the given
+      stems (`encode_given`); shared by every piece of the batch.
+    spec: the static `GenerationSpec`.
+
+  Returns:
+    (latents [batch, stems·latent, frames] at σ = 0, with the given stems' channels equal to
+    x_known exactly; waveforms float32 [batch, len(spec.generate_stems), spec.num_samples]).
+  """
+  chex.assert_rank(keys, 1)
+  sample = samplers.get_sampler(spec.sampler_name, dict(spec.sampler_settings))
+  denoise_fn = edm.make_denoise_fn(spec.denoiser.apply, denoiser_params,
+                                   sigma_data=spec.sigma_data)
+  shape = (1, spec.channels, spec.num_frames)
+  inpaint = None
+  if spec.is_partial:
+    if x_known is None:
+      raise ValueError(f"partial generation of {spec.generate_stems} needs x_known, the "
+                       f"latents of the given stems {spec.given_stems}")
+    chex.assert_shape(x_known, shape)
+    mask = joint_latent.source_mask(spec.given_stems, spec.vae.latent_dim)
+    inpaint = samplers.Inpaint(x_known, mask, spec.resample_steps)
+
+  def one_piece(key):
+    return sample(denoise_fn, key, shape, inpaint=inpaint, progress=spec.progress)[0]
+
+  # vmap, not one batched sampler call: each piece draws from its own key.
+  latents_bct = jax.vmap(one_piece)(keys)
+  chex.assert_shape(latents_bct, (keys.shape[0],) + shape[1:])
+  stem_indices = [stems_lib.stem_index(s) for s in spec.generate_stems]
+  waveforms = decode_stems(spec.vae, vae_params, joint_latent.split_sources(latents_bct),
+                           stem_indices)
+  chex.assert_shape(waveforms, (keys.shape[0], len(stem_indices), spec.num_samples))
+  return latents_bct, waveforms

@@ -1,0 +1,288 @@
+r"""The `--mode=sample` stage: total and partial generation of four-stem pieces.
+
+  python -m msldm_jax.main --config=configs/demo.py --workdir=runs/demo --mode=sample
+  python -m msldm_jax.main --config=configs/demo.py --workdir=runs/demo --mode=sample \
+      --condition_dir=DIR --generate=bass,drums
+
+Total generation (`config.sample.generate` empty): `num_pieces` pieces, all four stems
+sampled jointly from x = σ_max·ε on the joint latent (reference §6), each stem decoded by the
+frozen SourceVAE; the mix is the sum of the stems.
+
+Partial generation (reference §7): the stems not named in `generate` are read from
+`condition_dir/{stem}.wav` (see `conditions.py` for the resampling, downmix and chunk-length
+policy), encoded with the frozen VAE (posterior mean), held by the sampler's inpainting mask,
+and the named stems are sampled and decoded. The mix is the given stems' ORIGINAL waveforms
+plus the generated ones; each of the `num_pieces` pieces is another draw given the same stems.
+
+Piece i uses the key fold_in(key(config.sample.seed), i): same seed, same pieces.
+Output: `config.sample.output_dir` (empty: WORKDIR/samples), laid out as in `outputs.py`.
+Checkpoints: the denoiser from the LDM stage (`train_ldm.load_denoiser`, EMA parameters when
+`config.sample.use_ema`); the SourceVAE from `config.ldm.vae_checkpoint`, else the checkpoint
+folder the LDM's latents record names, else WORKDIR/vae/checkpoints, and its parameters'
+sha256 must equal the recorded one (the VAE whose latents the diffusion model learned).
+
+The functions below take the modules and parameters as arguments (`generate_pieces`,
+`generate_to_dir`), so tests and notebooks run generation without checkpoints.
+"""
+
+import dataclasses
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+
+from msldm_jax import stems as stems_lib
+from msldm_jax.diffusion import samplers
+from msldm_jax.generation import conditions
+from msldm_jax.generation import outputs
+from msldm_jax.generation import sampling
+
+SAMPLES_FOLDER = "samples"
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """What a run generates: the stems to sample, and the given ones (partial generation)."""
+  generate_stems: tuple[str, ...]
+  given: conditions.GivenStems | None = None
+
+  @property
+  def is_partial(self) -> bool:
+    return self.given is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+  """One generated piece.
+
+  Attributes:
+    index: its index (its key is fold_in(key(seed), index)).
+    latents: float32 [stems·latent_dim, frames], the sampler's output before decoding; the
+      given stems' channels equal their encodings exactly.
+    stems: every stem by name, float32 [num_samples]: decoded for generated stems, the
+      original waveform for given ones.
+    generated: the stems that were sampled.
+  """
+  index: int
+  latents: np.ndarray
+  stems: dict[str, np.ndarray]
+  generated: tuple[str, ...]
+
+  @property
+  def mix(self) -> np.ndarray:
+    return outputs.mixture(self.stems)
+
+
+def prepare_task(config: ml_collections.ConfigDict) -> Task:
+  """Parses `generate` and reads the given stems: every input error before any model loads."""
+  sample_config = config.sample
+  generate_stems = conditions.parse_generate(sample_config.generate)
+  given_stems = tuple(s for s in stems_lib.STEM_NAMES if s not in generate_stems)
+  if not given_stems:
+    if sample_config.condition_dir:
+      logging.warning("config.sample.condition_dir=%r is not used: every stem is generated "
+                      "(set config.sample.generate / --generate to the stems to generate)",
+                      sample_config.condition_dir)
+    return Task(generate_stems)
+  given = conditions.read_given_stems(
+      sample_config.condition_dir, given_stems, int(config.data.chunks.samples),
+      int(config.data.sample_rate))
+  return Task(generate_stems, given)
+
+
+def make_spec(config: ml_collections.ConfigDict, vae, denoiser,
+              generate_stems: Sequence[str] = stems_lib.STEM_NAMES,
+              progress=None) -> sampling.GenerationSpec:
+  """The compiled program's static description from the config and the two modules."""
+  name, settings = sampling.sampler_settings(config.sample)
+  num_samples = int(config.data.chunks.samples)
+  frames = sampling.latent_frames(num_samples, vae, int(getattr(denoiser, "patch_size", 1)))
+  spec = sampling.GenerationSpec(
+      vae=vae, denoiser=denoiser, num_frames=frames, sampler_name=name,
+      sampler_settings=tuple(sorted(settings.items())),
+      sigma_data=float(config.ldm.sigma_data), generate_stems=tuple(generate_stems),
+      resample_steps=int(config.sample.resample_steps), progress=progress)
+  if spec.num_samples < num_samples:
+    raise ValueError(f"config.data.chunks.samples={num_samples}: the VAE decodes its "
+                     f"{frames} latent frames to only {spec.num_samples} samples")
+  return spec
+
+
+def generate_pieces(spec: sampling.GenerationSpec, vae_params, denoiser_params, *,
+                    seed: int, piece_indices: Sequence[int], batch_size: int,
+                    num_samples: int, given: conditions.GivenStems | None = None,
+                    devices=None) -> Iterator[Piece]:
+  """Generates the pieces `piece_indices`, `batch_size` per compiled call; yields each.
+
+  Args:
+    spec: the program (`make_spec`, or built directly in tests).
+    vae_params, denoiser_params: the two modules' variables.
+    seed: the run's seed; piece i uses fold_in(key(seed), i).
+    piece_indices: which pieces.
+    batch_size: pieces per call, split over up to as many local devices (the last batch is
+      padded with repeats of its last piece, so the program compiles once).
+    num_samples: samples per stem in the output (decoded stems cropped or zero-padded).
+    given: the given stems, required for partial generation.
+    devices: the devices to use (default: all local ones).
+  """
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  piece_indices = [int(i) for i in piece_indices]
+  mesh = sampling.generation_mesh(batch_size, devices)
+  vae_params = sampling.replicate(vae_params, mesh)
+  denoiser_params = sampling.replicate(denoiser_params, mesh)
+  x_known = None
+  if spec.is_partial:
+    if given is None or given.names != spec.given_stems:
+      raise ValueError(f"partial generation of {spec.generate_stems} needs the given stems "
+                       f"{spec.given_stems}, got {None if given is None else given.names}")
+    waveforms = given.stacked()
+    if waveforms.shape[-1] != num_samples:
+      raise ValueError(f"given stems have {waveforms.shape[-1]} samples, expected "
+                       f"{num_samples}")
+    x_known = sampling.encode_given(vae_params, waveforms, vae=spec.vae)
+    if x_known.shape != (1, spec.channels, spec.num_frames):
+      raise ValueError(f"the given stems encode to {x_known.shape}, but the program samples "
+                       f"{(1, spec.channels, spec.num_frames)}")
+    x_known = sampling.replicate(x_known, mesh)
+
+  for start in range(0, len(piece_indices), batch_size):
+    indices = piece_indices[start:start + batch_size]
+    padded = indices + [indices[-1]] * (batch_size - len(indices))
+    keys = sampling.place_keys(sampling.piece_keys(seed, padded), mesh)
+    latents, waveforms = sampling.generate_batch(vae_params, denoiser_params, keys, x_known,
+                                                 spec=spec)
+    latents, waveforms = jax.device_get((latents, waveforms))
+    for row, index in enumerate(indices):
+      stems = {name: conditions.fit_to_length(waveforms[row, k], num_samples)
+               for k, name in enumerate(spec.generate_stems)}
+      if spec.is_partial:
+        stems.update(given.waveforms)
+      yield Piece(index=index, latents=np.asarray(latents[row]),
+                  stems={name: stems[name] for name in stems_lib.STEM_NAMES},
+                  generated=spec.generate_stems)
+
+
+def _piece_metadata(config, spec, task: Task, piece: Piece, checkpoints) -> dict[str, Any]:
+  seed = int(config.sample.seed)
+  record = dict(
+      piece_index=piece.index,
+      seed=seed,
+      key=f"fold_in(key({seed}), {piece.index})",
+      mode="partial" if task.is_partial else "total",
+      generated=list(spec.generate_stems),
+      given=list(spec.given_stems),
+      sampler=dict(name=spec.sampler_name, **dict(spec.sampler_settings)),
+      sigma_data=spec.sigma_data,
+      latent_frames=spec.num_frames,
+      use_ema=bool(config.sample.use_ema),
+      checkpoints=dict(checkpoints or {}),
+  )
+  if task.is_partial:
+    record.update(resample_steps=spec.resample_steps,
+                  condition_dir=os.path.abspath(config.sample.condition_dir),
+                  given_files={k: os.path.abspath(v) for k, v in task.given.files.items()},
+                  given_original_samples=dict(task.given.original_samples))
+  return record
+
+
+def generate_to_dir(config: ml_collections.ConfigDict, output_dir: str, vae, vae_params,
+                    denoiser, denoiser_params, *, task: Task | None = None,
+                    checkpoints: Mapping[str, Any] | None = None, devices=None) -> str:
+  """Generates `config.sample.num_pieces` pieces into `output_dir`; returns it.
+
+  Args:
+    config: the full config (`sample`, `data.chunks.samples`, `data.sample_rate`,
+      `ldm.sigma_data`).
+    output_dir: where the piece folders go (created).
+    vae, vae_params: the SourceVAE module and its variables.
+    denoiser, denoiser_params: the denoiser network (e.g. the DiT) and its variables.
+    task: from `prepare_task(config)` (read here when None).
+    checkpoints: identities of the checkpoints used, recorded in each piece.json.
+    devices: devices to generate on (default: all local ones).
+  """
+  task = task or prepare_task(config)
+  sample_config = config.sample
+  every = int(sample_config.get("log_every_steps", 0))
+  progress = samplers.make_progress_logger(every) if every > 0 else None
+  spec = make_spec(config, vae, denoiser, task.generate_stems, progress=progress)
+  num_pieces = int(sample_config.num_pieces)
+  num_samples = int(config.data.chunks.samples)
+  sample_rate = int(config.data.sample_rate)
+  batch_size = min(int(sample_config.get("batch_size", 1)), max(num_pieces, 1))
+  logging.info("%s generation of %d pieces (%s; given: %s) with %s %s, %d latent frames, "
+               "%.2f s each, into %s", "partial" if task.is_partial else "total", num_pieces,
+               ",".join(spec.generate_stems), ",".join(spec.given_stems) or "none",
+               spec.sampler_name, dict(spec.sampler_settings), spec.num_frames,
+               num_samples / sample_rate, output_dir)
+  writer = jax.process_index() == 0  # Every process generates; one writes.
+  if writer:
+    os.makedirs(output_dir, exist_ok=True)
+  pieces = generate_pieces(spec, vae_params, denoiser_params, seed=int(sample_config.seed),
+                           piece_indices=range(num_pieces), batch_size=batch_size,
+                           num_samples=num_samples, given=task.given, devices=devices)
+  for piece in tqdm.tqdm(pieces, total=num_pieces, unit="piece", desc="generating",
+                         disable=not writer):
+    if writer:
+      outputs.write_piece(
+          outputs.piece_dir(output_dir, piece.index), piece.stems, sample_rate,
+          _piece_metadata(config, spec, task, piece, checkpoints),
+          title=f"piece {piece.index:03d} ({'generated: ' + ','.join(piece.generated)})")
+  return output_dir
+
+
+def check_vae(vae_identity: dict, learned_vae: Mapping[str, Any], vae_params,
+              params_sha256) -> dict:
+  """The VAE identity with its parameters' sha256; raises if the LDM learned another VAE.
+
+  Args:
+    vae_identity: what `train_vae.restore_generator` returned.
+    learned_vae: the VAE identity the diffusion model's latents were encoded with
+      ({checkpoint_dir, step, params_sha256}; empty when the LDM run recorded none).
+    vae_params: the restored VAE parameters.
+    params_sha256: the content hash function (`latents.encode.params_sha256`).
+  """
+  if not learned_vae.get("params_sha256"):
+    logging.warning("the diffusion checkpoint records no VAE identity: cannot check that %s "
+                    "is the VAE whose latents it learned", vae_identity)
+    return dict(vae_identity)
+  digest = params_sha256(vae_params)
+  if digest != learned_vae["params_sha256"]:
+    raise ValueError(
+        f"the VAE checkpoint {vae_identity.get('checkpoint_dir')} step "
+        f"{vae_identity.get('step')} (params sha256 {digest}) is not the one whose latents "
+        f"the diffusion model learned ({learned_vae.get('checkpoint_dir')} step "
+        f"{learned_vae.get('step')}, sha256 {learned_vae['params_sha256']}): pieces would be "
+        "decoded by the wrong VAE; set config.ldm.vae_checkpoint to that VAE's checkpoints")
+  return {**vae_identity, "params_sha256": digest}
+
+
+def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The `--mode=sample` stage; returns the output folder."""
+  task = prepare_task(config)  # Bad --generate or given stems fail before any restore.
+  # Imported here: the stage needs the trainers' restore functions, not their import cost
+  # at module import (and tests of this module need no checkpoints).
+  from msldm_jax.training import train_ldm  # pylint: disable=g-import-not-at-top
+  from msldm_jax.training import train_vae  # pylint: disable=g-import-not-at-top
+
+  denoiser, denoiser_params, ldm_identity = train_ldm.load_denoiser(
+      config, workdir, use_ema=bool(config.sample.use_ema))
+  # The VAE that encoded the diffusion model's training latents decodes its samples.
+  learned_vae = dict(ldm_identity.get("latents", {}).get("vae", {}))
+  vae_checkpoint = (config.ldm.get("vae_checkpoint") or learned_vae.get("checkpoint_dir")
+                    or None)
+  vae = train_vae.make_models(config.vae).vae
+  vae_params, vae_identity = train_vae.restore_generator(config, workdir, vae_checkpoint)
+  params_sha256 = None
+  if learned_vae.get("params_sha256"):
+    from msldm_jax.latents import encode  # pylint: disable=g-import-not-at-top
+    params_sha256 = encode.params_sha256
+  vae_identity = check_vae(vae_identity, learned_vae, vae_params, params_sha256)
+  output_dir = config.sample.output_dir or os.path.join(workdir, SAMPLES_FOLDER)
+  return generate_to_dir(config, output_dir, vae, vae_params, denoiser, denoiser_params,
+                         task=task, checkpoints=dict(vae=vae_identity, ldm=ldm_identity))

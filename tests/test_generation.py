@@ -1,0 +1,300 @@
+"""Generation: total and partial, output files, determinism, the given stems' handling.
+
+Tiny config, a freshly initialised tiny SourceVAE and a tiny DiT whose parameters are
+perturbed away from adaLN-Zero's identity (so the network's output depends on its input);
+no checkpoints. Equal `GenerationSpec`s share one compiled program, so the total and the
+partial program each compile once for the whole module.
+"""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import soundfile as sf
+
+from msldm_jax import config_loading
+from msldm_jax import joint_latent
+from msldm_jax import stems as stems_lib
+from msldm_jax.data import audio_files
+from msldm_jax.generation import conditions
+from msldm_jax.generation import outputs
+from msldm_jax.generation import sampling
+from msldm_jax.generation import stage
+from msldm_jax.models import dit
+from msldm_jax.models import source_vae
+
+SR = stems_lib.SAMPLE_RATE
+
+
+def _config(**sample_overrides):
+  config = config_loading.load_config("configs/demo.py:variant=tiny")
+  for key, value in sample_overrides.items():
+    config.sample[key] = value  # Existing keys: allowed on a locked config.
+  return config
+
+
+@pytest.fixture(scope="module")
+def models():
+  config = _config()
+  vae = source_vae.SourceVAE.from_config(config.vae.model)
+  vae_params = source_vae.init_params(vae, jax.random.key(0))
+  denoiser = dit.build_model(config.ldm.model)
+  channels = stems_lib.NUM_STEMS * config.vae.model.latent_dim
+  variables = jax.jit(denoiser.init)(jax.random.key(1), jnp.zeros((1, channels, 32)),
+                                     jnp.zeros((1,)))
+  leaves, treedef = jax.tree.flatten(variables)
+  rng = np.random.default_rng(0)
+  denoiser_params = jax.tree.unflatten(treedef, [
+      leaf + rng.normal(scale=0.05, size=leaf.shape).astype(np.float32) for leaf in leaves])
+  return vae, vae_params, denoiser, denoiser_params
+
+
+@pytest.fixture(scope="module")
+def num_samples():
+  return int(_config().data.chunks.samples)
+
+
+def _read(path):
+  audio, rate = sf.read(path, dtype="float32")
+  assert sf.info(path).subtype == "FLOAT"
+  assert rate == SR
+  return audio
+
+
+def _read_piece(directory):
+  stems = {name: _read(os.path.join(directory, "stems", f"{name}.wav"))
+           for name in stems_lib.STEM_NAMES}
+  with open(os.path.join(directory, "piece.json")) as f:
+    record = json.load(f)
+  return stems, _read(os.path.join(directory, "mix.wav")), record
+
+
+def _sine(freq, seconds, rate=SR, channels=1, amplitude=0.6):
+  t = np.arange(int(seconds * rate)) / rate
+  x = (amplitude * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+  return np.stack([x, 0.5 * x], axis=1) if channels == 2 else x
+
+
+@pytest.fixture(scope="module")
+def condition_dir(tmp_path_factory, num_samples):
+  """Given drums (stereo, 44.1 kHz), guitar (longer than the chunk), piano (shorter)."""
+  directory = tmp_path_factory.mktemp("given")
+  chunk_seconds = num_samples / SR
+  sf.write(directory / "drums.wav", _sine(110, chunk_seconds, 44100, channels=2), 44100,
+           subtype="FLOAT")
+  sf.write(directory / "guitar.wav", _sine(330, 2 * chunk_seconds), SR, subtype="FLOAT")
+  sf.write(directory / "piano.wav", _sine(440, 0.5 * chunk_seconds), SR, subtype="FLOAT")
+  return str(directory)
+
+
+@pytest.fixture(scope="module")
+def total_run(models, tmp_path_factory):
+  config = _config()
+  output = str(tmp_path_factory.mktemp("total"))
+  return config, stage.generate_to_dir(config, output, *models,
+                                       checkpoints={"vae": {"step": 1}})
+
+
+@pytest.fixture(scope="module")
+def partial_run(models, condition_dir, tmp_path_factory):
+  config = _config(condition_dir=condition_dir, generate="bass")
+  output = str(tmp_path_factory.mktemp("partial"))
+  return config, stage.generate_to_dir(config, output, *models)
+
+
+def test_total_generation_writes_float_stems_mix_spectrogram_and_json(total_run, num_samples):
+  config, output = total_run
+  for index in range(config.sample.num_pieces):
+    directory = outputs.piece_dir(output, index)
+    assert os.path.isfile(os.path.join(directory, "spectrogram.png"))
+    stems, mix, record = _read_piece(directory)
+    for name, audio in stems.items():
+      assert audio.shape == (num_samples,), name
+      assert np.all(np.isfinite(audio)) and np.max(np.abs(audio)) > 0, name
+    # The mix is the plain float32 sum of the stems, never clipped or rescaled.
+    np.testing.assert_array_equal(mix, outputs.mixture(stems))
+    assert record["mode"] == "total" and record["generated"] == list(stems_lib.STEM_NAMES)
+    assert record["given"] == [] and record["seed"] == config.sample.seed
+    assert record["piece_index"] == index and record["gain"] == 1.0
+    assert record["sampler"]["name"] == "euler_churn"
+    assert record["sampler"]["num_steps"] == config.sample.num_steps
+    assert record["checkpoints"] == {"vae": {"step": 1}}
+    assert record["peak"]["mix"] == pytest.approx(float(np.max(np.abs(mix))))
+  # Different pieces of one run differ (each has its own key).
+  first, _, _ = _read_piece(outputs.piece_dir(output, 0))
+  second, _, _ = _read_piece(outputs.piece_dir(output, 1))
+  assert not np.allclose(first["bass"], second["bass"])
+
+
+def test_partial_generation_keeps_original_given_stems_in_stems_and_mix(
+    partial_run, condition_dir, num_samples):
+  config, output = partial_run
+  stems, mix, record = _read_piece(outputs.piece_dir(output, 0))
+  assert record["mode"] == "partial"
+  assert record["generated"] == ["bass"] and record["given"] == ["drums", "guitar", "piano"]
+  assert record["resample_steps"] == config.sample.resample_steps
+  for name in ("drums", "guitar", "piano"):
+    # As the data stage reads stems (mono, model rate), then cropped/zero-padded.
+    original = audio_files.read_mono(os.path.join(condition_dir, f"{name}.wav"), SR)
+    np.testing.assert_array_equal(stems[name], conditions.fit_to_length(original, num_samples))
+  assert record["given_original_samples"]["guitar"] == 2 * num_samples
+  assert np.all(stems["piano"][num_samples // 2 + 1:] == 0)  # zero-padded
+  assert np.max(np.abs(stems["bass"])) > 0
+  np.testing.assert_array_equal(mix, outputs.mixture(stems))
+  given_sum = stems["drums"] + stems["guitar"] + stems["piano"]
+  np.testing.assert_allclose(mix - given_sum, stems["bass"], atol=1e-6)
+
+
+def test_partial_latents_hold_the_given_stems_encodings_exactly(models, condition_dir,
+                                                                num_samples):
+  vae, vae_params, denoiser, denoiser_params = models
+  config = _config(condition_dir=condition_dir, generate="bass")
+  task = stage.prepare_task(config)
+  spec = stage.make_spec(config, vae, denoiser, task.generate_stems)
+  x_known = np.asarray(sampling.encode_given(vae_params, task.given.stacked(), vae=vae))[0]
+  pieces = list(stage.generate_pieces(spec, vae_params, denoiser_params, seed=0,
+                                      piece_indices=[0, 1], batch_size=2,
+                                      num_samples=num_samples, given=task.given))
+  mask = joint_latent.source_mask("drums,guitar,piano", vae.latent_dim)[:, 0]
+  for piece in pieces:
+    assert piece.latents.shape == (spec.channels, spec.num_frames)
+    np.testing.assert_array_equal(piece.latents[mask], x_known[mask])
+    assert not np.allclose(piece.latents[~mask], x_known[~mask])
+  assert not np.allclose(pieces[0].latents[~mask], pieces[1].latents[~mask])
+
+
+def test_same_seed_same_pieces_and_another_seed_differs(models, total_run, num_samples):
+  vae, vae_params, denoiser, denoiser_params = models
+  config, output = total_run
+  spec = stage.make_spec(config, vae, denoiser)
+
+  def run(seed, indices):
+    return list(stage.generate_pieces(spec, vae_params, denoiser_params, seed=seed,
+                                      piece_indices=indices, batch_size=2,
+                                      num_samples=num_samples))
+
+  again = run(config.sample.seed, [0, 1])
+  for piece in again:  # A second run with the seed reproduces the stage's files.
+    stems, _, _ = _read_piece(outputs.piece_dir(output, piece.index))
+    for name in stems_lib.STEM_NAMES:
+      np.testing.assert_array_equal(piece.stems[name], stems[name])
+  # A piece depends on its index and the seed only, not on its batch.
+  alone = run(config.sample.seed, [1])[0]
+  np.testing.assert_allclose(alone.latents, again[1].latents, atol=1e-5)
+  other = run(config.sample.seed + 1, [0, 1])
+  for a, b in zip(again, other):
+    assert not np.allclose(a.latents, b.latents)
+    assert not np.allclose(a.stems["drums"], b.stems["drums"])
+
+
+def test_missing_given_stem_names_the_file(tmp_path, num_samples):
+  sf.write(tmp_path / "drums.wav", _sine(110, 0.2), SR)
+  sf.write(tmp_path / "guitar.wav", _sine(220, 0.2), SR)
+  config = _config(condition_dir=str(tmp_path), generate="bass")
+  with pytest.raises(FileNotFoundError, match=r"piano\.wav"):
+    stage.prepare_task(config)
+  with pytest.raises(FileNotFoundError, match="not a folder"):
+    stage.prepare_task(_config(condition_dir=str(tmp_path / "nowhere"), generate="bass"))
+  with pytest.raises(ValueError, match="condition_dir"):
+    stage.prepare_task(_config(generate="bass"))
+
+
+def test_unknown_stem_in_generate_is_named():
+  with pytest.raises(ValueError, match=r"config\.sample\.generate='bass,flute'.*'flute'"):
+    stage.prepare_task(_config(generate="bass,flute"))
+  # All four stems (or none) is total generation: no condition_dir needed.
+  assert stage.prepare_task(_config(generate="piano,bass,drums,guitar")).given is None
+
+
+def test_command_line_flags_override_the_config(tmp_path):
+  """`--generate` reaches the stage through main.py: an unknown stem fails, naming it."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+      [sys.executable, "-m", "msldm_jax.main", "--config=configs/demo.py:variant=tiny",
+       f"--workdir={tmp_path}", "--mode=sample", f"--condition_dir={tmp_path}",
+       "--generate=bass,flute"],
+      capture_output=True, text=True, env=env, timeout=120,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert result.returncode != 0
+  assert "'flute'" in result.stderr and "config.sample.generate" in result.stderr
+
+
+def test_sample_stage_loads_checkpoints_and_writes_to_workdir(models, tmp_path, monkeypatch):
+  """The stage's wiring, with the two restore functions replaced by fakes."""
+  vae, vae_params, denoiser, denoiser_params = models
+  seen = {}
+
+  def restore_generator(config, workdir, checkpoint_dir=None):
+    seen["vae"] = (workdir, checkpoint_dir)
+    return vae_params, {"checkpoint_dir": "vae/checkpoints", "step": 7}
+
+  def load_denoiser(config, workdir, use_ema=True):
+    seen["ldm"] = (workdir, use_ema)
+    return denoiser, denoiser_params, {"checkpoint_dir": "ldm/checkpoints", "step": 9}
+
+  fake_vae = types.ModuleType("msldm_jax.training.train_vae")
+  fake_vae.make_models = lambda vae_config: types.SimpleNamespace(vae=vae)
+  fake_vae.restore_generator = restore_generator
+  fake_ldm = types.ModuleType("msldm_jax.training.train_ldm")
+  fake_ldm.load_denoiser = load_denoiser
+  import msldm_jax.training  # pylint: disable=g-import-not-at-top
+  for name, module in (("train_vae", fake_vae), ("train_ldm", fake_ldm)):
+    monkeypatch.setitem(sys.modules, f"msldm_jax.training.{name}", module)
+    monkeypatch.setattr(msldm_jax.training, name, module, raising=False)
+
+  config = _config()
+  output = stage.sample(config, str(tmp_path))
+  assert output == os.path.join(str(tmp_path), "samples")
+  assert seen == {"vae": (str(tmp_path), None), "ldm": (str(tmp_path), True)}
+  _, _, record = _read_piece(outputs.piece_dir(output, 1))
+  assert record["checkpoints"]["vae"]["step"] == 7
+  assert record["checkpoints"]["ldm"]["step"] == 9
+
+
+def test_check_vae_refuses_a_vae_the_diffusion_model_did_not_learn():
+  restored = {"checkpoint_dir": "/runs/vae/checkpoints", "step": 8}
+  learned = {"checkpoint_dir": "/runs/vae/checkpoints", "step": 6, "params_sha256": "aaa"}
+  digest = lambda params: params["sha"]
+  identity = stage.check_vae(restored, learned, {"sha": "aaa"}, digest)
+  assert identity == {**restored, "params_sha256": "aaa"}
+  with pytest.raises(ValueError, match=r"step 8 \(params sha256 bbb\).*step 6"):
+    stage.check_vae(restored, learned, {"sha": "bbb"}, digest)
+  assert stage.check_vae(restored, {}, {"sha": "bbb"}, None) == restored  # nothing recorded
+
+
+def test_decoding_only_the_generated_stems_matches_decoding_all():
+  # The smallest VAE (two strides): the property does not depend on the size.
+  vae = source_vae.SourceVAE.from_config(source_vae.model_config("tiny"))
+  # Filled from the abstract shapes: compiling `init` would cost more than the test.
+  abstract = source_vae.abstract_params(vae, samples=64)
+  rng = np.random.default_rng(2)
+  vae_params = jax.tree.map(
+      lambda leaf: (1.0 + 0.1 * rng.normal(size=leaf.shape)).astype(leaf.dtype), abstract)
+  latents = 0.5 * jax.random.normal(jax.random.key(3), (2, stems_lib.NUM_STEMS,
+                                                         vae.latent_dim, 8))
+  every = jax.jit(lambda p, z: sampling.decode_stems(vae, p, z, [0, 1, 2, 3]))(
+      vae_params, latents)
+  some = jax.jit(lambda p, z: sampling.decode_stems(vae, p, z, [1, 3]))(vae_params, latents)
+  assert some.shape == (2, 2, source_vae.decoded_length(8, vae.decoder_strides))
+  np.testing.assert_allclose(some, every[:, [1, 3]], atol=1e-5)
+
+
+def test_sampler_settings_follow_the_sampler():
+  config = _config(sampler="dpmpp_2m")
+  name, settings = sampling.sampler_settings(config.sample)
+  assert name == "dpmpp_2m" and "s_churn" not in settings  # deterministic: no churn
+  with pytest.raises(ValueError, match="config.sample.sampler='ddim'"):
+    sampling.sampler_settings(_config(sampler="ddim").sample)
+  config = copy.deepcopy(_config())
+  with config.unlocked():
+    config.data.chunks.samples = 320 * 30 - 8  # 30 frames: not a multiple of patch 4
+  vae = source_vae.SourceVAE.from_config(config.vae.model)
+  with pytest.raises(ValueError, match="config.data.chunks.samples=9592"):
+    stage.make_spec(config, vae, dit.build_model(config.ldm.model))
