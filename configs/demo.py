@@ -12,6 +12,8 @@ Generate whole pieces, or new stems for given ones (runs/demo/samples):
   python -m msldm_jax.main --config=configs/demo.py --workdir=runs/demo --mode=sample
   python -m msldm_jax.main --config=configs/demo.py --workdir=runs/demo --mode=sample \
       --condition_dir=DIR --generate=bass,drums
+Evaluate the generated pieces against the test split (runs/demo/evaluation):
+  python -m msldm_jax.main --config=configs/demo.py --workdir=runs/demo --mode=evaluate
 
 Variants (one string argument):
   --config=configs/demo.py:variant=tiny    a few short pieces and tiny shapes, for tests/CI
@@ -144,6 +146,18 @@ def sample_config(variant: str) -> ml_collections.ConfigDict:
   ))
 
 
+def evaluate_config(variant: str) -> ml_collections.ConfigDict:
+  """Evaluation (issue tables): generated pieces against real chunks of a split."""
+  return ml_collections.ConfigDict(dict(
+      reference_split="test",
+      max_reference_chunks=8 if variant == "tiny" else 64,
+      # Path of the VGGish weights (the PyTorch port's state dict, see
+      # msldm_jax/evaluation/vggish.py) for FAD; empty: the download-free statistics embedding.
+      vggish_weights="",
+      vggish_pca="",
+  ))
+
+
 def get_config(arg=None):
   args = config_loading.parse_arg(arg, variant="default")
   if args.variant not in ("default", "tiny"):
@@ -154,4 +168,5 @@ def get_config(arg=None):
   config.vae = vae_config(args.variant)
   config.ldm = ldm_config(args.variant, config.vae.model.latent_dim)
   config.sample = sample_config(args.variant)
+  config.evaluate = evaluate_config(args.variant)
   return config

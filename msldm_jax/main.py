@@ -11,6 +11,8 @@ Modes:
   train_ldm   train (or resume) the latent diffusion transformer, in WORKDIR/ldm.
   sample      generate pieces (all four stems, or --generate=bass,drums given the other
               stems in --condition_dir) into WORKDIR/samples: stems, mix, spectrogram.
+  evaluate    score the generated pieces against real chunks (Fréchet distances, empty-stem
+              rate, cross-stem coherence, VAE reconstruction) into WORKDIR/evaluation.
 """
 
 import importlib
@@ -18,6 +20,7 @@ import importlib
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
 
 # mode -> "module:function", each taking (config, workdir). Imported lazily so that a mode
@@ -28,12 +31,16 @@ MODES = {
     "encode_latents": "msldm_jax.latents.encode:encode_latents",
     "train_ldm": "msldm_jax.training.train_ldm:train_and_evaluate",
     "sample": "msldm_jax.generation.stage:sample",
+    "evaluate": "msldm_jax.evaluation.stage:evaluate",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config script (configs/*.py[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for data, checkpoints and outputs.")
 _MODE = flags.DEFINE_enum("mode", "data", list(MODES), "Which stage to run.")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Call jax.distributed.initialize() first: every host of a TPU pod "
+    "slice or GPU cluster runs the same command (coordinator from the environment).")
 # Shorthands for the sample stage's config keys (None: keep the config's value).
 _CONDITION_DIR = flags.DEFINE_string(
     "condition_dir", None, "--mode=sample: folder of given stems {stem}.wav "
@@ -56,7 +63,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   flags.mark_flags_as_required(["config", "workdir"])
-  logging.info("mode=%s workdir=%s", _MODE.value, _WORKDIR.value)
+  if _MULTIHOST.value:
+    # Before any other JAX call: it decides which devices this process sees.
+    jax.distributed.initialize()
+  logging.info("mode=%s workdir=%s process %d of %d", _MODE.value, _WORKDIR.value,
+               jax.process_index(), jax.process_count())
   config = _CONFIG.value
   if _CONDITION_DIR.value is not None:
     config.sample.condition_dir = _CONDITION_DIR.value

@@ -1,0 +1,389 @@
+r"""Latent diffusion speed: the DiT's training throughput, and generation against the release.
+
+Run from the repository root (the reference environment: tests/reference/install_reference_env.sh):
+  python -m benchmarks.ldm --reference_python=.venv-reference/bin/python
+  python -m benchmarks.ldm --skip_reference --rounds=1          # ours only
+  python -m benchmarks.ldm ... --decode_stems=4 --full_sampling   # the exact paths (minutes)
+
+(a) Training. Throughput (examples/s) of one jitted DiT train step on CPU: EDM loss
+(`edm.training_loss`, σ ~ the release's Uniform(0, 3)) with AdamW, parameters and optimiser
+state donated, on joint latents [batch, 320, 1024], at a small stated size (--train_width,
+--train_depth, --train_heads, patch 16: 64 tokens, float32) that runs on a laptop. The first
+step (compilation) is not timed; then --train_repeats runs of --train_steps steps; the best
+run counts.
+
+(b) Generation of one 14.86 s four-stem piece (joint latent 320 × 1024, 150-step Euler with
+churn, VAE decoding of the four stems), ours against the release, both float32 on CPU with
+random weights (speed does not depend on the values):
+  ours     the DiT `base` variant in float32 (372.8 M parameters) as the EDM denoiser, and
+           the paper-size SourceVAE decoder (`source_vae.model_config("paper")`);
+  release  audio-diffusion-pytorch 0.0.43's UNet1d at the release's settings (364.4 M
+           parameters) and the release's decoder (DAC's Decoder, 1536 wide, strides 8·5·4·2,
+           42.2 M parameters), in the reference environment (torch, CPU;
+           benchmarks/ldm_reference.py).
+Both sides use every core this process may run on (os.sched_getaffinity: XLA's CPU thread
+pool is sized from it, torch is given as many threads); `taskset -c 0 python -m
+benchmarks.ldm ...` measures one core.
+Timed, after compilation / a warm-up call: --evals single denoiser evaluations D(x; σ) (the
+best counts), --sampler_steps steps of each side's Euler-churn loop (ours: the compiled
+`samplers.euler_churn` scan; the release: its notebook's Python loop), and the decoding of
+--decode_stems stems (1: one stem, times 4; 4: the four stems in one call, as both codebases
+generate). A 150-step run is then EXTRAPOLATED: 150 × (sampler time per step) + the four
+stems' decoding; --full_sampling also times our real generation program end to end
+(`generation.sampling.generate_batch`: 150 steps and the decoding in one compiled call).
+
+Shared machines: other processes compete for the cores, so each measurement is repeated
+(--rounds, ours and the release interleaved) and the minimum is kept; the load average is
+printed next to each round. Each measurement also records the process's CPU time (user +
+system, all threads), which waiting for a busy core does not inflate: the steadier figure on
+a loaded machine (on one core, it is the compute time itself).
+"""
+
+import functools
+import json
+import os
+import platform
+import subprocess
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from msldm_jax.diffusion import edm
+from msldm_jax.diffusion import samplers
+from msldm_jax.generation import sampling
+from msldm_jax.models import dit
+from msldm_jax.models import source_vae
+
+_TRAIN_WIDTH = flags.DEFINE_integer("train_width", 384, "(a) DiT width.")
+_TRAIN_DEPTH = flags.DEFINE_integer("train_depth", 6, "(a) DiT depth.")
+_TRAIN_HEADS = flags.DEFINE_integer("train_heads", 6, "(a) DiT heads.")
+_TRAIN_BATCH = flags.DEFINE_integer("train_batch", 4, "(a) Examples per step.")
+_TRAIN_STEPS = flags.DEFINE_integer("train_steps", 4, "(a) Timed steps per repeat.")
+_TRAIN_REPEATS = flags.DEFINE_integer("train_repeats", 3, "(a) Repeats (best counts).")
+_SKIP_TRAIN = flags.DEFINE_bool("skip_train", False, "Skip (a).")
+_VARIANT = flags.DEFINE_string("dit_variant", "base", "(b) Our DiT size (float32).")
+_PATCH = flags.DEFINE_integer("dit_patch_size", 0,
+                              "(b) Override the variant's patch size (0: keep).")
+_EVALS = flags.DEFINE_integer("evals", 3, "(b) Timed single evaluations per round.")
+_SAMPLER_STEPS = flags.DEFINE_integer("sampler_steps", 3, "(b) Timed sampler steps per round.")
+_DECODE_STEMS = flags.DEFINE_enum("decode_stems", "1", ["1", "4"],
+                                  "(b) Stems per timed decoding (1: one stem, × 4).")
+_ROUNDS = flags.DEFINE_integer("rounds", 2, "(b) Interleaved rounds (minimum counts).")
+_FULL = flags.DEFINE_bool("full_sampling", False,
+                          "(b) Also time our 150-step generation + decoding end to end.")
+_REFERENCE_PYTHON = flags.DEFINE_string(
+    "reference_python", "", "Interpreter of the reference environment (default: "
+    "$MSLDM_REFERENCE_PYTHON, else .venv-reference/bin/python).")
+_SKIP_REFERENCE = flags.DEFINE_bool("skip_reference", False, "Time ours only.")
+
+NUM_STEPS = 150  # The release's sampler (reference §6).
+FRAMES = 1024  # 327672 samples, 14.86 s at 22050 Hz.
+CHUNK_SAMPLES = 327672
+SAMPLE_RATE = 22050
+NUM_STEMS = 4
+
+
+def _load() -> str:
+  return "load %.2f" % os.getloadavg()[0]
+
+
+def _timed(fn, *args):
+  """(wall seconds, process CPU seconds) of fn(*args), waiting for the result."""
+  wall, cpu = time.perf_counter(), time.process_time()
+  jax.block_until_ready(fn(*args))
+  return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _threads() -> int:
+  return len(os.sched_getaffinity(0))
+
+
+def _cpu_model() -> str:
+  try:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+      if line.startswith("Model name:"):
+        return line.split(":", 1)[1].strip()
+  except (OSError, subprocess.CalledProcessError):
+    pass
+  return platform.processor() or "unknown"
+
+
+# -- (a) training throughput -----------------------------------------------------------------
+
+def bench_train() -> dict:
+  model = dit.DiT(width=_TRAIN_WIDTH.value, depth=_TRAIN_DEPTH.value,
+                  num_heads=_TRAIN_HEADS.value, patch_size=16, in_channels=320,
+                  dtype="float32")
+  batch = _TRAIN_BATCH.value
+  x = 0.5 * jax.random.normal(jax.random.key(0), (batch, 320, FRAMES))
+  params = jax.jit(model.init)(jax.random.key(1), x, jnp.zeros((batch,)))
+  num_params = sum(leaf.size for leaf in jax.tree.leaves(params))
+  tx = optax.adamw(2e-4, b1=0.9, b2=0.99)
+  opt_state = tx.init(params)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def train_step(params, opt_state, x, key):
+    sigma_key, noise_key = jax.random.split(key)
+    sigma = edm.sample_sigma(sigma_key, (x.shape[0],))
+    noise = jax.random.normal(noise_key, x.shape)
+
+    def loss_fn(p):
+      return jnp.mean(edm.training_loss(model.apply, p, x, sigma, noise))
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  start = time.perf_counter()
+  params, opt_state, loss = train_step(params, opt_state, x, jax.random.key(2))
+  jax.block_until_ready(loss)
+  compile_seconds = time.perf_counter() - start
+  step_times = []
+  for repeat in range(_TRAIN_REPEATS.value):
+    start = time.perf_counter()
+    for step in range(_TRAIN_STEPS.value):
+      params, opt_state, loss = train_step(params, opt_state, x,
+                                           jax.random.key(100 * repeat + step))
+    jax.block_until_ready(loss)
+    step_times.append((time.perf_counter() - start) / _TRAIN_STEPS.value)
+    print(f"  (a) repeat {repeat}: {step_times[-1]:.3f} s/step ({_load()})", flush=True)
+  if not np.isfinite(float(loss)):
+    raise FloatingPointError(f"non-finite training loss {float(loss)}")
+  best = min(step_times)
+  return dict(num_params=int(num_params), batch=batch, width=_TRAIN_WIDTH.value,
+              depth=_TRAIN_DEPTH.value, heads=_TRAIN_HEADS.value,
+              compile_seconds=compile_seconds, step_times=step_times,
+              examples_per_second=batch / best)
+
+
+# -- (b) generation: ours ----------------------------------------------------------------------
+
+class Ours:
+  """Our denoiser, sampler and decoder, compiled once; each `run_*` times one measurement."""
+
+  def __init__(self):
+    start = time.perf_counter()
+    overrides = {"patch_size": _PATCH.value} if _PATCH.value else {}
+    self.model = dit.build_model(dit.model_config(_VARIANT.value, dtype="float32",
+                                                  **overrides))
+    x = jnp.zeros((1, 320, FRAMES))
+    init = jax.jit(self.model.init, compiler_options={"xla_backend_optimization_level": 0})
+    self.params = init(jax.random.key(0), x, jnp.zeros((1,)))
+    self.num_params = sum(leaf.size for leaf in jax.tree.leaves(self.params))
+    self.vae = source_vae.SourceVAE.from_config(source_vae.model_config("paper"))
+    self.vae_params = source_vae.init_params(self.vae, jax.random.key(1))
+    jax.block_until_ready((self.params, self.vae_params))
+    self.init_seconds = time.perf_counter() - start
+
+    self.x = 3.0 * jax.random.normal(jax.random.key(2), (1, 320, FRAMES))
+    self.latents = 0.5 * jax.random.normal(jax.random.key(3), (1, NUM_STEMS, 80, FRAMES))
+    self.denoise = jax.jit(lambda p, x, s: edm.denoise(self.model.apply, p, x, s,
+                                                       sigma_data=0.4))
+    steps = _SAMPLER_STEPS.value
+    self.sample = jax.jit(lambda p, key: samplers.euler_churn(
+        edm.make_denoise_fn(self.model.apply, p, sigma_data=0.4), key, (1, 320, FRAMES),
+        num_steps=steps))
+    stems = list(range(int(_DECODE_STEMS.value)))
+    self.decode = jax.jit(lambda vp, z: sampling.decode_stems(self.vae, vp, z, stems))
+    start = time.perf_counter()
+    jax.block_until_ready(self.denoise(self.params, self.x, 1.0))
+    jax.block_until_ready(self.sample(self.params, jax.random.key(4)))
+    jax.block_until_ready(self.decode(self.vae_params, self.latents))
+    self.compile_seconds = time.perf_counter() - start
+
+  def run_evals(self):
+    return [_timed(self.denoise, self.params, self.x, 1.0) for _ in range(_EVALS.value)]
+
+  def run_sampler_step(self):
+    wall, cpu = _timed(self.sample, self.params, jax.random.key(5))
+    return wall / _SAMPLER_STEPS.value, cpu / _SAMPLER_STEPS.value
+
+  def run_decode(self):
+    return _timed(self.decode, self.vae_params, self.latents)
+
+  def run_full(self) -> dict:
+    """The real generation program: 150 steps + four-stem decoding, one compiled call."""
+    spec = sampling.GenerationSpec(
+        vae=self.vae, denoiser=self.model, num_frames=FRAMES, sampler_name="euler_churn",
+        sampler_settings=tuple(sorted(samplers.sampler_config("euler_churn").items())),
+        sigma_data=0.4)
+    keys = sampling.piece_keys(0, [0])
+    start = time.perf_counter()
+    compiled = sampling.generate_batch.lower(self.vae_params, self.params, keys, None,
+                                             spec=spec).compile()
+    compile_seconds = time.perf_counter() - start
+    seconds, cpu_seconds = _timed(compiled, self.vae_params, self.params, keys, None)
+    return dict(compile_seconds=compile_seconds, seconds=seconds, cpu_seconds=cpu_seconds)
+
+
+# -- (b) generation: the release (subprocesses in the reference environment) --------------------
+
+def _reference_python() -> str:
+  path = (_REFERENCE_PYTHON.value or os.environ.get("MSLDM_REFERENCE_PYTHON")
+          or ".venv-reference/bin/python")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f"reference interpreter {path} not found: run tests/reference/install_reference_env.sh,"
+        " pass --reference_python, or --skip_reference")
+  return path
+
+
+def _run_json(command) -> dict:
+  result = subprocess.run(command, capture_output=True, text=True)
+  if result.returncode:
+    raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def release_unet() -> dict:
+  return _run_json([_reference_python(), "benchmarks/ldm_reference.py", "unet",
+                    f"--evals={_EVALS.value}", f"--steps={_SAMPLER_STEPS.value}",
+                    f"--threads={_threads()}", f"--frames={FRAMES}"])
+
+
+def release_decode() -> dict:
+  return _run_json([_reference_python(), "benchmarks/ldm_reference.py", "decoder",
+                    f"--stems={_DECODE_STEMS.value}", f"--threads={_threads()}",
+                    f"--frames={FRAMES}"])
+
+
+# -- summary ---------------------------------------------------------------------------------------
+
+def _piece(step_seconds: float, decode_seconds: float) -> dict:
+  """Extrapolated 150-step generation + decoding of the four stems of one piece."""
+  four_stems = decode_seconds * NUM_STEMS / int(_DECODE_STEMS.value)
+  sampling_seconds = NUM_STEPS * step_seconds
+  total = sampling_seconds + four_stems
+  audio_seconds = NUM_STEMS * CHUNK_SAMPLES / SAMPLE_RATE
+  return dict(sampling_seconds=sampling_seconds, decode_seconds=four_stems,
+              total_seconds=total, sampling_share=sampling_seconds / total,
+              stem_audio_seconds_per_second=audio_seconds / total)
+
+
+def _summarise(row: dict) -> dict:
+  """Best (minimum) of each measurement, wall and CPU, and the extrapolated pieces."""
+  best = {key: min(values) for key, values in row.items() if isinstance(values, list)}
+  row.update(best=best, piece=_piece(best["steps"], best["decodes"]),
+             piece_cpu=_piece(best["steps_cpu"], best["decodes_cpu"]))
+  return row
+
+
+def bench_generation() -> dict:
+  ours = Ours()
+  print(f"  ours: DiT {_VARIANT.value} patch {ours.model.patch_size} "
+        f"{ours.num_params / 1e6:.1f} M parameters, init "
+        f"{ours.init_seconds:.1f} s, compile {ours.compile_seconds:.1f} s", flush=True)
+  keys = ("evals", "evals_cpu", "steps", "steps_cpu", "decodes", "decodes_cpu")
+  ours_row = {key: [] for key in keys}
+  release_row = {key: [] for key in keys}
+  for r in range(_ROUNDS.value):
+    evals, (step, step_cpu) = ours.run_evals(), ours.run_sampler_step()
+    ours_row["evals"] += [t for t, _ in evals]
+    ours_row["evals_cpu"] += [c for _, c in evals]
+    ours_row["steps"].append(step)
+    ours_row["steps_cpu"].append(step_cpu)
+    print(f"  round {r} ours: eval {min(ours_row['evals'][-len(evals):]):.3f} s, sampler "
+          f"step {step:.3f} s (CPU {step_cpu:.3f} s) ({_load()})", flush=True)
+    if not _SKIP_REFERENCE.value:
+      unet = release_unet()
+      release_row["num_params"] = unet["num_params"]
+      for key, name in (("evals", "eval_times"), ("evals_cpu", "eval_cpu"),
+                        ("steps", "step_times"), ("steps_cpu", "step_cpu")):
+        release_row[key] += unet[name]
+      print(f"  round {r} release: eval {min(unet['eval_times']):.3f} s, sampler step "
+            f"{unet['step_times'][0]:.3f} s (CPU {unet['step_cpu'][0]:.3f} s) ({_load()})",
+            flush=True)
+    decode, decode_cpu = ours.run_decode()
+    ours_row["decodes"].append(decode)
+    ours_row["decodes_cpu"].append(decode_cpu)
+    print(f"  round {r} ours: decode {_DECODE_STEMS.value} stem(s) {decode:.2f} s "
+          f"(CPU {decode_cpu:.2f} s) ({_load()})", flush=True)
+    if not _SKIP_REFERENCE.value:
+      dec = release_decode()
+      release_row["decodes"] += dec["times"]
+      release_row["decodes_cpu"] += dec["cpu"]
+      print(f"  round {r} release: decode {_DECODE_STEMS.value} stem(s) "
+            f"{dec['times'][0]:.2f} s (CPU {dec['cpu'][0]:.2f} s) ({_load()})", flush=True)
+  result = dict(ours=_summarise(dict(num_params=int(ours.num_params),
+                                     patch_size=int(ours.model.patch_size), **ours_row)))
+  if not _SKIP_REFERENCE.value:
+    result["release"] = _summarise(release_row)
+    result["speedup"] = (result["release"]["piece"]["total_seconds"]
+                         / result["ours"]["piece"]["total_seconds"])
+    result["speedup_cpu"] = (result["release"]["piece_cpu"]["total_seconds"]
+                             / result["ours"]["piece_cpu"]["total_seconds"])
+  if _FULL.value:
+    result["ours"]["full"] = ours.run_full()
+    print(f"  ours, measured end to end: {result['ours']['full']['seconds']:.1f} s "
+          f"({_load()})", flush=True)
+  return result
+
+
+def _print_summary(machine, train, generation):
+  print("\n## Latent diffusion\n")
+  print(f"- Machine: {machine['cpu']}, {machine['cores']} cores; jax {machine['jax']}; "
+        f"{machine['date']}")
+  if train:
+    print(f"- (a) DiT train step (EDM loss + AdamW, jit, donated state), width "
+          f"{train['width']}, depth {train['depth']}, heads {train['heads']}, patch 16 "
+          f"({train['num_params'] / 1e6:.1f} M parameters), batch {train['batch']} × "
+          f"[320, 1024], float32: {train['examples_per_second']:.2f} examples/s "
+          f"(best of {len(train['step_times'])} runs: "
+          + ", ".join(f"{t:.3f}" for t in train["step_times"]) + " s/step)")
+  if generation:
+    print(f"- (b) one 14.86 s four-stem piece, 150-step Euler-churn + 4 decodes, float32, "
+          f"{machine['threads']} thread(s) per side, decode timed as {_DECODE_STEMS.value} "
+          "stem(s) per call; 150 steps EXTRAPOLATED from the per-step time; best of "
+          f"{_ROUNDS.value} interleaved rounds; wall-clock (CPU time in brackets):\n")
+    print("| | parameters | eval (s) | sampler step (s) | 150 steps (s) | 4 decodes (s) | "
+          "total (s) | sampling share | stem-audio s / s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in ("ours", "release"):
+      if name not in generation:
+        continue
+      row, piece, cpu = (generation[name], generation[name]["piece"],
+                         generation[name]["piece_cpu"])
+      best = row["best"]
+      print(f"| {name} | {row['num_params'] / 1e6:.1f} M | {best['evals']:.3f} "
+            f"({best['evals_cpu']:.3f}) | {best['steps']:.3f} ({best['steps_cpu']:.3f}) | "
+            f"{piece['sampling_seconds']:.1f} ({cpu['sampling_seconds']:.1f}) | "
+            f"{piece['decode_seconds']:.1f} ({cpu['decode_seconds']:.1f}) | "
+            f"{piece['total_seconds']:.1f} ({cpu['total_seconds']:.1f}) | "
+            f"{100 * piece['sampling_share']:.0f}% ({100 * cpu['sampling_share']:.0f}%) | "
+            f"{piece['stem_audio_seconds_per_second']:.2f} |")
+    if "speedup" in generation:
+      print(f"\n- Speed-up, ours over the release (extrapolated piece): "
+            f"{generation['speedup']:.2f}× wall-clock, {generation['speedup_cpu']:.2f}× CPU "
+            "time")
+    if "full" in generation["ours"]:
+      full = generation["ours"]["full"]
+      print(f"- Ours measured end to end (generate_batch, 150 steps + 4 decodes): "
+            f"{full['seconds']:.1f} s wall, {full['cpu_seconds']:.1f} s CPU "
+            f"(compile {full['compile_seconds']:.1f} s)")
+
+
+def main(argv):
+  del argv
+  if jax.default_backend() != "cpu":
+    print(f"note: running on {jax.default_backend()}, not the CPU the method describes")
+  machine = dict(cpu=_cpu_model(), cores=len(os.sched_getaffinity(0)), jax=jax.__version__,
+                 date=time.strftime("%Y-%m-%d %H:%M"), threads=_threads())
+  print(f"machine: {machine}", flush=True)
+  train = None
+  if not _SKIP_TRAIN.value:
+    print("(a) DiT train-step throughput", flush=True)
+    train = bench_train()
+  print("(b) generation of one piece", flush=True)
+  generation = bench_generation()
+  _print_summary(machine, train, generation)
+  print("\n" + json.dumps(dict(machine=machine, train=train, generation=generation)))
+
+
+if __name__ == "__main__":
+  app.run(main)

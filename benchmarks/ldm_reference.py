@@ -1,0 +1,160 @@
+"""PyTorch side of benchmarks/ldm.py: the release's denoiser. Runs in the REFERENCE venv.
+
+  python benchmarks/ldm_reference.py unet --evals=3 --steps=3 --threads=2
+      Builds audio-diffusion-pytorch 0.0.43's UNet1d with the MSLDM release's settings
+      (random weights, float32, eval mode), then under torch.inference_mode times
+      `--evals` single denoiser evaluations D(x; σ) on one joint latent [1, 320, 1024], and
+      `--steps` steps of the release notebook's Euler-churn loop (`generate_track`: churn
+      noise, one evaluation, Euler update). Prints one JSON line.
+  python benchmarks/ldm_reference.py decoder --stems=1 --threads=2
+      The release's SourceVAE decoder (tests/reference/dac_reference.py builds it from DAC's
+      blocks: 1536 wide, strides 8·5·4·2, no final tanh; random weights) decoding `--stems`
+      latents [stems, 80, 1024] in one call, as the release's notebook decodes a piece's
+      four stems, after a warm-up call on a short latent.
+Times are wall-clock and this process's CPU time (user + system, all threads): on a machine
+that other work also loads, the CPU time is the steadier of the two.
+
+The main environment never imports torch: benchmarks/ldm.py starts this file with the
+reference interpreter and parses its output. Install: tests/reference/install_reference_env.sh
+(audio-diffusion-pytorch==0.0.43 and einops-exts, both --no-deps: the package's modules.py
+imports only torch, einops and einops_exts; its other declared dependency,
+data-science-types, is type stubs).
+
+The settings are the release's (XZWY/MSLDM): `msldm/exp/train_msldm.yaml` (model section)
+over the defaults of `msldm/main/model.py:get_default_model_kwargs` (which supplies
+use_context_time=True); 364.4 M parameters. The preconditioning is the release's
+EDM form with σ_data = 0.4 and no clamping of the denoised latent (reference §5).
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import torch
+
+RELEASE_UNET_KWARGS = dict(
+    in_channels=320,
+    channels=512,
+    patch_factor=16,
+    patch_blocks=1,
+    resnet_groups=8,
+    kernel_multiplier_downsample=2,
+    kernel_sizes_init=[1, 3, 7],
+    multipliers=[1, 2, 2, 2, 1, 1, 1],
+    factors=[1, 1, 2, 1, 1, 2],
+    num_blocks=[2, 2, 2, 2, 2, 4],
+    attentions=[False, True, True, True, True, True],
+    attention_heads=12,
+    attention_features=64,
+    attention_multiplier=2,
+    use_nearest_upsample=False,
+    use_skip_scale=True,
+    use_attention_bottleneck=True,
+    use_context_time=True,
+)
+SIGMA_DATA = 0.4
+
+
+def karras_sigmas(num_steps, sigma_min=0.01, sigma_max=3.0, rho=7.0):
+  ramp = torch.linspace(0, 1, num_steps)
+  sigmas = (sigma_max**(1 / rho) + ramp * (sigma_min**(1 / rho) - sigma_max**(1 / rho)))**rho
+  return torch.cat([sigmas, torch.zeros(1)])
+
+
+def make_denoise_fn(net):
+  def denoise_fn(x, sigma):
+    sigma = float(sigma)
+    c_skip = SIGMA_DATA**2 / (sigma**2 + SIGMA_DATA**2)
+    c_out = sigma * SIGMA_DATA / math.sqrt(sigma**2 + SIGMA_DATA**2)
+    c_in = 1 / math.sqrt(sigma**2 + SIGMA_DATA**2)
+    c_noise = torch.full((x.shape[0],), math.log(sigma) / 4)
+    return c_skip * x + c_out * net(c_in * x, c_noise)
+  return denoise_fn
+
+
+def euler_churn_steps(denoise_fn, x, sigmas, s_churn=20.0):
+  """The release notebook's `generate_track` loop body, one resample pass per step."""
+  gamma = min(s_churn / (len(sigmas) - 1), 2**0.5 - 1)
+  for i in range(len(sigmas) - 1):
+    sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+    sigma_hat = sigma * (gamma + 1)
+    x_hat = x + torch.randn_like(x) * (sigma_hat**2 - sigma**2)**0.5
+    d = (x_hat - denoise_fn(x_hat, sigma_hat)) / sigma_hat
+    x = x_hat + d * (sigma_next - sigma_hat)
+  return x
+
+
+def _timed(fn, *args):
+  """(wall seconds, process CPU seconds) of fn(*args)."""
+  wall, cpu = time.perf_counter(), time.process_time()
+  fn(*args)
+  return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def run_unet(evals, steps, threads, frames):
+  from audio_diffusion_pytorch.modules import UNet1d  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(threads)
+  torch.manual_seed(0)
+  net = UNet1d(**RELEASE_UNET_KWARGS).eval()
+  num_params = sum(p.numel() for p in net.parameters())
+  denoise_fn = make_denoise_fn(net)
+  x = 3.0 * torch.randn(1, RELEASE_UNET_KWARGS["in_channels"], frames)
+  with torch.inference_mode():
+    denoise_fn(x, 1.0)  # Warm-up: first-call allocations.
+    evals = [_timed(denoise_fn, x, 1.0) for _ in range(evals)]
+    # A `steps`-step schedule: same cost per step as the 150-step one.
+    wall, cpu = _timed(euler_churn_steps, denoise_fn, x, karras_sigmas(steps))
+  print(json.dumps(dict(
+      num_params=num_params, frames=frames, threads=torch.get_num_threads(),
+      eval_times=[t for t, _ in evals], eval_cpu=[c for _, c in evals],
+      step_times=[wall / steps], step_cpu=[cpu / steps], torch_version=torch.__version__,
+      python=platform.python_version())))
+
+
+def run_decoder(stems, threads, frames):
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests",
+                                  "reference"))
+  import dac_reference  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(threads)
+  torch.manual_seed(0)
+  _, dac_model = dac_reference.load_dac()
+  vae = dac_reference.ReleaseSourceVAE(dac_model, 64, (2, 4, 5, 8), 80, 1536, (8, 5, 4, 2))
+  decoder = vae.decoder.eval()
+  num_params = sum(p.numel() for p in decoder.parameters())
+  z = 0.5 * torch.randn(stems, 80, frames)
+  with torch.inference_mode():
+    decoder(z[:1, :, :32])  # Warm-up.
+    wall, cpu = _timed(decoder, z)
+    samples = decoder(z[:1, :, :8]).shape[-1]
+  print(json.dumps(dict(
+      num_params=num_params, stems=stems, frames=frames, threads=torch.get_num_threads(),
+      times=[wall], cpu=[cpu], short_output_samples=samples,
+      torch_version=torch.__version__, python=platform.python_version())))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  commands = parser.add_subparsers(dest="command", required=True)
+  unet = commands.add_parser("unet")
+  unet.add_argument("--evals", type=int, default=3)
+  unet.add_argument("--steps", type=int, default=3)
+  unet.add_argument("--threads", type=int, default=os.cpu_count())
+  unet.add_argument("--frames", type=int, default=1024)
+  decoder = commands.add_parser("decoder")
+  decoder.add_argument("--stems", type=int, default=1)
+  decoder.add_argument("--threads", type=int, default=os.cpu_count())
+  decoder.add_argument("--frames", type=int, default=1024)
+  args = parser.parse_args()
+  if args.command == "unet":
+    run_unet(args.evals, args.steps, args.threads, args.frames)
+  else:
+    run_decoder(args.stems, args.threads, args.frames)
+
+
+if __name__ == "__main__":
+  main()
