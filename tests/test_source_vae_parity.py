@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import reference_env
 from msldm_jax.models import audio_layers
 from msldm_jax.models import source_vae as sv
 from msldm_jax.tools import import_sourcevae as imp
@@ -37,18 +38,7 @@ REFERENCE_SCRIPT = os.path.join(REPO_ROOT, "tests", "reference", "dac_reference.
 RELATIVE_TOLERANCE = 1e-4
 
 
-def reference_python() -> str | None:
-  """The reference interpreter, or None (skip), or a failure under CI."""
-  configured = os.environ.get("MSLDM_REFERENCE_PYTHON")
-  path = configured or os.path.join(REPO_ROOT, ".venv-reference", "bin", "python")
-  if os.path.isfile(path) and os.access(path, os.X_OK):
-    return path
-  reason = (f"PyTorch reference interpreter not found at {path} "
-            f"({'from MSLDM_REFERENCE_PYTHON' if configured else 'default location'}); "
-            "create it with: bash tests/reference/install_reference_env.sh .venv-reference")
-  if os.environ.get("CI"):
-    pytest.fail(reason + " — required under CI", pytrace=False)
-  pytest.skip(reason)
+reference_python = reference_env.reference_python
 
 
 def _run_reference(*args):

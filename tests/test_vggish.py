@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import reference_env
 from msldm_jax.evaluation import vggish
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,18 +30,7 @@ REFERENCE_SCRIPT = os.path.join(REPO_ROOT, "tests", "reference", "vggish_referen
 SMALL = dict(conv_channels=(4, 8, 8, 8, 16, 16), fc_features=(32, 32, 128))
 
 
-def reference_python() -> str:
-  """The reference interpreter, or a skip (a failure under CI), as test_source_vae_parity."""
-  configured = os.environ.get("MSLDM_REFERENCE_PYTHON")
-  path = configured or os.path.join(REPO_ROOT, ".venv-reference", "bin", "python")
-  if os.path.isfile(path) and os.access(path, os.X_OK):
-    return path
-  reason = (f"PyTorch reference interpreter not found at {path} "
-            f"({'from MSLDM_REFERENCE_PYTHON' if configured else 'default location'}); "
-            "create it with: bash tests/reference/install_reference_env.sh .venv-reference")
-  if os.environ.get("CI"):
-    pytest.fail(reason + " — required under CI", pytrace=False)
-  pytest.skip(reason)
+reference_python = reference_env.reference_python
 
 
 # -- torch's zip-pickle format without torch ---------------------------------------------------
