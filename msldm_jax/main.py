@@ -13,9 +13,13 @@ Modes:
               stems in --condition_dir) into WORKDIR/samples: stems, mix, spectrogram.
   evaluate    score the generated pieces against real chunks (Fréchet distances, empty-stem
               rate, cross-stem coherence, VAE reconstruction) into WORKDIR/evaluation.
+  all         every stage above in order, skipping those finished under the same config.
 """
 
+import hashlib
 import importlib
+import os
+import time
 
 from absl import app
 from absl import flags
@@ -32,7 +36,11 @@ MODES = {
     "train_ldm": "msldm_jax.training.train_ldm:train_and_evaluate",
     "sample": "msldm_jax.generation.stage:sample",
     "evaluate": "msldm_jax.evaluation.stage:evaluate",
+    "all": "msldm_jax.main:run_all",
 }
+# What --mode=all runs, in order.
+ALL_STAGES = ("data", "train_vae", "encode_latents", "train_ldm", "sample", "evaluate")
+STAGE_MARKERS = "stages"
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config script (configs/*.py[:arg]).",
                                           lock_config=True)
@@ -57,6 +65,34 @@ def run(mode: str, config, workdir: str):
   module_name, function_name = MODES[mode].split(":")
   function = getattr(importlib.import_module(module_name), function_name)
   return function(config, workdir)
+
+
+def _config_digest(config) -> str:
+  return hashlib.sha256(config.to_json_best_effort(sort_keys=True).encode()).hexdigest()
+
+
+def run_all(config, workdir: str) -> dict:
+  """Every stage in order. A stage that finished under the same config is skipped (a marker
+  in WORKDIR/stages records it); an unfinished one resumes from its own checkpoints."""
+  marker_dir = os.path.join(workdir, STAGE_MARKERS)
+  os.makedirs(marker_dir, exist_ok=True)
+  digest = _config_digest(config)
+  results = {}
+  for mode in ALL_STAGES:
+    marker = os.path.join(marker_dir, f"{mode}.done")
+    if os.path.isfile(marker):
+      with open(marker) as f:
+        if f.read().strip() == digest:
+          logging.info("stage %s: finished earlier with this config, skipped", mode)
+          continue
+    start = time.perf_counter()
+    logging.info("stage %s: running", mode)
+    results[mode] = run(mode, config, workdir)
+    logging.info("stage %s: done in %.0f s", mode, time.perf_counter() - start)
+    if jax.process_index() == 0:
+      with open(marker, "w") as f:
+        f.write(digest + "\n")
+  return results
 
 
 def main(argv):

@@ -1,4 +1,4 @@
-"""Every stage in order through `main.run` on a tiny config, ending in the evaluation tables."""
+"""`--mode=all` on a tiny config: every stage in order, ending in the evaluation tables."""
 
 import json
 import os
@@ -9,7 +9,7 @@ from msldm_jax import config_loading
 from msldm_jax import main
 
 
-def test_all_stages_then_evaluate(repo_root, tmp_path):
+def test_mode_all_runs_every_stage_then_skips_them(repo_root, tmp_path):
   config = config_loading.load_config(os.path.join(repo_root, "configs", "demo.py") +
                                       ":variant=tiny")
   config.data.render.num_pieces = 3
@@ -26,9 +26,9 @@ def test_all_stages_then_evaluate(repo_root, tmp_path):
   config.sample.num_steps = 4
   config.sample.num_pieces = 2
   workdir = str(tmp_path)
-  for mode in ("data", "train_vae", "encode_latents", "train_ldm", "sample"):
-    main.run(mode, config, workdir)
-  metrics = main.run("evaluate", config, workdir)
+  results = main.run("all", config, workdir)
+  assert list(results) == list(main.ALL_STAGES)
+  metrics = results["evaluate"]
 
   out = tmp_path / "evaluation"
   for name in ("total_generation.md", "total_generation.csv", "total_generation.png",
@@ -42,3 +42,10 @@ def test_all_stages_then_evaluate(repo_root, tmp_path):
     rates = metrics["music_measures"][side]
     assert 0.0 <= rates["empty stem rate (all)"] <= 1.0
   assert json.loads((out / "metrics.json").read_text())["num_reference"] >= 1
+
+  # Run again: every stage finished under this config, so nothing runs.
+  assert main.run("all", config, workdir) == {}
+  # Another config: every stage runs again, each resuming from what it already holds
+  # (trainings are complete, latents are reused), and sampling and evaluation redo.
+  config.sample.num_steps = 5
+  assert list(main.run("all", config, workdir)) == list(main.ALL_STAGES)
