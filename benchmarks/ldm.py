@@ -8,29 +8,37 @@ Run from the repository root (the reference environment: tests/reference/install
 (a) Training. Throughput (examples/s) of one jitted DiT train step on CPU: EDM loss
 (`edm.training_loss`, σ ~ the release's Uniform(0, 3)) with AdamW, parameters and optimiser
 state donated, on joint latents [batch, 320, 1024], at a small stated size (--train_width,
---train_depth, --train_heads, patch 16: 64 tokens, float32) that runs on a laptop. The first
-step (compilation) is not timed; then --train_repeats runs of --train_steps steps; the best
-run counts.
+--train_depth, --train_heads, patch 16: 64 tokens, --train_dtype) that runs on a laptop. The
+first step (compilation) is not timed; then --train_repeats runs of --train_steps steps; the
+best run counts.
 
 (b) Generation of one 14.86 s four-stem piece (joint latent 320 × 1024, 150-step Euler with
-churn, VAE decoding of the four stems), ours against the release, both float32 on CPU with
-random weights (speed does not depend on the values):
-  ours     the DiT `base` variant in float32 (372.8 M parameters) as the EDM denoiser, and
-           the paper-size SourceVAE decoder (`source_vae.model_config("paper")`);
+churn, VAE decoding of the four stems), ours against the release, on CPU with random weights
+(speed does not depend on the values):
+  ours     the DiT `base` variant (372.8 M parameters) in its configured compute dtype
+           (bfloat16 matmuls with float32 accumulation, float32 parameters; --dit_dtype
+           overrides) as the EDM denoiser, sampled as generation samples
+           (`sampling.sampling_denoise_fn`: parameters cast once, the σ-only conditioning
+           tabulated once per piece), and the paper-size SourceVAE decoder in float32;
   release  audio-diffusion-pytorch 0.0.43's UNet1d at the release's settings (364.4 M
            parameters) and the release's decoder (DAC's Decoder, 1536 wide, strides 8·5·4·2,
            42.2 M parameters), in the reference environment (torch, CPU;
-           benchmarks/ldm_reference.py).
+           benchmarks/ldm_reference.py), twice: in float32 as released, and under
+           torch.autocast(cpu, bfloat16), its own mixed-precision path (oneDNN, which uses
+           the CPU's bf16 units); the summary also combines its faster U-Net with its
+           faster decoder, the release at its best.
 Both sides use every core this process may run on (os.sched_getaffinity: XLA's CPU thread
 pool is sized from it, torch is given as many threads); `taskset -c 0 python -m
 benchmarks.ldm ...` measures one core.
 Timed, after compilation / a warm-up call: --evals single denoiser evaluations D(x; σ) (the
-best counts), --sampler_steps steps of each side's Euler-churn loop (ours: the compiled
-`samplers.euler_churn` scan; the release: its notebook's Python loop), and the decoding of
---decode_stems stems (1: one stem, times 4; 4: the four stems in one call, as both codebases
-generate). A 150-step run is then EXTRAPOLATED: 150 × (sampler time per step) + the four
-stems' decoding; --full_sampling also times our real generation program end to end
-(`generation.sampling.generate_batch`: 150 steps and the decoding in one compiled call).
+best counts), each side's Euler-churn loop (ours: the compiled `samplers.euler_churn` scan at
+S = --sampler_steps and 2·S steps, whose difference gives the time per step and the rest the
+once-per-piece set-up; the release: S steps of its notebook's Python loop), and the decoding
+of --decode_stems stems (1: one stem, times 4; 4: the four stems in one call, as both
+codebases generate). A 150-step run is then EXTRAPOLATED: 150 × (sampler time per step)
+(+ ours' set-up) + the four stems' decoding; --full_sampling also times our real generation
+program end to end in every round (`generation.sampling.generate_batch`: 150 steps and the
+decoding in one compiled call).
 
 Shared machines: other processes compete for the cores, so each measurement is repeated
 (--rounds, ours and the release interleaved) and the minimum is kept; the load average is
@@ -66,7 +74,10 @@ _TRAIN_BATCH = flags.DEFINE_integer("train_batch", 4, "(a) Examples per step.")
 _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 4, "(a) Timed steps per repeat.")
 _TRAIN_REPEATS = flags.DEFINE_integer("train_repeats", 3, "(a) Repeats (best counts).")
 _SKIP_TRAIN = flags.DEFINE_bool("skip_train", False, "Skip (a).")
-_VARIANT = flags.DEFINE_string("dit_variant", "base", "(b) Our DiT size (float32).")
+_VARIANT = flags.DEFINE_string("dit_variant", "base", "(b) Our DiT size.")
+_DTYPE = flags.DEFINE_string("dit_dtype", "", "(b) Our DiT's compute dtype (default: the "
+                             "variant's, bfloat16 for base).")
+_TRAIN_DTYPE = flags.DEFINE_string("train_dtype", "float32", "(a) The DiT's compute dtype.")
 _PATCH = flags.DEFINE_integer("dit_patch_size", 0,
                               "(b) Override the variant's patch size (0: keep).")
 _EVALS = flags.DEFINE_integer("evals", 3, "(b) Timed single evaluations per round.")
@@ -119,7 +130,7 @@ def _cpu_model() -> str:
 def bench_train() -> dict:
   model = dit.DiT(width=_TRAIN_WIDTH.value, depth=_TRAIN_DEPTH.value,
                   num_heads=_TRAIN_HEADS.value, patch_size=16, in_channels=320,
-                  dtype="float32")
+                  dtype=_TRAIN_DTYPE.value)
   batch = _TRAIN_BATCH.value
   x = 0.5 * jax.random.normal(jax.random.key(0), (batch, 320, FRAMES))
   params = jax.jit(model.init)(jax.random.key(1), x, jnp.zeros((batch,)))
@@ -157,6 +168,7 @@ def bench_train() -> dict:
     raise FloatingPointError(f"non-finite training loss {float(loss)}")
   best = min(step_times)
   return dict(num_params=int(num_params), batch=batch, width=_TRAIN_WIDTH.value,
+              dtype=_TRAIN_DTYPE.value,
               depth=_TRAIN_DEPTH.value, heads=_TRAIN_HEADS.value,
               compile_seconds=compile_seconds, step_times=step_times,
               examples_per_second=batch / best)
@@ -170,8 +182,9 @@ class Ours:
   def __init__(self):
     start = time.perf_counter()
     overrides = {"patch_size": _PATCH.value} if _PATCH.value else {}
-    self.model = dit.build_model(dit.model_config(_VARIANT.value, dtype="float32",
-                                                  **overrides))
+    if _DTYPE.value:
+      overrides["dtype"] = _DTYPE.value
+    self.model = dit.build_model(dit.model_config(_VARIANT.value, **overrides))
     x = jnp.zeros((1, 320, FRAMES))
     init = jax.jit(self.model.init, compiler_options={"xla_backend_optimization_level": 0})
     self.params = init(jax.random.key(0), x, jnp.zeros((1,)))
@@ -183,42 +196,62 @@ class Ours:
 
     self.x = 3.0 * jax.random.normal(jax.random.key(2), (1, 320, FRAMES))
     self.latents = 0.5 * jax.random.normal(jax.random.key(3), (1, NUM_STEMS, 80, FRAMES))
+    # One evaluation as a caller outside a sampler makes it: conditioning included, with
+    # the parameters already in the compute dtype (as the sampler holds them).
+    self.inference_params = jax.jit(self.model.inference_params)(self.params)
     self.denoise = jax.jit(lambda p, x, s: edm.denoise(self.model.apply, p, x, s,
                                                        sigma_data=0.4))
+    # The sampler as generation runs it (`sampling.sampling_denoise_fn`: parameters cast
+    # and conditioning tabulated once per call), at S and 2·S steps: the difference is the
+    # time per step, the rest the once-per-piece set-up.
     steps = _SAMPLER_STEPS.value
-    self.sample = jax.jit(lambda p, key: samplers.euler_churn(
-        edm.make_denoise_fn(self.model.apply, p, sigma_data=0.4), key, (1, 320, FRAMES),
-        num_steps=steps))
+    self.sample = {n: self._sampler(n) for n in (steps, 2 * steps)}
     stems = list(range(int(_DECODE_STEMS.value)))
     self.decode = jax.jit(lambda vp, z: sampling.decode_stems(self.vae, vp, z, stems))
     start = time.perf_counter()
-    jax.block_until_ready(self.denoise(self.params, self.x, 1.0))
-    jax.block_until_ready(self.sample(self.params, jax.random.key(4)))
+    jax.block_until_ready(self.denoise(self.inference_params, self.x, 1.0))
+    for sample in self.sample.values():
+      jax.block_until_ready(sample(self.params, jax.random.key(4)))
     jax.block_until_ready(self.decode(self.vae_params, self.latents))
     self.compile_seconds = time.perf_counter() - start
+    self.full = None
+
+  def _sampler(self, num_steps):
+    settings = dict(samplers.sampler_config("euler_churn"), num_steps=num_steps)
+    return jax.jit(lambda p, key: samplers.euler_churn(
+        sampling.sampling_denoise_fn(self.model, p, "euler_churn", settings, sigma_data=0.4),
+        key, (1, 320, FRAMES), **settings))
 
   def run_evals(self):
-    return [_timed(self.denoise, self.params, self.x, 1.0) for _ in range(_EVALS.value)]
+    return [_timed(self.denoise, self.inference_params, self.x, 1.0)
+            for _ in range(_EVALS.value)]
 
-  def run_sampler_step(self):
-    wall, cpu = _timed(self.sample, self.params, jax.random.key(5))
-    return wall / _SAMPLER_STEPS.value, cpu / _SAMPLER_STEPS.value
+  def run_sampler(self):
+    """(per step, once per piece), each as (wall, CPU), from runs of S and 2·S steps."""
+    steps = _SAMPLER_STEPS.value
+    short, long = (_timed(self.sample[n], self.params, jax.random.key(5))
+                   for n in (steps, 2 * steps))
+    per_step = tuple(max(b - a, 0.0) / steps for a, b in zip(short, long))
+    setup = tuple(max(a - steps * p, 0.0) for a, p in zip(short, per_step))
+    return per_step, setup
 
   def run_decode(self):
     return _timed(self.decode, self.vae_params, self.latents)
 
   def run_full(self) -> dict:
     """The real generation program: 150 steps + four-stem decoding, one compiled call."""
-    spec = sampling.GenerationSpec(
-        vae=self.vae, denoiser=self.model, num_frames=FRAMES, sampler_name="euler_churn",
-        sampler_settings=tuple(sorted(samplers.sampler_config("euler_churn").items())),
-        sigma_data=0.4)
     keys = sampling.piece_keys(0, [0])
-    start = time.perf_counter()
-    compiled = sampling.generate_batch.lower(self.vae_params, self.params, keys, None,
-                                             spec=spec).compile()
-    compile_seconds = time.perf_counter() - start
-    seconds, cpu_seconds = _timed(compiled, self.vae_params, self.params, keys, None)
+    compile_seconds = None
+    if self.full is None:
+      spec = sampling.GenerationSpec(
+          vae=self.vae, denoiser=self.model, num_frames=FRAMES, sampler_name="euler_churn",
+          sampler_settings=tuple(sorted(samplers.sampler_config("euler_churn").items())),
+          sigma_data=0.4)
+      start = time.perf_counter()
+      self.full = sampling.generate_batch.lower(self.vae_params, self.params, keys, None,
+                                                spec=spec).compile()
+      compile_seconds = time.perf_counter() - start
+    seconds, cpu_seconds = _timed(self.full, self.vae_params, self.params, keys, None)
     return dict(compile_seconds=compile_seconds, seconds=seconds, cpu_seconds=cpu_seconds)
 
 
@@ -241,24 +274,30 @@ def _run_json(command) -> dict:
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def release_unet() -> dict:
+def release_unet(bf16: bool = False) -> dict:
   return _run_json([_reference_python(), "benchmarks/ldm_reference.py", "unet",
                     f"--evals={_EVALS.value}", f"--steps={_SAMPLER_STEPS.value}",
-                    f"--threads={_threads()}", f"--frames={FRAMES}"])
+                    f"--threads={_threads()}", f"--frames={FRAMES}"]
+                   + (["--bf16"] if bf16 else []))
 
 
-def release_decode() -> dict:
+def release_decode(bf16: bool = False) -> dict:
   return _run_json([_reference_python(), "benchmarks/ldm_reference.py", "decoder",
                     f"--stems={_DECODE_STEMS.value}", f"--threads={_threads()}",
-                    f"--frames={FRAMES}"])
+                    f"--frames={FRAMES}"] + (["--bf16"] if bf16 else []))
 
 
 # -- summary ---------------------------------------------------------------------------------------
 
-def _piece(step_seconds: float, decode_seconds: float) -> dict:
+RELEASE_VARIANTS = {"release": False, "release_bf16": True}  # name -> torch CPU autocast
+_LABELS = {"ours": "ours", "release": "release, float32 (as released)",
+           "release_bf16": "release, bfloat16 autocast"}
+
+
+def _piece(step_seconds: float, decode_seconds: float, setup_seconds: float = 0.0) -> dict:
   """Extrapolated 150-step generation + decoding of the four stems of one piece."""
   four_stems = decode_seconds * NUM_STEMS / int(_DECODE_STEMS.value)
-  sampling_seconds = NUM_STEPS * step_seconds
+  sampling_seconds = setup_seconds + NUM_STEPS * step_seconds
   total = sampling_seconds + four_stems
   audio_seconds = NUM_STEMS * CHUNK_SAMPLES / SAMPLE_RATE
   return dict(sampling_seconds=sampling_seconds, decode_seconds=four_stems,
@@ -269,59 +308,89 @@ def _piece(step_seconds: float, decode_seconds: float) -> dict:
 def _summarise(row: dict) -> dict:
   """Best (minimum) of each measurement, wall and CPU, and the extrapolated pieces."""
   best = {key: min(values) for key, values in row.items() if isinstance(values, list)}
-  row.update(best=best, piece=_piece(best["steps"], best["decodes"]),
-             piece_cpu=_piece(best["steps_cpu"], best["decodes_cpu"]))
+  row.update(best=best,
+             piece=_piece(best["steps"], best["decodes"], best.get("setups", 0.0)),
+             piece_cpu=_piece(best["steps_cpu"], best["decodes_cpu"],
+                              best.get("setups_cpu", 0.0)))
   return row
+
+
+def _release_round(name: str, bf16: bool, row: dict, r: int):
+  unet = release_unet(bf16)
+  row["num_params"] = unet["num_params"]
+  for key, field in (("evals", "eval_times"), ("evals_cpu", "eval_cpu"),
+                     ("steps", "step_times"), ("steps_cpu", "step_cpu")):
+    row[key] += unet[field]
+  print(f"  round {r} {name}: eval {min(unet['eval_times']):.3f} s, sampler step "
+        f"{unet['step_times'][0]:.3f} s (CPU {unet['step_cpu'][0]:.3f} s) ({_load()})",
+        flush=True)
+  dec = release_decode(bf16)
+  row["decodes"] += dec["times"]
+  row["decodes_cpu"] += dec["cpu"]
+  print(f"  round {r} {name}: decode {_DECODE_STEMS.value} stem(s) {dec['times'][0]:.2f} s "
+        f"(CPU {dec['cpu'][0]:.2f} s) ({_load()})", flush=True)
 
 
 def bench_generation() -> dict:
   ours = Ours()
-  print(f"  ours: DiT {_VARIANT.value} patch {ours.model.patch_size} "
+  print(f"  ours: DiT {_VARIANT.value} {ours.model.dtype} patch {ours.model.patch_size} "
         f"{ours.num_params / 1e6:.1f} M parameters, init "
         f"{ours.init_seconds:.1f} s, compile {ours.compile_seconds:.1f} s", flush=True)
   keys = ("evals", "evals_cpu", "steps", "steps_cpu", "decodes", "decodes_cpu")
-  ours_row = {key: [] for key in keys}
-  release_row = {key: [] for key in keys}
+  rows = {"ours": {key: [] for key in keys + ("setups", "setups_cpu")}}
+  if not _SKIP_REFERENCE.value:
+    rows.update({name: {key: [] for key in keys} for name in RELEASE_VARIANTS})
+  full_runs = []
   for r in range(_ROUNDS.value):
-    evals, (step, step_cpu) = ours.run_evals(), ours.run_sampler_step()
-    ours_row["evals"] += [t for t, _ in evals]
-    ours_row["evals_cpu"] += [c for _, c in evals]
-    ours_row["steps"].append(step)
-    ours_row["steps_cpu"].append(step_cpu)
-    print(f"  round {r} ours: eval {min(ours_row['evals'][-len(evals):]):.3f} s, sampler "
-          f"step {step:.3f} s (CPU {step_cpu:.3f} s) ({_load()})", flush=True)
-    if not _SKIP_REFERENCE.value:
-      unet = release_unet()
-      release_row["num_params"] = unet["num_params"]
-      for key, name in (("evals", "eval_times"), ("evals_cpu", "eval_cpu"),
-                        ("steps", "step_times"), ("steps_cpu", "step_cpu")):
-        release_row[key] += unet[name]
-      print(f"  round {r} release: eval {min(unet['eval_times']):.3f} s, sampler step "
-            f"{unet['step_times'][0]:.3f} s (CPU {unet['step_cpu'][0]:.3f} s) ({_load()})",
-            flush=True)
+    row = rows["ours"]
+    evals = ours.run_evals()
+    (step, step_cpu), (setup, setup_cpu) = ours.run_sampler()
+    row["evals"] += [t for t, _ in evals]
+    row["evals_cpu"] += [c for _, c in evals]
+    for key, value in (("steps", step), ("steps_cpu", step_cpu), ("setups", setup),
+                       ("setups_cpu", setup_cpu)):
+      row[key].append(value)
+    print(f"  round {r} ours: eval {min(t for t, _ in evals):.3f} s, sampler step "
+          f"{step:.3f} s (CPU {step_cpu:.3f} s), set-up {setup:.2f} s ({_load()})",
+          flush=True)
     decode, decode_cpu = ours.run_decode()
-    ours_row["decodes"].append(decode)
-    ours_row["decodes_cpu"].append(decode_cpu)
+    row["decodes"].append(decode)
+    row["decodes_cpu"].append(decode_cpu)
     print(f"  round {r} ours: decode {_DECODE_STEMS.value} stem(s) {decode:.2f} s "
           f"(CPU {decode_cpu:.2f} s) ({_load()})", flush=True)
+    if _FULL.value:
+      full_runs.append(ours.run_full())
+      print(f"  round {r} ours, end to end: {full_runs[-1]['seconds']:.1f} s "
+            f"(CPU {full_runs[-1]['cpu_seconds']:.1f} s) ({_load()})", flush=True)
     if not _SKIP_REFERENCE.value:
-      dec = release_decode()
-      release_row["decodes"] += dec["times"]
-      release_row["decodes_cpu"] += dec["cpu"]
-      print(f"  round {r} release: decode {_DECODE_STEMS.value} stem(s) "
-            f"{dec['times'][0]:.2f} s (CPU {dec['cpu'][0]:.2f} s) ({_load()})", flush=True)
-  result = dict(ours=_summarise(dict(num_params=int(ours.num_params),
-                                     patch_size=int(ours.model.patch_size), **ours_row)))
+      for name, bf16 in RELEASE_VARIANTS.items():
+        _release_round(name, bf16, rows[name], r)
+  result = {name: _summarise(row) for name, row in rows.items()}
+  result["ours"].update(num_params=int(ours.num_params), patch_size=int(ours.model.patch_size),
+                        dtype=str(ours.model.dtype))
+  if full_runs:
+    result["ours"]["full"] = dict(
+        seconds=min(run["seconds"] for run in full_runs),
+        cpu_seconds=min(run["cpu_seconds"] for run in full_runs),
+        compile_seconds=full_runs[0]["compile_seconds"], runs=full_runs)
   if not _SKIP_REFERENCE.value:
-    result["release"] = _summarise(release_row)
-    result["speedup"] = (result["release"]["piece"]["total_seconds"]
-                         / result["ours"]["piece"]["total_seconds"])
-    result["speedup_cpu"] = (result["release"]["piece_cpu"]["total_seconds"]
-                             / result["ours"]["piece_cpu"]["total_seconds"])
-  if _FULL.value:
-    result["ours"]["full"] = ours.run_full()
-    print(f"  ours, measured end to end: {result['ours']['full']['seconds']:.1f} s "
-          f"({_load()})", flush=True)
+    # The release at its fastest part by part (its faster U-Net and its faster decoder).
+    best = {}
+    for clock, piece in (("", "piece"), ("_cpu", "piece_cpu")):
+      unet = min(RELEASE_VARIANTS, key=lambda n: result[n][piece]["sampling_seconds"])
+      decoder = min(RELEASE_VARIANTS, key=lambda n: result[n][piece]["decode_seconds"])
+      best[piece] = _piece(result[unet]["best"]["steps" + clock],
+                           result[decoder]["best"]["decodes" + clock])
+      best["parts" + clock] = dict(unet=unet, decoder=decoder)
+    result["release_fastest"] = best
+    ours_total = result["ours"]["piece"]["total_seconds"]
+    ours_cpu = result["ours"]["piece_cpu"]["total_seconds"]
+    result["speedup"] = {name: result[name]["piece"]["total_seconds"] / ours_total
+                         for name in RELEASE_VARIANTS}
+    result["speedup"]["release_fastest"] = best["piece"]["total_seconds"] / ours_total
+    result["speedup_cpu"] = {name: result[name]["piece_cpu"]["total_seconds"] / ours_cpu
+                             for name in RELEASE_VARIANTS}
+    result["speedup_cpu"]["release_fastest"] = best["piece_cpu"]["total_seconds"] / ours_cpu
   return result
 
 
@@ -333,24 +402,26 @@ def _print_summary(machine, train, generation):
     print(f"- (a) DiT train step (EDM loss + AdamW, jit, donated state), width "
           f"{train['width']}, depth {train['depth']}, heads {train['heads']}, patch 16 "
           f"({train['num_params'] / 1e6:.1f} M parameters), batch {train['batch']} × "
-          f"[320, 1024], float32: {train['examples_per_second']:.2f} examples/s "
+          f"[320, 1024], {train['dtype']}: {train['examples_per_second']:.2f} examples/s "
           f"(best of {len(train['step_times'])} runs: "
           + ", ".join(f"{t:.3f}" for t in train["step_times"]) + " s/step)")
   if generation:
-    print(f"- (b) one 14.86 s four-stem piece, 150-step Euler-churn + 4 decodes, float32, "
-          f"{machine['threads']} thread(s) per side, decode timed as {_DECODE_STEMS.value} "
-          "stem(s) per call; 150 steps EXTRAPOLATED from the per-step time; best of "
-          f"{_ROUNDS.value} interleaved rounds; wall-clock (CPU time in brackets):\n")
+    ours = generation["ours"]
+    print(f"- (b) one 14.86 s four-stem piece, 150-step Euler-churn + 4 decodes, ours in "
+          f"{ours['dtype']}, {machine['threads']} thread(s) per side, decode timed as "
+          f"{_DECODE_STEMS.value} stem(s) per call; 150 steps EXTRAPOLATED from the per-step "
+          f"time (ours: plus its once-per-piece set-up); best of {_ROUNDS.value} interleaved "
+          "rounds; wall-clock (CPU time in brackets):\n")
     print("| | parameters | eval (s) | sampler step (s) | 150 steps (s) | 4 decodes (s) | "
           "total (s) | sampling share | stem-audio s / s |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for name in ("ours", "release"):
+    for name in ("ours",) + tuple(RELEASE_VARIANTS):
       if name not in generation:
         continue
       row, piece, cpu = (generation[name], generation[name]["piece"],
                          generation[name]["piece_cpu"])
       best = row["best"]
-      print(f"| {name} | {row['num_params'] / 1e6:.1f} M | {best['evals']:.3f} "
+      print(f"| {_LABELS[name]} | {row['num_params'] / 1e6:.1f} M | {best['evals']:.3f} "
             f"({best['evals_cpu']:.3f}) | {best['steps']:.3f} ({best['steps_cpu']:.3f}) | "
             f"{piece['sampling_seconds']:.1f} ({cpu['sampling_seconds']:.1f}) | "
             f"{piece['decode_seconds']:.1f} ({cpu['decode_seconds']:.1f}) | "
@@ -358,14 +429,22 @@ def _print_summary(machine, train, generation):
             f"{100 * piece['sampling_share']:.0f}% ({100 * cpu['sampling_share']:.0f}%) | "
             f"{piece['stem_audio_seconds_per_second']:.2f} |")
     if "speedup" in generation:
-      print(f"\n- Speed-up, ours over the release (extrapolated piece): "
-            f"{generation['speedup']:.2f}× wall-clock, {generation['speedup_cpu']:.2f}× CPU "
-            "time")
-    if "full" in generation["ours"]:
-      full = generation["ours"]["full"]
+      fastest = generation["release_fastest"]
+      print(f"| release, fastest part by part ({fastest['parts']['unet']} U-Net, "
+            f"{fastest['parts']['decoder']} decoder) | | | | "
+            f"{fastest['piece']['sampling_seconds']:.1f} | "
+            f"{fastest['piece']['decode_seconds']:.1f} | "
+            f"{fastest['piece']['total_seconds']:.1f} "
+            f"({fastest['piece_cpu']['total_seconds']:.1f}) | | |")
+      print("\n- Speed-up, ours over the release (extrapolated piece), wall-clock (CPU time): "
+            + "; ".join(f"over {name}: {generation['speedup'][name]:.2f}× "
+                        f"({generation['speedup_cpu'][name]:.2f}×)"
+                        for name in generation["speedup"]))
+    if "full" in ours:
+      full = ours["full"]
       print(f"- Ours measured end to end (generate_batch, 150 steps + 4 decodes): "
             f"{full['seconds']:.1f} s wall, {full['cpu_seconds']:.1f} s CPU "
-            f"(compile {full['compile_seconds']:.1f} s)")
+            f"(best of {len(full['runs'])}; compile {full['compile_seconds']:.1f} s)")
 
 
 def main(argv):

@@ -2,14 +2,15 @@
 
   python benchmarks/ldm_reference.py unet --evals=3 --steps=3 --threads=2
       Builds audio-diffusion-pytorch 0.0.43's UNet1d with the MSLDM release's settings
-      (random weights, float32, eval mode), then under torch.inference_mode times
+      (random weights, float32, eval mode; `--bf16` runs it under CPU autocast to
+      bfloat16), then under torch.inference_mode times
       `--evals` single denoiser evaluations D(x; σ) on one joint latent [1, 320, 1024], and
       `--steps` steps of the release notebook's Euler-churn loop (`generate_track`: churn
       noise, one evaluation, Euler update). Prints one JSON line.
   python benchmarks/ldm_reference.py decoder --stems=1 --threads=2
       The release's SourceVAE decoder (tests/reference/dac_reference.py builds it from DAC's
       blocks: 1536 wide, strides 8·5·4·2, no final tanh; random weights) decoding `--stems`
-      latents [stems, 80, 1024] in one call, as the release's notebook decodes a piece's
+      latents [stems, 80, 1024] in one call (`--bf16`: under CPU autocast), as the release's notebook decodes a piece's
       four stems, after a warm-up call on a short latent.
 Times are wall-clock and this process's CPU time (user + system, all threads): on a machine
 that other work also loads, the CPU time is the steadier of the two.
@@ -95,7 +96,7 @@ def _timed(fn, *args):
   return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def run_unet(evals, steps, threads, frames):
+def run_unet(evals, steps, threads, frames, bf16):
   from audio_diffusion_pytorch.modules import UNet1d  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(threads)
   torch.manual_seed(0)
@@ -103,19 +104,22 @@ def run_unet(evals, steps, threads, frames):
   num_params = sum(p.numel() for p in net.parameters())
   denoise_fn = make_denoise_fn(net)
   x = 3.0 * torch.randn(1, RELEASE_UNET_KWARGS["in_channels"], frames)
-  with torch.inference_mode():
+  # bf16: torch's CPU autocast (bfloat16 matmuls and convolutions through oneDNN, which
+  # uses the CPU's bf16 units where it has them), the release's mixed-precision path.
+  autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+  with torch.inference_mode(), autocast:
     denoise_fn(x, 1.0)  # Warm-up: first-call allocations.
     evals = [_timed(denoise_fn, x, 1.0) for _ in range(evals)]
     # A `steps`-step schedule: same cost per step as the 150-step one.
     wall, cpu = _timed(euler_churn_steps, denoise_fn, x, karras_sigmas(steps))
   print(json.dumps(dict(
       num_params=num_params, frames=frames, threads=torch.get_num_threads(),
-      eval_times=[t for t, _ in evals], eval_cpu=[c for _, c in evals],
+      compute_dtype="bfloat16 (autocast)" if bf16 else "float32", eval_times=[t for t, _ in evals], eval_cpu=[c for _, c in evals],
       step_times=[wall / steps], step_cpu=[cpu / steps], torch_version=torch.__version__,
       python=platform.python_version())))
 
 
-def run_decoder(stems, threads, frames):
+def run_decoder(stems, threads, frames, bf16):
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests",
                                   "reference"))
   import dac_reference  # pylint: disable=g-import-not-at-top
@@ -126,13 +130,13 @@ def run_decoder(stems, threads, frames):
   decoder = vae.decoder.eval()
   num_params = sum(p.numel() for p in decoder.parameters())
   z = 0.5 * torch.randn(stems, 80, frames)
-  with torch.inference_mode():
+  with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
     decoder(z[:1, :, :32])  # Warm-up.
     wall, cpu = _timed(decoder, z)
     samples = decoder(z[:1, :, :8]).shape[-1]
   print(json.dumps(dict(
       num_params=num_params, stems=stems, frames=frames, threads=torch.get_num_threads(),
-      times=[wall], cpu=[cpu], short_output_samples=samples,
+      compute_dtype="bfloat16 (autocast)" if bf16 else "float32", times=[wall], cpu=[cpu], short_output_samples=samples,
       torch_version=torch.__version__, python=platform.python_version())))
 
 
@@ -145,15 +149,17 @@ def main():
   unet.add_argument("--steps", type=int, default=3)
   unet.add_argument("--threads", type=int, default=os.cpu_count())
   unet.add_argument("--frames", type=int, default=1024)
+  unet.add_argument("--bf16", action="store_true", help="under torch.autocast(cpu, bfloat16)")
   decoder = commands.add_parser("decoder")
   decoder.add_argument("--stems", type=int, default=1)
   decoder.add_argument("--threads", type=int, default=os.cpu_count())
   decoder.add_argument("--frames", type=int, default=1024)
+  decoder.add_argument("--bf16", action="store_true", help="under torch.autocast(cpu, bfloat16)")
   args = parser.parse_args()
   if args.command == "unet":
-    run_unet(args.evals, args.steps, args.threads, args.frames)
+    run_unet(args.evals, args.steps, args.threads, args.frames, args.bf16)
   else:
-    run_decoder(args.stems, args.threads, args.frames)
+    run_decoder(args.stems, args.threads, args.frames, args.bf16)
 
 
 if __name__ == "__main__":

@@ -79,7 +79,38 @@ def test_adaln_zero_modulation_and_gates_start_at_zero(tiny):
   h = jax.random.normal(jax.random.key(0), (2, 4, config.width))
   cond = jax.random.normal(jax.random.key(1), (2, config.width))
   block_vars = {"params": params["block_0"]}
-  np.testing.assert_array_equal(jax.jit(block.apply)(block_vars, h, cond), h)
+  modulation = block.apply(block_vars, cond, method="modulation")
+  np.testing.assert_array_equal(modulation, 0.0)
+  np.testing.assert_array_equal(jax.jit(block.apply)(block_vars, h, modulation), h)
+
+
+def test_precomputed_conditioning_gives_the_same_output(tiny, apply, trained):
+  _, model, _, x, c_noise = tiny
+  conditioning = model.apply(trained, c_noise, method="conditioning")
+  assert len(conditioning["blocks"]) == 2
+  assert conditioning["blocks"][0].shape == (2, 6 * 64)
+  assert conditioning["final"].shape == (2, 2 * 64)
+  out = jax.jit(model.apply)(trained, x, None, conditioning=conditioning)
+  np.testing.assert_array_equal(out, apply(trained, x, c_noise))
+  # One example's conditioning broadcasts over a batch at that noise level.
+  one = model.apply(trained, c_noise[:1], method="conditioning")
+  out_one = jax.jit(model.apply)(trained, x, None, conditioning=one)
+  np.testing.assert_allclose(out_one, apply(trained, x, jnp.full((2,), c_noise[0])),
+                             rtol=1e-6, atol=1e-6)
+
+
+def test_inference_params_cast_token_matmuls_only_and_keep_outputs(tiny, trained):
+  _, _, _, x, c_noise = tiny
+  model = dit.build_model(dit.model_config("tiny", in_channels=CHANNELS, dtype="bfloat16"))
+  cast = model.inference_params(trained)
+  params = cast["params"]
+  assert params["block_0"]["mlp"]["fc1"]["kernel"].dtype == jnp.bfloat16
+  assert params["patch_embed"]["kernel"].dtype == jnp.bfloat16
+  # The conditioning path (one row per example) stays float32.
+  assert params["block_0"]["adaLN_modulation"]["kernel"].dtype == jnp.float32
+  assert params["noise_embed"]["dense_0"]["kernel"].dtype == jnp.float32
+  apply = jax.jit(model.apply)
+  np.testing.assert_array_equal(apply(cast, x, c_noise), apply(trained, x, c_noise))
 
 
 def test_output_depends_on_noise_level_and_on_other_patches_after_training(tiny, apply,

@@ -23,6 +23,8 @@ from msldm_jax import config_loading
 from msldm_jax import joint_latent
 from msldm_jax import stems as stems_lib
 from msldm_jax.data import audio_files
+from msldm_jax.diffusion import edm
+from msldm_jax.diffusion import samplers
 from msldm_jax.generation import conditions
 from msldm_jax.generation import outputs
 from msldm_jax.generation import sampling
@@ -298,3 +300,34 @@ def test_sampler_settings_follow_the_sampler():
   vae = source_vae.SourceVAE.from_config(config.vae.model)
   with pytest.raises(ValueError, match="config.data.chunks.samples=9592"):
     stage.make_spec(config, vae, dit.build_model(config.ldm.model))
+
+
+@pytest.mark.parametrize("name", ["euler_churn", "heun", "dpmpp_2m"])
+def test_sampling_denoise_fn_equals_the_plain_denoiser(models, name):
+  _, _, denoiser, params = models
+  channels = params["params"]["patch_embed"]["kernel"].shape[0] // denoiser.patch_size
+  settings = {"num_steps": 6}
+  shape = (1, channels, 32)
+  sample = samplers.get_sampler(name, settings)
+
+  @jax.jit
+  def both(params, key):
+    fast = sampling.sampling_denoise_fn(denoiser, params, name, settings)
+    plain = edm.make_denoise_fn(denoiser.apply, params)
+    return sample(fast, key, shape), sample(plain, key, shape)
+
+  fast, plain = both(params, jax.random.key(3))
+  np.testing.assert_allclose(fast, plain, rtol=1e-5, atol=1e-5)
+  assert float(jnp.std(fast)) > 0.1
+
+
+def test_sampling_denoise_fn_falls_back_off_the_table(models):
+  _, _, denoiser, params = models
+  channels = params["params"]["patch_embed"]["kernel"].shape[0] // denoiser.patch_size
+  x = jax.random.normal(jax.random.key(0), (1, channels, 32))
+  fast = sampling.sampling_denoise_fn(denoiser, params, "euler_churn", {"num_steps": 4})
+  plain = edm.make_denoise_fn(denoiser.apply, params)
+  table = samplers.evaluation_sigmas("euler_churn", {"num_steps": 4})
+  for sigma in (table[1], jnp.float32(0.777)):  # On the table, and off it.
+    np.testing.assert_allclose(jax.jit(fast)(x, sigma), jax.jit(plain)(x, sigma),
+                               rtol=1e-5, atol=1e-5)

@@ -156,6 +156,24 @@ def test_network_evaluations(name, resample_steps, expected):
   assert len(calls) == expected
 
 
+@pytest.mark.parametrize("name", list(samplers.SAMPLERS))
+def test_evaluation_sigmas_are_the_noise_levels_each_sampler_evaluates(name):
+  seen = []
+
+  def recording_denoiser(x, sigma):
+    jax.debug.callback(lambda s: seen.append(float(s)), sigma)
+    return gaussian_denoiser(x, sigma)
+
+  settings = {"num_steps": 12}
+  jax.block_until_ready(samplers.get_sampler(name, settings)(
+      recording_denoiser, jax.random.key(0), (2, 4)))
+  jax.effects_barrier()
+  table = np.asarray(samplers.evaluation_sigmas(name, settings))
+  assert len(seen) == {"heun": 23}.get(name, 12)
+  # Every evaluation's σ is in the table, to the last bit, and the table holds no others.
+  np.testing.assert_array_equal(np.sort(np.unique(seen)), np.sort(np.unique(table)))
+
+
 # A joint Gaussian of two unit-variance "stems" with correlation 0.9: given stem 0 = 1.5,
 # stem 1 is N(1.35, 0.19); unconditionally it is N(0, 1).
 RHO = 0.9

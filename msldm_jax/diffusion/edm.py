@@ -48,6 +48,11 @@ def c_noise(sigma):
   return jnp.log(sigma) / 4.0
 
 
+def noise_condition(sigma):
+  """c_noise as the denoiser computes it: σ = 0 is taken as a tiny σ (finite c_noise)."""
+  return c_noise(jnp.maximum(sigma, _C_NOISE_SIGMA_MIN))
+
+
 def loss_weight(sigma, sigma_data: float = SIGMA_DATA):
   """λ(σ) = (σ² + σ_d²)/(σ·σ_d)² = 1/c_out²: makes the loss on F unit-weighted."""
   return (sigma**2 + sigma_data**2) / (sigma * sigma_data)**2
@@ -76,7 +81,7 @@ def denoise(apply_fn: Callable[..., Any], params, x_noisy, sigma, *,
     Denoised latents, x_noisy's shape and dtype. Not clamped: latents are unbounded (±5).
   """
   sigma_b, sigma_x = _per_example(sigma, x_noisy)
-  noise_cond = c_noise(jnp.maximum(sigma_b, _C_NOISE_SIGMA_MIN))
+  noise_cond = noise_condition(sigma_b)
   f = apply_fn(params, c_in(sigma_x, sigma_data) * x_noisy, noise_cond, **apply_kwargs)
   chex.assert_equal_shape([f, x_noisy])
   f = f.astype(x_noisy.dtype)

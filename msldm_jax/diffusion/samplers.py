@@ -329,6 +329,35 @@ def sampler_config(name: str = DEFAULT_SAMPLER) -> dict[str, Any]:
   return dict(DEFAULT_CONFIGS[name])
 
 
+def evaluation_sigmas(name: str = DEFAULT_SAMPLER,
+                      config: Mapping[str, Any] | None = None) -> jax.Array:
+  """Every noise level at which sampler `name` with `config` evaluates the denoiser.
+
+  The schedule, and hence these levels, are fixed before sampling starts: whatever depends
+  on σ alone (a DiT's conditioning) can be computed for all of them in one batched call
+  outside the sampler's loop. Same arithmetic as the samplers' steps, so the values match
+  the σ of each evaluation.
+
+  Returns:
+    float32 [num_evaluations_at_distinct_steps]: euler_churn σ̂_i (N values); heun σ̂_i and
+    the correction's σ_{i+1} > 0 (2N − 1 values); dpmpp_2m σ_i (N values).
+  """
+  _check_name(name)
+  settings = sampler_config(name)
+  settings.update(config or {})
+  num_steps = int(settings["num_steps"])
+  sigmas = karras_sigmas(num_steps, settings["sigma_min"], settings["sigma_max"],
+                         settings["rho"])
+  if name == "dpmpp_2m":
+    return sigmas[:-1]
+  gamma = _churn_gamma(sigmas[:-1], num_steps, settings.get("s_churn", 0.0),
+                       settings.get("s_tmin", 0.0), settings.get("s_tmax", math.inf))
+  sigma_hats = sigmas[:-1] * (1.0 + gamma)
+  if name == "euler_churn":
+    return sigma_hats
+  return jnp.concatenate([sigma_hats, sigmas[1:-1]])  # heun
+
+
 def _check_name(name):
   if name not in SAMPLERS:
     raise ValueError(f"unknown sampler {name!r}; samplers: {', '.join(SAMPLERS)}")

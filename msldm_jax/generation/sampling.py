@@ -188,6 +188,43 @@ def decode_stems(vae: source_vae.SourceVAE, vae_params, latents_bsct: jax.Array,
   return waveforms.reshape(batch, len(stem_indices), -1)
 
 
+def sampling_denoise_fn(denoiser: nn.Module, denoiser_params, sampler_name: str,
+                        sampler_settings: Mapping[str, Any] | None = None, *,
+                        sigma_data: float = edm.SIGMA_DATA) -> samplers.DenoiseFn:
+  """The sampler's `denoise_fn(x, σ)`, with all that does not change from step to step
+  hoisted out of the sampler's loop. Same outputs as `edm.make_denoise_fn`, faster:
+
+  - A denoiser with `inference_params` (the DiT) gets its parameters cast once to its
+    compute dtype, instead of at every evaluation.
+  - A denoiser with a `conditioning` method (the DiT: noise embedding and adaLN
+    modulations, a third of its parameters) gets it computed for every noise level the
+    sampler will use (`samplers.evaluation_sigmas`) in one batched call; each evaluation
+    looks its rows up. A noise level not in that table falls back to computing its own, so
+    a sampler evaluating elsewhere stays correct.
+  Measured on a 2-core CPU with the DiT `base` in bfloat16: 0.21 s → 0.1 s per evaluation
+  for the casting, about 0.02 s more for the table (benchmarks/RESULTS.md).
+  """
+  prepare = getattr(denoiser, "inference_params", None)
+  params = prepare(denoiser_params) if prepare is not None else denoiser_params
+  if not hasattr(denoiser, "conditioning"):
+    return edm.make_denoise_fn(denoiser.apply, params, sigma_data=sigma_data)
+
+  table_c_noise = edm.noise_condition(
+      samplers.evaluation_sigmas(sampler_name, sampler_settings))
+  table = denoiser.apply(params, table_c_noise, method="conditioning")
+
+  def apply_fn(params, x_in, c_noise):
+    # Nearest table row per example; the samplers' σ equal the table's to the last bit.
+    index = jnp.argmin(jnp.abs(table_c_noise[None, :] - c_noise[:, None]), axis=1)
+    found = jnp.all(jnp.abs(table_c_noise[index] - c_noise) <= 1e-6 * (1 + jnp.abs(c_noise)))
+    conditioning = jax.lax.cond(
+        found, lambda: jax.tree.map(lambda rows: rows[index], table),
+        lambda: denoiser.apply(params, c_noise, method="conditioning"))
+    return denoiser.apply(params, x_in, c_noise, conditioning=conditioning)
+
+  return edm.make_denoise_fn(apply_fn, params, sigma_data=sigma_data)
+
+
 @functools.partial(jax.jit, static_argnames=("spec",))
 def generate_batch(vae_params, denoiser_params, keys: jax.Array,
                    x_known: jax.Array | None = None, *, spec: GenerationSpec):
@@ -207,8 +244,8 @@ def generate_batch(vae_params, denoiser_params, keys: jax.Array,
   """
   chex.assert_rank(keys, 1)
   sample = samplers.get_sampler(spec.sampler_name, dict(spec.sampler_settings))
-  denoise_fn = edm.make_denoise_fn(spec.denoiser.apply, denoiser_params,
-                                   sigma_data=spec.sigma_data)
+  denoise_fn = sampling_denoise_fn(spec.denoiser, denoiser_params, spec.sampler_name,
+                                   dict(spec.sampler_settings), sigma_data=spec.sigma_data)
   shape = (1, spec.channels, spec.num_frames)
   inpaint = None
   if spec.is_partial:

@@ -8,15 +8,18 @@ through `depth` blocks conditioned on c_noise by adaLN-Zero. The modulation and 
 projection start at zero, so a fresh model is F ≡ 0 (D = c_skip·x) and every block starts
 as the identity.
 
-Precision: parameters in `param_dtype` (float32); matmuls in `dtype` (bfloat16 for the
-paper sizes); the residual stream, LayerNorm statistics, the modulation and the output stay
-float32, and `jax.nn.dot_product_attention` takes its softmax in float32.
+Precision: parameters in `param_dtype` (float32); the token matmuls take `dtype` inputs
+(bfloat16 for the paper sizes) and accumulate in float32; the residual stream, LayerNorm
+statistics, the noise embedding and the modulation (one row per example, see
+`_CONDITIONING_MODULES`) and the output stay float32, and `jax.nn.dot_product_attention`
+takes its softmax in float32. For sampling, `inference_params` casts the parameters once.
 
 Print the parameter counts of all variants:
 
   python -m msldm_jax.models.dit
 """
 
+import functools
 import math
 
 import chex
@@ -122,6 +125,46 @@ def _layer_norm():
 _xavier = nn.initializers.xavier_uniform()
 
 
+def _dense(features: int, dtype, param_dtype, name: str, kernel_init=_xavier) -> nn.Dense:
+  """A Dense whose matmul takes `dtype` inputs and accumulates and returns float32.
+
+  float32 accumulation is the usual mixed-precision choice, and on XLA:CPU it is also the
+  fast path: a bfloat16 × bfloat16 → float32 dot runs on the CPU's bf16 matrix units, about
+  2.3× the float32 rate, while the same dot with a bfloat16 output falls back to a path
+  about 5× slower (measured on a 2-core Xeon with AMX, [64, 1024] × [1024, 4096]).
+  """
+  return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init,
+                  dot_general=functools.partial(jax.lax.dot_general,
+                                                preferred_element_type=jnp.float32),
+                  name=name)
+
+
+# Modules that see the conditioning vector (one row per example), not the tokens. They
+# compute in float32 whatever `dtype` is: the modulation sets every block's scale, shift and
+# gate, and XLA:CPU runs a one-row bfloat16 matmul (matrix-vector) about 6× slower than the
+# float32 one, while the token matmuls are the other way round.
+_CONDITIONING_MODULES = ("noise_embed", "adaLN_modulation")
+
+
+def inference_params(model: "DiT", params):
+  """`params` cast once to the dtypes the model computes in, for sampling.
+
+  Token matmuls cast their kernels to `dtype` on every call anyway (the conditioning
+  modules keep float32), so the outputs are bitwise the same; casting once, before a
+  sampler's loop, saves re-reading and converting the float32 parameters at every network
+  evaluation, and halves the weight traffic in bfloat16.
+  """
+  dtype = jnp.dtype(model.dtype)
+
+  def cast(path, leaf):
+    names = {getattr(entry, "key", None) for entry in path}
+    if names & set(_CONDITIONING_MODULES) or not jnp.issubdtype(leaf.dtype, jnp.floating):
+      return leaf
+    return leaf.astype(dtype)
+
+  return jax.tree_util.tree_map_with_path(cast, params)
+
+
 class NoiseEmbedder(nn.Module):
   """c_noise [batch] -> conditioning [batch, width]: sinusoidal features, then an MLP.
 
@@ -132,14 +175,13 @@ class NoiseEmbedder(nn.Module):
   width: int
   freq_dim: int = 256
   noise_embed_scale: float = 250.0
-  dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, c_noise):
     features = sinusoidal_embedding(c_noise * self.noise_embed_scale, self.freq_dim)
-    dense = lambda name: nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
-                                  kernel_init=nn.initializers.normal(0.02), name=name)
+    dense = lambda name: _dense(self.width, jnp.float32, self.param_dtype, name,
+                                kernel_init=nn.initializers.normal(0.02))
     h = nn.silu(dense("dense_0")(features))
     return dense("dense_1")(h).astype(jnp.float32)
 
@@ -155,15 +197,13 @@ class Attention(nn.Module):
   def __call__(self, h):
     batch, num_tokens, _ = h.shape
     head_dim = self.width // self.num_heads
-    qkv = nn.Dense(3 * self.width, dtype=self.dtype, param_dtype=self.param_dtype,
-                   kernel_init=_xavier, name="qkv")(h)
+    qkv = _dense(3 * self.width, self.dtype, self.param_dtype, "qkv")(h).astype(self.dtype)
     # [batch, tokens, 3, heads, head_dim]: the BTNH layout dot_product_attention expects.
     qkv = qkv.reshape(batch, num_tokens, 3, self.num_heads, head_dim)
     query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     out = jax.nn.dot_product_attention(query, key, value, implementation=None)
     out = out.reshape(batch, num_tokens, self.width)
-    return nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
-                    kernel_init=_xavier, name="proj")(out)
+    return _dense(self.width, self.dtype, self.param_dtype, "proj")(out)
 
 
 class Mlp(nn.Module):
@@ -174,18 +214,18 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, h):
-    h = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype,
-                 kernel_init=_xavier, name="fc1")(h)
-    h = nn.gelu(h, approximate=True)
-    return nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
-                    kernel_init=_xavier, name="fc2")(h)
+    h = _dense(self.hidden, self.dtype, self.param_dtype, "fc1")(h)
+    h = nn.gelu(h, approximate=True).astype(self.dtype)  # GELU in float32, stored in dtype.
+    return _dense(self.width, self.dtype, self.param_dtype, "fc2")(h)
 
 
 class DiTBlock(nn.Module):
   """Pre-norm attention and MLP, each modulated (shift, scale) and gated by the conditioning.
 
   adaLN-Zero: the modulation's projection starts at zero, so gates are 0 and the block is
-  the identity at initialisation.
+  the identity at initialisation. The modulation depends on the noise level only, so it is
+  a method of its own (`modulation`): a sampler computes it for all its noise levels at
+  once (`DiT.conditioning`), and `__call__` takes it ready-made.
   """
   width: int
   num_heads: int
@@ -193,40 +233,53 @@ class DiTBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
-  @nn.compact
-  def __call__(self, x, cond):
-    modulation = nn.Dense(6 * self.width, dtype=self.dtype, param_dtype=self.param_dtype,
-                          kernel_init=nn.initializers.zeros, name="adaLN_modulation")(
-                              nn.silu(cond)).astype(jnp.float32)
+  def setup(self):
+    self.adaLN_modulation = _dense(6 * self.width, jnp.float32, self.param_dtype,
+                                   "adaLN_modulation", kernel_init=nn.initializers.zeros)
+    self.attn = Attention(self.width, self.num_heads, dtype=self.dtype,
+                          param_dtype=self.param_dtype, name="attn")
+    self.mlp = Mlp(self.width, int(self.width * self.mlp_ratio), dtype=self.dtype,
+                   param_dtype=self.param_dtype, name="mlp")
+    self.norm_msa = _layer_norm()
+    self.norm_mlp = _layer_norm()
+
+  def modulation(self, cond):
+    """cond [batch, width] -> float32 [batch, 6·width]: shifts, scales and gates."""
+    return self.adaLN_modulation(nn.silu(cond))
+
+  def __call__(self, x, modulation):
     (shift_msa, scale_msa, gate_msa,
      shift_mlp, scale_mlp, gate_mlp) = jnp.split(modulation, 6, axis=-1)
-    h = _modulate(_layer_norm()(x), shift_msa, scale_msa)
-    h = Attention(self.width, self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
-                  name="attn")(h.astype(self.dtype))
+    h = _modulate(self.norm_msa(x), shift_msa, scale_msa)
+    h = self.attn(h.astype(self.dtype))
     x = x + gate_msa[:, None, :] * h.astype(jnp.float32)
-    h = _modulate(_layer_norm()(x), shift_mlp, scale_mlp)
-    h = Mlp(self.width, int(self.width * self.mlp_ratio), dtype=self.dtype,
-            param_dtype=self.param_dtype, name="mlp")(h.astype(self.dtype))
+    h = _modulate(self.norm_mlp(x), shift_mlp, scale_mlp)
+    h = self.mlp(h.astype(self.dtype))
     return x + gate_mlp[:, None, :] * h.astype(jnp.float32)
 
 
 class FinalLayer(nn.Module):
   """adaLN (shift, scale) then a zero-initialised projection to the patch features."""
+  width: int
   out_features: int
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
-  @nn.compact
-  def __call__(self, x, cond):
-    width = x.shape[-1]
-    modulation = nn.Dense(2 * width, dtype=self.dtype, param_dtype=self.param_dtype,
-                          kernel_init=nn.initializers.zeros, name="adaLN_modulation")(
-                              nn.silu(cond)).astype(jnp.float32)
+  def setup(self):
+    self.adaLN_modulation = _dense(2 * self.width, jnp.float32, self.param_dtype,
+                                   "adaLN_modulation", kernel_init=nn.initializers.zeros)
+    self.linear = _dense(self.out_features, self.dtype, self.param_dtype, "linear",
+                         kernel_init=nn.initializers.zeros)
+    self.norm = _layer_norm()
+
+  def modulation(self, cond):
+    """cond [batch, width] -> float32 [batch, 2·width]: shift and scale."""
+    return self.adaLN_modulation(nn.silu(cond))
+
+  def __call__(self, x, modulation):
     shift, scale = jnp.split(modulation, 2, axis=-1)
-    h = _modulate(_layer_norm()(x), shift, scale)
-    out = nn.Dense(self.out_features, dtype=self.dtype, param_dtype=self.param_dtype,
-                   kernel_init=nn.initializers.zeros, name="linear")(h.astype(self.dtype))
-    return out.astype(jnp.float32)
+    h = _modulate(self.norm(x), shift, scale)
+    return self.linear(h.astype(self.dtype))
 
 
 class DiT(nn.Module):
@@ -234,6 +287,13 @@ class DiT(nn.Module):
 
   T must be a multiple of `patch_size`; any such T works (the positions are computed, not
   learned). `dtype`/`param_dtype` may be names ("bfloat16") or dtypes.
+
+  The network is split in two so that samplers can hoist what depends on the noise level
+  alone out of their loop: `conditioning(c_noise)` (the noise embedding and every block's
+  adaLN modulation: a third of the parameters, but one row per example) and
+  `__call__(x, c_noise, conditioning=...)`, which then skips that part. A sampler knows its
+  noise levels in advance, so it computes all of them in one batched call (see
+  `generation/sampling.py`) instead of one matrix-vector product per evaluation.
   """
   width: int
   depth: int
@@ -247,8 +307,33 @@ class DiT(nn.Module):
   noise_embed_scale: float = 250.0
   remat: bool = False  # Recompute each block in the backward pass (activation memory).
 
-  @nn.compact
-  def __call__(self, x_bct, c_noise):
+  def setup(self):
+    dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
+    self.patch_embed = _dense(self.width, dtype, param_dtype, "patch_embed")
+    self.noise_embed = NoiseEmbedder(self.width, self.freq_dim, self.noise_embed_scale,
+                                     param_dtype=param_dtype, name="noise_embed")
+    block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
+    self.blocks = [block_cls(self.width, self.num_heads, self.mlp_ratio, dtype=dtype,
+                             param_dtype=param_dtype, name=f"block_{i}")
+                   for i in range(self.depth)]
+    self.final = FinalLayer(self.width, self.patch_size * self.in_channels, dtype=dtype,
+                            param_dtype=param_dtype, name="final")
+
+  def inference_params(self, params):
+    """`inference_params(self, params)`: the parameters cast once for sampling."""
+    return inference_params(self, params)
+
+  def conditioning(self, c_noise):
+    """c_noise [batch] -> the modulations {"blocks": (depth × [batch, 6·width]),
+    "final": [batch, 2·width]}, all float32: everything that depends on σ alone."""
+    c_noise = jnp.atleast_1d(jnp.asarray(c_noise, jnp.float32))
+    cond = self.noise_embed(c_noise)
+    return {"blocks": tuple(block.modulation(cond) for block in self.blocks),
+            "final": self.final.modulation(cond)}
+
+  def __call__(self, x_bct, c_noise, conditioning=None):
+    """F(x, c_noise); with `conditioning` (from `conditioning(c_noise)`, batch 1 or x's
+    batch) c_noise is not used."""
     chex.assert_rank(x_bct, 3)
     batch, channels, frames = x_bct.shape
     if channels != self.in_channels:
@@ -256,22 +341,16 @@ class DiT(nn.Module):
                        f"{x_bct.shape}")
     if self.width % self.num_heads:
       raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
-    dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
-    c_noise = jnp.broadcast_to(jnp.asarray(c_noise, jnp.float32), (batch,))
+    if conditioning is None:
+      conditioning = self.conditioning(
+          jnp.broadcast_to(jnp.asarray(c_noise, jnp.float32), (batch,)))
 
     tokens = patchify(x_bct.astype(jnp.float32), self.patch_size)
-    x = nn.Dense(self.width, dtype=dtype, param_dtype=param_dtype, kernel_init=_xavier,
-                 name="patch_embed")(tokens.astype(dtype)).astype(jnp.float32)
+    x = self.patch_embed(tokens.astype(jnp.dtype(self.dtype)))
     x = x + sinusoidal_embedding(jnp.arange(x.shape[1]), self.width)[None]
-    cond = NoiseEmbedder(self.width, self.freq_dim, self.noise_embed_scale, dtype=dtype,
-                         param_dtype=param_dtype, name="noise_embed")(c_noise)
-
-    block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
-    for i in range(self.depth):
-      x = block_cls(self.width, self.num_heads, self.mlp_ratio, dtype=dtype,
-                    param_dtype=param_dtype, name=f"block_{i}")(x, cond)
-    out = FinalLayer(self.patch_size * channels, dtype=dtype, param_dtype=param_dtype,
-                     name="final")(x, cond)
+    for block, modulation in zip(self.blocks, conditioning["blocks"], strict=True):
+      x = block(x, modulation)
+    out = self.final(x, conditioning["final"])
     out_bct = unpatchify(out, self.patch_size, channels)
     chex.assert_shape(out_bct, (batch, channels, frames))
     return out_bct
