@@ -151,6 +151,9 @@ def evaluate_config(variant: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       reference_split="test",
       max_reference_chunks=8 if variant == "tiny" else 64,
+      # Partial generation (14 subsets of stems, each generated given the others): the first
+      # this many reference chunks give the stems; 0 skips the partial table.
+      partial_chunks=2,
       # Path of the VGGish weights (the PyTorch port's state dict, see
       # msldm_jax/evaluation/vggish.py) for FAD; empty: the download-free statistics embedding.
       vggish_weights="",

@@ -147,4 +147,10 @@ def get_config(arg=None):
       sampler="euler_churn", num_steps=150, sigma_min=0.01, sigma_max=3.0, rho=7.0,
       s_churn=20.0, num_pieces=8, batch_size=4, log_every_steps=25,
   ), "sample")
+
+  # Reference §9: FAD on the test split; the 14 partial-generation rows each generate one
+  # piece per conditioning chunk (14 × partial_chunks pieces in all).
+  _override(config.evaluate, dict(
+      reference_split="test", max_reference_chunks=256, partial_chunks=16,
+  ), "evaluate")
   return config

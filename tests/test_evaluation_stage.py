@@ -42,6 +42,15 @@ def test_mode_all_runs_every_stage_then_skips_them(repo_root, tmp_path):
     rates = metrics["music_measures"][side]
     assert 0.0 <= rates["empty stem rate (all)"] <= 1.0
   assert json.loads((out / "metrics.json").read_text())["num_reference"] >= 1
+  # The 14 partial-generation rows, each scored as a mixture and as the generated stems.
+  partial = metrics["partial_generation"]
+  assert len(partial) == 14 and metrics["partial_chunks"] == 2
+  assert all(np.isfinite(v) and v >= 0 for row in partial.values() for v in row.values())
+  assert set(partial["bass+drums"]) == {"mixture", "generated stems"}
+  assert (out / "partial_generation.md").read_text().count("\n") == 16
+  piece = out / "partial" / "drums+guitar+piano"
+  assert (piece / "mix.wav").is_file() and (piece / "piece.json").is_file()
+  assert json.loads((piece / "piece.json").read_text())["given"] == ["bass"]
 
   # Run again: every stage finished under this config, so nothing runs.
   assert main.run("all", config, workdir) == {}

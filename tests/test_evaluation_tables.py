@@ -62,3 +62,34 @@ def test_partial_generation_rows_and_mapping(audio, tmp_path):
   assert rows[0] == ["stems", "FD (test)"] and len(rows) == 15
   assert "| bass+drums | " in open(paths["md"]).read()
   assert open(paths["png"], "rb").read(4) == b"\x89PNG"
+
+
+def test_partial_mixture_scores_include_the_given_stems(audio, tmp_path):
+  noise = np.random.default_rng(3).normal(size=audio.shape).astype(np.float32)
+  # A run whose generated bass is noise: the bass row is far in both forms.
+  per_run = {tables.subset_label(s): audio for s in tables.proper_subsets()}
+  bad_bass = audio.copy()
+  bad_bass[:, 0] = noise[:, 0]
+  per_run["bass"] = bad_bass
+  subsets = tables.partial_generation_scores(per_run, audio, _embed)
+  mixtures = tables.partial_generation_scores(per_run, audio, _embed, mixture=True)
+  assert subsets["bass"] > 1.0 and mixtures["bass"] > 0.01
+  assert mixtures["drums"] == pytest.approx(0.0, abs=1e-6)
+  # Scoring the mixture: a run that swapped the given stems for noise is penalised even
+  # though its generated stem (drums) is perfect, which the subset form cannot see.
+  bad_given = noise.copy()
+  bad_given[:, 1] = audio[:, 1]
+  per_run["drums"] = bad_given
+  assert tables.partial_generation_scores(per_run, audio, _embed)["drums"] == pytest.approx(
+      0.0, abs=1e-6)
+  assert tables.partial_generation_scores(per_run, audio, _embed, mixture=True)["drums"] > 1.0
+
+  table = {label: {"mixture": mixtures[label], "generated stems": subsets[label]}
+           for label in subsets}
+  paths = tables.write_score_table(str(tmp_path), "partial", table, "FD (test)")
+  with open(paths["csv"]) as f:
+    rows = list(csv.reader(f))
+  assert rows[0] == ["stems", "mixture (FD (test))", "generated stems (FD (test))"]
+  assert len(rows) == 15 and float(rows[1][2]) == pytest.approx(subsets["bass"])
+  with pytest.raises(ValueError, match="columns"):
+    tables.write_score_table(str(tmp_path), "bad", {"a": {"x": 1.0}, "b": {"y": 2.0}}, "FD")

@@ -5,6 +5,11 @@ same number of real four-stem chunks (or up to `evaluate.max_reference_chunks`) 
 `evaluate.reference_split` of the built dataset, then writes into WORKDIR/evaluation:
 
   total_generation.{md,csv,png}   Fréchet distance of the mixture and of each stem
+  partial_generation.{md,csv,png} for each of the 14 proper subsets of stems, generated
+                                  given the others (`evaluate.partial_chunks` real chunks
+                                  of the split as the given stems): the distance of the
+                                  whole mixture (MSDM's sub-FAD) and of the generated stems
+                                  alone; partial/<subset>/ holds the first such piece
   music_measures.{md,csv}         empty-stem rate and cross-stem coherence, generated vs real
   vae_reconstruction.{md,csv}     SI-SDR and multi-scale mel distance per stem (frozen VAE)
   metrics.json                    everything above, with the embedding that scored it
@@ -30,7 +35,9 @@ from msldm_jax.data import pipeline
 from msldm_jax.data import prepare
 from msldm_jax.evaluation import features
 from msldm_jax.evaluation import music_metrics
+from msldm_jax.evaluation import partial_generation
 from msldm_jax.evaluation import tables
+from msldm_jax.generation import outputs
 
 EVALUATION_FOLDER = "evaluation"
 SAMPLES_FOLDER = "samples"
@@ -132,6 +139,42 @@ def vae_reconstruction(config: ml_collections.ConfigDict, workdir: str,
                                               stems_lib.SAMPLE_RATE)
 
 
+def partial_generation_table(config: ml_collections.ConfigDict, workdir: str,
+                             reference: np.ndarray, embed_fn, score_label: str,
+                             out_dir: str) -> dict[str, dict[str, float]]:
+  """Runs the 14 partial generations on the first `evaluate.partial_chunks` reference
+  chunks, scores them against all of `reference`, writes the table and one piece per subset.
+  """
+  from msldm_jax.generation import stage as generation_stage  # pylint: disable=g-import-not-at-top
+  num_chunks = min(int(config.evaluate.partial_chunks), len(reference))
+  models = generation_stage.load_models(config, workdir)
+  spec = generation_stage.make_spec(config, models.vae, models.denoiser)
+  runs = partial_generation.partial_generation_runs(
+      spec, models.vae_params, models.denoiser_params, reference[:num_chunks],
+      seed=int(config.sample.seed), batch_size=int(config.sample.batch_size))
+  try:
+    mixtures = tables.partial_generation_scores(runs, reference, embed_fn, mixture=True)
+    generated = tables.partial_generation_scores(runs, reference, embed_fn)
+  except ValueError as error:
+    raise ValueError(f"partial-generation table: {error} (config.evaluate.partial_chunks="
+                     f"{num_chunks} chunks of {reference.shape[-1]} samples; raise it)") from error
+  table = {label: {"mixture": mixtures[label], "generated stems": generated[label]}
+           for label in runs}
+  tables.write_score_table(out_dir, "partial_generation", table, score_label,
+                           row_label="generated stems")
+  sample_rate = int(config.data.sample_rate)
+  for label, audio in runs.items():
+    outputs.write_piece(
+        os.path.join(out_dir, "partial", label),
+        {name: audio[0, s] for s, name in enumerate(stems_lib.STEM_NAMES)}, sample_rate,
+        dict(mode="partial", generated=label.split("+"),
+             given=[n for n in stems_lib.STEM_NAMES if n not in label.split("+")],
+             conditioning=f"reference chunk 0 of split {config.evaluate.reference_split!r}",
+             seed=int(config.sample.seed), checkpoints=models.checkpoints),
+        title=f"evaluation: {label} generated given the others")
+  return table
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """The `--mode=evaluate` stage; returns the metrics it wrote to metrics.json."""
   evaluate_config = config.evaluate
@@ -150,6 +193,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   total = tables.total_generation_scores(generated, reference, embed_fn)
   tables.write_score_table(out_dir, "total_generation", total, score_label)
 
+  partial = {}
+  if int(evaluate_config.partial_chunks) > 0:
+    partial = partial_generation_table(config, workdir, reference, embed_fn, score_label,
+                                       out_dir)
+
   generated_measures, real_measures = music_measures(generated), music_measures(reference)
   _write_comparison(out_dir, "music_measures",
                     {k: {"generated": generated_measures[k], "real": real_measures[k]}
@@ -161,6 +209,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   metrics = dict(score_label=score_label, num_generated=len(generated),
                  num_reference=len(reference), total_generation=total,
+                 partial_generation=partial,
+                 partial_chunks=min(int(evaluate_config.partial_chunks), len(reference)),
                  music_measures=dict(generated=generated_measures, real=real_measures),
                  vae_reconstruction=reconstruction)
   with open(os.path.join(out_dir, "metrics.json"), "w") as f:

@@ -84,12 +84,18 @@ def total_generation_scores(generated, reference, embed_fn: EmbedFn,
 
 def partial_generation_scores(generated: Union[np.ndarray, Mapping[str, np.ndarray]],
                               reference, embed_fn: EmbedFn,
-                              stem_names: Sequence[str] = stems.STEM_NAMES
-                              ) -> dict[str, float]:
-  """{'bass+drums': FD of the sums of those stems, ...} for every proper subset.
+                              stem_names: Sequence[str] = stems.STEM_NAMES, *,
+                              mixture: bool = False) -> dict[str, float]:
+  """{'bass+drums': FD, ...} for every proper subset S of the stems.
 
   `generated` is `[pieces, stems, samples]` used for every subset, or a mapping from
-  `subset_label(S)` to the audio of the run that generated S (every subset must be there).
+  `subset_label(S)` to the audio of the run that generated S given the other stems (every
+  subset must be there).
+
+  mixture=False scores the sum of the stems in S alone, generated vs reference: how good the
+  generated part is. mixture=True scores the whole mixture of the run (the generated stems
+  plus the given ones) against the reference mixtures, MSDM's sub-FAD: how well the new
+  stems fit the given ones in the final mix.
   """
   reference = _as_pieces(reference, stem_names, "reference")
   scores = {}
@@ -101,33 +107,55 @@ def partial_generation_scores(generated: Union[np.ndarray, Mapping[str, np.ndarr
       audio = _as_pieces(generated[label], stem_names, f"generated[{label!r}]")
     else:
       audio = _as_pieces(generated, stem_names, "generated")
-    scores[label] = fad(subset_sum(audio, subset, stem_names),
-                        subset_sum(reference, subset, stem_names), embed_fn)
-  logging.info("Partial generation scores: %s", scores)
+    scored = stem_names if mixture else subset
+    scores[label] = fad(subset_sum(audio, scored, stem_names),
+                        subset_sum(reference, scored, stem_names), embed_fn)
+  logging.info("Partial generation scores (%s): %s", "mixtures" if mixture else "subsets",
+               scores)
   return scores
 
 
-def write_score_table(directory: str, name: str, scores: Mapping[str, float],
+def write_score_table(directory: str, name: str,
+                      scores: Mapping[str, Union[float, Mapping[str, float]]],
                       score_label: str, row_label: str = "stems") -> dict[str, str]:
-  """Writes `<name>.md`, `<name>.csv` and `<name>.png` (bar plot); returns their paths."""
+  """Writes `<name>.md`, `<name>.csv` and `<name>.png` (bar plot); returns their paths.
+
+  `scores` maps rows to a score (one column, headed `score_label`) or to {column: score}
+  (one column per key, every row with the same keys; headed '<column> (<score_label>)').
+  """
+  rows = {row: dict(value) if isinstance(value, Mapping) else {score_label: value}
+          for row, value in scores.items()}
+  columns = list(next(iter(rows.values()))) if rows else [score_label]
+  for row, values in rows.items():
+    if list(values) != columns:
+      raise ValueError(f"table {name!r}: row {row!r} has columns {list(values)}, the first "
+                       f"row has {columns}")
+  headers = [c if c == score_label else f"{c} ({score_label})" for c in columns]
   os.makedirs(directory, exist_ok=True)
   paths = {ext: os.path.join(directory, f"{name}.{ext}") for ext in ("md", "csv", "png")}
   with open(paths["md"], "w") as f:
-    f.write(f"| {row_label} | {score_label} |\n|---|---:|\n")
-    for row, value in scores.items():
-      f.write(f"| {row} | {value:.4f} |\n")
+    f.write(f"| {row_label} | " + " | ".join(headers) + " |\n|---|" + "---:|" * len(columns)
+            + "\n")
+    for row, values in rows.items():
+      f.write(f"| {row} | " + " | ".join(f"{values[c]:.4f}" for c in columns) + " |\n")
   with open(paths["csv"], "w", newline="") as f:
     writer = csv.writer(f)
-    writer.writerow([row_label, score_label])
-    for row, value in scores.items():
-      writer.writerow([row, repr(float(value))])
-  fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(scores) + 1.5), 3.5))
-  ax.bar(range(len(scores)), list(scores.values()))
-  ax.set_xticks(range(len(scores)))
-  ax.set_xticklabels(list(scores), rotation=45, ha="right")
+    writer.writerow([row_label] + headers)
+    for row, values in rows.items():
+      writer.writerow([row] + [repr(float(values[c])) for c in columns])
+  fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(rows) * len(columns) + 1.5), 3.5))
+  width = 0.8 / len(columns)
+  positions = np.arange(len(rows))
+  for i, column in enumerate(columns):
+    ax.bar(positions + (i - (len(columns) - 1) / 2) * width,
+           [values[column] for values in rows.values()], width, label=column)
+  ax.set_xticks(positions)
+  ax.set_xticklabels(list(rows), rotation=45, ha="right")
   ax.set_ylabel(score_label)
   ax.set_title(name)
   ax.grid(axis="y", alpha=0.3)
+  if len(columns) > 1:
+    ax.legend(fontsize="small")
   fig.tight_layout()
   fig.savefig(paths["png"], dpi=80)
   plt.close(fig)

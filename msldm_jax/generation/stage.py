@@ -262,9 +262,22 @@ def check_vae(vae_identity: dict, learned_vae: Mapping[str, Any], vae_params,
   return {**vae_identity, "params_sha256": digest}
 
 
-def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """The `--mode=sample` stage; returns the output folder."""
-  task = prepare_task(config)  # Bad --generate or given stems fail before any restore.
+@dataclasses.dataclass(frozen=True)
+class Models:
+  """The trained modules generation needs, restored from a workdir's checkpoints."""
+  vae: Any
+  vae_params: Any
+  denoiser: Any
+  denoiser_params: Any
+  checkpoints: dict[str, Any]  # Identities of both checkpoints, recorded with the pieces.
+
+
+def load_models(config: ml_collections.ConfigDict, workdir: str) -> Models:
+  """The denoiser (EMA when `config.sample.use_ema`) and the VAE whose latents it learned.
+
+  Raises:
+    ValueError when the VAE checkpoint is not the one the diffusion model's latents record.
+  """
   # Imported here: the stage needs the trainers' restore functions, not their import cost
   # at module import (and tests of this module need no checkpoints).
   from msldm_jax.training import train_ldm  # pylint: disable=g-import-not-at-top
@@ -283,6 +296,14 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
     from msldm_jax.latents import encode  # pylint: disable=g-import-not-at-top
     params_sha256 = encode.params_sha256
   vae_identity = check_vae(vae_identity, learned_vae, vae_params, params_sha256)
+  return Models(vae, vae_params, denoiser, denoiser_params,
+                checkpoints=dict(vae=vae_identity, ldm=ldm_identity))
+
+
+def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The `--mode=sample` stage; returns the output folder."""
+  task = prepare_task(config)  # Bad --generate or given stems fail before any restore.
+  models = load_models(config, workdir)
   output_dir = config.sample.output_dir or os.path.join(workdir, SAMPLES_FOLDER)
-  return generate_to_dir(config, output_dir, vae, vae_params, denoiser, denoiser_params,
-                         task=task, checkpoints=dict(vae=vae_identity, ldm=ldm_identity))
+  return generate_to_dir(config, output_dir, models.vae, models.vae_params, models.denoiser,
+                         models.denoiser_params, task=task, checkpoints=models.checkpoints)
