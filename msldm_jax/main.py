@@ -62,6 +62,11 @@ def run(mode: str, config, workdir: str):
   """Runs one mode; importable so that tests and notebooks take the same path as the CLI."""
   if mode not in MODES:
     raise ValueError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
+  if mode == "all":
+    # This module's own function. Importing it by name would, under `python -m
+    # msldm_jax.main` (where this module is __main__), execute the module a second time and
+    # define its flags twice.
+    return run_all(config, workdir)
   module_name, function_name = MODES[mode].split(":")
   function = getattr(importlib.import_module(module_name), function_name)
   return function(config, workdir)
