@@ -10,8 +10,9 @@
   python benchmarks/ldm_reference.py decoder --stems=1 --threads=2
       The release's SourceVAE decoder (tests/reference/dac_reference.py builds it from DAC's
       blocks: 1536 wide, strides 8·5·4·2, no final tanh; random weights) decoding `--stems`
-      latents [stems, 80, 1024] in one call (`--bf16`: under CPU autocast), as the release's notebook decodes a piece's
-      four stems, after a warm-up call on a short latent.
+      latents [stems, 80, 1024] in one call (`--bf16`: under CPU autocast), as the
+      release's notebook decodes a piece's four stems, after a warm-up call on a short
+      latent.
 Times are wall-clock and this process's CPU time (user + system, all threads): on a machine
 that other work also loads, the CPU time is the steadier of the two.
 
@@ -114,7 +115,8 @@ def run_unet(evals, steps, threads, frames, bf16):
     wall, cpu = _timed(euler_churn_steps, denoise_fn, x, karras_sigmas(steps))
   print(json.dumps(dict(
       num_params=num_params, frames=frames, threads=torch.get_num_threads(),
-      compute_dtype="bfloat16 (autocast)" if bf16 else "float32", eval_times=[t for t, _ in evals], eval_cpu=[c for _, c in evals],
+      compute_dtype="bfloat16 (autocast)" if bf16 else "float32",
+      eval_times=[t for t, _ in evals], eval_cpu=[c for _, c in evals],
       step_times=[wall / steps], step_cpu=[cpu / steps], torch_version=torch.__version__,
       python=platform.python_version())))
 
@@ -136,7 +138,8 @@ def run_decoder(stems, threads, frames, bf16):
     samples = decoder(z[:1, :, :8]).shape[-1]
   print(json.dumps(dict(
       num_params=num_params, stems=stems, frames=frames, threads=torch.get_num_threads(),
-      compute_dtype="bfloat16 (autocast)" if bf16 else "float32", times=[wall], cpu=[cpu], short_output_samples=samples,
+      compute_dtype="bfloat16 (autocast)" if bf16 else "float32",
+      times=[wall], cpu=[cpu], short_output_samples=samples,
       torch_version=torch.__version__, python=platform.python_version())))
 
 

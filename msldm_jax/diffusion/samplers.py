@@ -339,8 +339,8 @@ def evaluation_sigmas(name: str = DEFAULT_SAMPLER,
   the σ of each evaluation.
 
   Returns:
-    float32 [num_evaluations_at_distinct_steps]: euler_churn σ̂_i (N values); heun σ̂_i and
-    the correction's σ_{i+1} > 0 (2N − 1 values); dpmpp_2m σ_i (N values).
+    float32 [E]: euler_churn σ̂_i (E = N); heun σ̂_i and the correction's σ_{i+1} > 0
+    (E = 2N − 1); dpmpp_2m σ_i (E = N). RePaint resampling repeats these, adds none.
   """
   _check_name(name)
   settings = sampler_config(name)

@@ -192,7 +192,8 @@ def sampling_denoise_fn(denoiser: nn.Module, denoiser_params, sampler_name: str,
                         sampler_settings: Mapping[str, Any] | None = None, *,
                         sigma_data: float = edm.SIGMA_DATA) -> samplers.DenoiseFn:
   """The sampler's `denoise_fn(x, σ)`, with all that does not change from step to step
-  hoisted out of the sampler's loop. Same outputs as `edm.make_denoise_fn`, faster:
+  hoisted out of the sampler's loop. The same function as `edm.make_denoise_fn` (equal up
+  to the order of float summation in the conditioning), faster:
 
   - A denoiser with `inference_params` (the DiT) gets its parameters cast once to its
     compute dtype, instead of at every evaluation.
@@ -201,8 +202,8 @@ def sampling_denoise_fn(denoiser: nn.Module, denoiser_params, sampler_name: str,
     sampler will use (`samplers.evaluation_sigmas`) in one batched call; each evaluation
     looks its rows up. A noise level not in that table falls back to computing its own, so
     a sampler evaluating elsewhere stays correct.
-  Measured on a 2-core CPU with the DiT `base` in bfloat16: 0.21 s → 0.1 s per evaluation
-  for the casting, about 0.02 s more for the table (benchmarks/RESULTS.md).
+  Measured on a 2-core CPU with the DiT `base` in bfloat16: 0.114 → 0.087 s per sampler
+  step, for 0.2 s of set-up per piece (benchmarks/RESULTS.md).
   """
   prepare = getattr(denoiser, "inference_params", None)
   params = prepare(denoiser_params) if prepare is not None else denoiser_params
