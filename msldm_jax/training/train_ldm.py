@@ -50,6 +50,7 @@ from msldm_jax import stems as stems_lib
 from msldm_jax.data import pipeline
 from msldm_jax.diffusion import edm
 from msldm_jax.diffusion import samplers
+from msldm_jax.generation import sampling
 from msldm_jax.latents import encode
 from msldm_jax.latents import store
 from msldm_jax.models import dit
@@ -289,15 +290,17 @@ class LDMTrainer:
           f"{manifest['vae']['params_sha256']}, step {manifest['vae']['step']}): samples would "
           "be decoded by the wrong VAE; set ldm.train.sample_every=0 or restore that VAE")
     vae = source_vae.SourceVAE.from_config(self.config.vae.model)
-    sampler = samplers.get_sampler(samplers.DEFAULT_SAMPLER,
-                                   {"num_steps": int(self.ldm_config.train.sample_steps)})
+    settings = {"num_steps": int(self.ldm_config.train.sample_steps)}
+    sampler = samplers.get_sampler(samplers.DEFAULT_SAMPLER, settings)
     num_stems, latent_dim, frames = manifest["shape"]
     shape = (1, num_stems * latent_dim, frames)
     model, sigma_data = self.models.model, self.models.sigma_data
 
     def generate(ema_params, vae_params, key):
-      x = sampler(edm.make_denoise_fn(model.apply, ema_params, sigma_data=sigma_data), key,
-                  shape)
+      # Denoised as `--mode=sample` does (parameters cast, conditioning tabulated once).
+      denoise_fn = sampling.sampling_denoise_fn(model, ema_params, samplers.DEFAULT_SAMPLER,
+                                                settings, sigma_data=sigma_data)
+      x = sampler(denoise_fn, key, shape)
       return vae.apply(vae_params, joint_latent.split_sources(x), method=vae.decode)[0]
 
     replicated = mesh_lib.replicated(self.mesh)
