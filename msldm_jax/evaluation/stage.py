@@ -107,19 +107,6 @@ def music_measures(audio: np.ndarray) -> dict[str, float]:
   return measures
 
 
-def _write_comparison(directory: str, name: str, rows: dict[str, dict[str, float]],
-                      columns: list[str]):
-  with open(os.path.join(directory, f"{name}.md"), "w") as f:
-    f.write("| measure | " + " | ".join(columns) + " |\n")
-    f.write("|---|" + "---:|" * len(columns) + "\n")
-    for row, values in rows.items():
-      f.write(f"| {row} | " + " | ".join(f"{values[c]:.4f}" for c in columns) + " |\n")
-  with open(os.path.join(directory, f"{name}.csv"), "w") as f:
-    f.write("measure," + ",".join(columns) + "\n")
-    for row, values in rows.items():
-      f.write(f"{row}," + ",".join(f"{values[c]:.6g}" for c in columns) + "\n")
-
-
 def vae_reconstruction(config: ml_collections.ConfigDict, workdir: str,
                        reference: np.ndarray) -> dict[str, dict[str, float]]:
   """SI-SDR and mel distance per stem of the frozen VAE's posterior-mean reconstructions."""
@@ -199,13 +186,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                        out_dir)
 
   generated_measures, real_measures = music_measures(generated), music_measures(reference)
-  _write_comparison(out_dir, "music_measures",
-                    {k: {"generated": generated_measures[k], "real": real_measures[k]}
-                     for k in generated_measures}, ["generated", "real"])
+  tables.write_table(out_dir, "music_measures",
+                     {k: {"generated": generated_measures[k], "real": real_measures[k]}
+                      for k in generated_measures}, row_label="measure")
 
   reconstruction = vae_reconstruction(config, workdir, reference)
-  _write_comparison(out_dir, "vae_reconstruction", reconstruction,
-                    sorted(next(iter(reconstruction.values()))) if reconstruction else [])
+  tables.write_table(out_dir, "vae_reconstruction",
+                     {stem: dict(sorted(scores.items()))
+                      for stem, scores in reconstruction.items()}, row_label="measure")
 
   metrics = dict(score_label=score_label, num_generated=len(generated),
                  num_reference=len(reference), total_generation=total,

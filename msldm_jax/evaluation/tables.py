@@ -115,34 +115,38 @@ def partial_generation_scores(generated: Union[np.ndarray, Mapping[str, np.ndarr
   return scores
 
 
-def write_score_table(directory: str, name: str,
-                      scores: Mapping[str, Union[float, Mapping[str, float]]],
-                      score_label: str, row_label: str = "stems") -> dict[str, str]:
-  """Writes `<name>.md`, `<name>.csv` and `<name>.png` (bar plot); returns their paths.
-
-  `scores` maps rows to a score (one column, headed `score_label`) or to {column: score}
-  (one column per key, every row with the same keys; headed '<column> (<score_label>)').
-  """
-  rows = {row: dict(value) if isinstance(value, Mapping) else {score_label: value}
-          for row, value in scores.items()}
-  columns = list(next(iter(rows.values()))) if rows else [score_label]
+def write_table(directory: str, name: str, rows: Mapping[str, Mapping[str, float]],
+                row_label: str, plot_label: str | None = None) -> dict[str, str]:
+  """Writes `<name>.md` and `<name>.csv` of {row: {column: value}} (every row with the same
+  columns, in the first row's order), and `<name>.png`, a grouped bar plot with y-axis
+  `plot_label`, when that is given; returns the paths written."""
+  rows = {row: dict(values) for row, values in rows.items()}
+  columns = list(next(iter(rows.values()))) if rows else []
   for row, values in rows.items():
     if list(values) != columns:
       raise ValueError(f"table {name!r}: row {row!r} has columns {list(values)}, the first "
                        f"row has {columns}")
-  headers = [c if c == score_label else f"{c} ({score_label})" for c in columns]
   os.makedirs(directory, exist_ok=True)
-  paths = {ext: os.path.join(directory, f"{name}.{ext}") for ext in ("md", "csv", "png")}
+  paths = {ext: os.path.join(directory, f"{name}.{ext}") for ext in ("md", "csv")}
   with open(paths["md"], "w") as f:
-    f.write(f"| {row_label} | " + " | ".join(headers) + " |\n|---|" + "---:|" * len(columns)
+    f.write(f"| {row_label} | " + " | ".join(columns) + " |\n|---|" + "---:|" * len(columns)
             + "\n")
     for row, values in rows.items():
       f.write(f"| {row} | " + " | ".join(f"{values[c]:.4f}" for c in columns) + " |\n")
   with open(paths["csv"], "w", newline="") as f:
     writer = csv.writer(f)
-    writer.writerow([row_label] + headers)
+    writer.writerow([row_label] + columns)
     for row, values in rows.items():
       writer.writerow([row] + [repr(float(values[c])) for c in columns])
+  if plot_label is not None:
+    paths["png"] = os.path.join(directory, f"{name}.png")
+    _bar_plot(paths["png"], name, rows, columns, plot_label)
+  logging.info("Wrote %s table to %s", name, paths["md"])
+  return paths
+
+
+def _bar_plot(path: str, title: str, rows: Mapping[str, Mapping[str, float]],
+              columns: Sequence[str], ylabel: str):
   fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(rows) * len(columns) + 1.5), 3.5))
   width = 0.8 / len(columns)
   positions = np.arange(len(rows))
@@ -151,13 +155,25 @@ def write_score_table(directory: str, name: str,
            [values[column] for values in rows.values()], width, label=column)
   ax.set_xticks(positions)
   ax.set_xticklabels(list(rows), rotation=45, ha="right")
-  ax.set_ylabel(score_label)
-  ax.set_title(name)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
   ax.grid(axis="y", alpha=0.3)
   if len(columns) > 1:
     ax.legend(fontsize="small")
   fig.tight_layout()
-  fig.savefig(paths["png"], dpi=80)
+  fig.savefig(path, dpi=80)
   plt.close(fig)
-  logging.info("Wrote %s table to %s", name, paths["md"])
-  return paths
+
+
+def write_score_table(directory: str, name: str,
+                      scores: Mapping[str, Union[float, Mapping[str, float]]],
+                      score_label: str, row_label: str = "stems") -> dict[str, str]:
+  """Writes `<name>.md`, `<name>.csv` and `<name>.png` (bar plot); returns their paths.
+
+  `scores` maps rows to a score (one column, headed `score_label`) or to {column: score}
+  (one column per key, every row with the same keys; headed '<column> (<score_label>)').
+  """
+  rows = {row: ({f"{c} ({score_label})": v for c, v in value.items()}
+                if isinstance(value, Mapping) else {score_label: value})
+          for row, value in scores.items()}
+  return write_table(directory, name, rows, row_label, plot_label=score_label)

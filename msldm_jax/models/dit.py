@@ -12,7 +12,7 @@ Precision: parameters in `param_dtype` (float32); the token matmuls take `dtype`
 (bfloat16 for the paper sizes) and accumulate in float32; the residual stream, LayerNorm
 statistics, the noise embedding and the modulation (one row per example, see
 `_CONDITIONING_MODULES`) and the output stay float32, and `jax.nn.dot_product_attention`
-takes its softmax in float32. For sampling, `inference_params` casts the parameters once.
+takes its softmax in float32. For sampling, `DiT.inference_params` casts the parameters once.
 
 Print the parameter counts of all variants:
 
@@ -144,25 +144,6 @@ def _dense(features: int, dtype, param_dtype, name: str, kernel_init=_xavier) ->
 # gate, and XLA:CPU runs a one-row bfloat16 matmul (matrix-vector) 6.7× slower than the
 # float32 one, while the token matmuls are the other way round.
 _CONDITIONING_MODULES = ("noise_embed", "adaLN_modulation")
-
-
-def inference_params(model: "DiT", params):
-  """`params` cast once to the dtypes the model computes in, for sampling.
-
-  Token matmuls cast their kernels to `dtype` on every call anyway (the conditioning
-  modules keep float32), so the outputs are bitwise the same; casting once, before a
-  sampler's loop, saves re-reading and converting the float32 parameters at every network
-  evaluation, and halves the weight traffic in bfloat16.
-  """
-  dtype = jnp.dtype(model.dtype)
-
-  def cast(path, leaf):
-    names = {getattr(entry, "key", None) for entry in path}
-    if names & set(_CONDITIONING_MODULES) or not jnp.issubdtype(leaf.dtype, jnp.floating):
-      return leaf
-    return leaf.astype(dtype)
-
-  return jax.tree_util.tree_map_with_path(cast, params)
 
 
 class NoiseEmbedder(nn.Module):
@@ -320,8 +301,22 @@ class DiT(nn.Module):
                             param_dtype=param_dtype, name="final")
 
   def inference_params(self, params):
-    """`inference_params(self, params)`: the parameters cast once for sampling."""
-    return inference_params(self, params)
+    """`params` cast once to the dtypes the model computes in, for sampling.
+
+    Token matmuls cast their kernels to `dtype` on every call anyway (the conditioning
+    modules keep float32), so the outputs are bitwise the same; casting once, before a
+    sampler's loop, saves re-reading and converting the float32 parameters at every network
+    evaluation, and halves the weight traffic in bfloat16.
+    """
+    dtype = jnp.dtype(self.dtype)
+
+    def cast(path, leaf):
+      names = {getattr(entry, "key", None) for entry in path}
+      if names & set(_CONDITIONING_MODULES) or not jnp.issubdtype(leaf.dtype, jnp.floating):
+        return leaf
+      return leaf.astype(dtype)
+
+    return jax.tree_util.tree_map_with_path(cast, params)
 
   def conditioning(self, c_noise):
     """c_noise [batch] -> the modulations {"blocks": (depth × [batch, 6·width]),
