@@ -38,6 +38,7 @@ import tensorflow_datasets as tfds
 
 from msldm_jax import config_loading
 from msldm_jax import stems
+from msldm_jax.data import input_iterator
 from msldm_jax.data import pipeline
 from msldm_jax.data import synthetic
 
@@ -93,7 +94,7 @@ def main(argv):
     print(f"Dataset {dataset_dir}, split {_SPLIT.value!r}; config {_CONFIG.value}; "
           f"{cores} cores (os.sched_getaffinity).")
     spec = pipeline.vae_window_spec(data_config, train=True)
-    vae = pipeline.InputIterator(functools.partial(
+    vae = input_iterator.InputIterator(functools.partial(
         pipeline.vae_windows, dataset_dir, _SPLIT.value, data_config=data_config,
         batch_size=_VAE_BATCH.value, train=True))
     vae_rate = _measure(
@@ -101,7 +102,7 @@ def main(argv):
         f"{spec.window / rate:g} s)", vae, _WARMUP.value, _MEASURE.value,
         _VAE_BATCH.value * spec.window / rate, cores)
     chunk = data_config.chunks.samples
-    chunks = pipeline.InputIterator(functools.partial(
+    chunks = input_iterator.InputIterator(functools.partial(
         pipeline.diffusion_chunks, dataset_dir, _SPLIT.value, data_config=data_config,
         batch_size=_CHUNK_BATCH.value, train=True))
     _measure(f"Diffusion chunks (batch {_CHUNK_BATCH.value} x {stems.NUM_STEMS} stems x "

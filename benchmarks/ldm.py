@@ -18,7 +18,7 @@ churn, VAE decoding of the four stems), ours against the release, on CPU with ra
   ours     the DiT `base` variant (372.8 M parameters) in its configured compute dtype
            (bfloat16 matmuls with float32 accumulation, float32 parameters; --dit_dtype
            overrides) as the EDM denoiser, sampled as generation samples
-           (`sampling.sampling_denoise_fn`: parameters cast once, the σ-only conditioning
+           (`generation_program.sampling_denoise_fn`: parameters cast once, the σ-only conditioning
            tabulated once per piece), and the paper-size SourceVAE decoder in float32;
   release  audio-diffusion-pytorch 0.0.43's UNet1d at the release's settings (364.4 M
            parameters) and the release's decoder (DAC's Decoder, 1536 wide, strides 8·5·4·2,
@@ -63,7 +63,7 @@ import optax
 
 from msldm_jax.diffusion import edm
 from msldm_jax.diffusion import samplers
-from msldm_jax.generation import sampling
+from msldm_jax.diffusion import generation_program
 from msldm_jax.models import dit
 from msldm_jax.models import source_vae
 
@@ -201,13 +201,13 @@ class Ours:
     self.inference_params = jax.jit(self.model.inference_params)(self.params)
     self.denoise = jax.jit(lambda p, x, s: edm.denoise(self.model.apply, p, x, s,
                                                        sigma_data=0.4))
-    # The sampler as generation runs it (`sampling.sampling_denoise_fn`: parameters cast
+    # The sampler as generation runs it (`generation_program.sampling_denoise_fn`: parameters cast
     # and conditioning tabulated once per call), at S and 2·S steps: the difference is the
     # time per step, the rest the once-per-piece set-up.
     steps = _SAMPLER_STEPS.value
     self.sample = {n: self._sampler(n) for n in (steps, 2 * steps)}
     stems = list(range(int(_DECODE_STEMS.value)))
-    self.decode = jax.jit(lambda vp, z: sampling.decode_stems(self.vae, vp, z, stems))
+    self.decode = jax.jit(lambda vp, z: generation_program.decode_stems(self.vae, vp, z, stems))
     start = time.perf_counter()
     jax.block_until_ready(self.denoise(self.inference_params, self.x, 1.0))
     for sample in self.sample.values():
@@ -219,7 +219,7 @@ class Ours:
   def _sampler(self, num_steps):
     settings = dict(samplers.sampler_config("euler_churn"), num_steps=num_steps)
     return jax.jit(lambda p, key: samplers.euler_churn(
-        sampling.sampling_denoise_fn(self.model, p, "euler_churn", settings, sigma_data=0.4),
+        generation_program.sampling_denoise_fn(self.model, p, "euler_churn", settings, sigma_data=0.4),
         key, (1, 320, FRAMES), **settings))
 
   def run_evals(self):
@@ -240,15 +240,15 @@ class Ours:
 
   def run_full(self) -> dict:
     """The real generation program: 150 steps + four-stem decoding, one compiled call."""
-    keys = sampling.piece_keys(0, [0])
+    keys = generation_program.piece_keys(0, [0])
     compile_seconds = None
     if self.full is None:
-      spec = sampling.GenerationSpec(
+      spec = generation_program.GenerationSpec(
           vae=self.vae, denoiser=self.model, num_frames=FRAMES, sampler_name="euler_churn",
           sampler_settings=tuple(sorted(samplers.sampler_config("euler_churn").items())),
           sigma_data=0.4)
       start = time.perf_counter()
-      self.full = sampling.generate_batch.lower(self.vae_params, self.params, keys, None,
+      self.full = generation_program.generate_batch.lower(self.vae_params, self.params, keys, None,
                                                 spec=spec).compile()
       compile_seconds = time.perf_counter() - start
     seconds, cpu_seconds = _timed(self.full, self.vae_params, self.params, keys, None)

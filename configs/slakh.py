@@ -1,5 +1,8 @@
 r"""Slakh2100 at the paper's sizes: the 61 M SourceVAE, then a DiT over its 320-channel latents.
 
+The paper's configuration (msldm_jax/paper_config.py) with this script's options below; every
+other key is the paper's.
+
 One GPU (each stage resumes from WORKDIR; run them in this order):
   python -m msldm_jax.main --config=configs/slakh.py:source_dir=/data/slakh2100 \
       --workdir=runs/slakh --mode=data
@@ -46,111 +49,25 @@ Options (one string argument, comma-separated):
                          replicating them
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
 from msldm_jax import config_loading
-from msldm_jax import stems
-from msldm_jax.losses import vae_losses
-from msldm_jax.models import dit
-from msldm_jax.models import source_vae
+from msldm_jax import paper_config
 
-VARIANTS = ("base", "large")
 LAYOUTS = ("slakh_raw", "stems")
 
 
-def _demo_module():
-  """configs/demo.py, whose config defines every key the stages read."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
-  spec = importlib.util.spec_from_file_location("msldm_config_demo_for_slakh", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def _override(section: ml_collections.ConfigDict, values: dict, where: str):
-  """Sets existing keys only, so that a key demo.py renamed is an error here, not a new key."""
-  for key, value in values.items():
-    if key not in section:
-      raise KeyError(f"configs/slakh.py: {where}.{key} is not a key of configs/demo.py's "
-                     f"{where} section; keys: {', '.join(sorted(section))}")
-    if isinstance(value, dict):
-      _override(section[key], value, f"{where}.{key}")
-    else:
-      section[key] = value
-
-
-def get_config(arg=None):
+def get_config(arg=None) -> ml_collections.ConfigDict:
   args = config_loading.parse_arg(arg, variant="base", layout="slakh_raw", source_dir="",
                                   tfds_dir="", fsdp=False)
-  if args.variant not in VARIANTS:
+  if args.variant not in paper_config.VARIANTS:
     raise ValueError(f"configs/slakh.py: unknown variant {args.variant!r} "
-                     f"({', '.join(VARIANTS)})")
+                     f"({', '.join(paper_config.VARIANTS)})")
   if args.layout not in LAYOUTS:
     raise ValueError(f"configs/slakh.py: unknown layout {args.layout!r} ({', '.join(LAYOUTS)})")
-  demo = _demo_module()
   sharding = "fsdp" if args.fsdp else "replicate"
-
-  # Every section demo.py defines (the stages read them all, including any added there
-  # later), at its full size; then the paper's values over them.
-  config = demo.get_config("variant=default")
-  config.variant = args.variant
-
-  # Reference §2: the demo's full-size windows and chunks are already the reference's.
-  _override(config.data, dict(
-      layout=args.layout, source_dir=args.source_dir, tfds_dir=args.tfds_dir,
-      # Nothing to render: the stems come from source_dir.
-      render=dict(num_pieces=0, max_seconds=0.0),
-      # Empty: the layout's default name (slakh2100 or stems).
-      name="",
-      min_duration=15.0, max_duration=640.0,
-      chunks=dict(samples=327672, shuffle_buffer=256),
-  ), "data")
-
-  # Reference §3: the release's SourceVAE, discriminators and optimiser.
-  config.vae.model = source_vae.model_config("paper")
-  _override(config.vae, dict(
-      discriminator=dict(variant="full"),
-      loss_weights=dict(vae_losses.DEFAULT_LOSS_WEIGHTS),
-      optimizer=dict(learning_rate=5e-5, lr_decay=0.999996, b1=0.8, b2=0.99,
-                     generator_clip=1000.0, discriminator_clip=10.0),
-      sharding=sharding,
-      batch_size=28,
-      # The reference does not publish its length; 0.999996**800k ≈ 0.04 of the initial rate.
-      train=dict(num_steps=800_000, log_every=100, eval_every=5_000,
-                 checkpoint_every=5_000, keep_checkpoints=3, eval_batches=16,
-                 eval_batch_size=8),
-  ), "vae")
-
-  # Reference §4-§5, with a diffusion transformer in place of the release's U-Net.
-  model = dit.model_config(args.variant)  # bfloat16 compute, float32 parameters
-  model.in_channels = stems.NUM_STEMS * config.vae.model.latent_dim  # 320
-  config.ldm.model = model
-  _override(config.ldm, dict(
-      latents_per_shard=256,
-      sigma_data=0.4, sigma_distribution="uniform", sigma_max_train=3.0,
-      # Adam at a constant rate, as the release (warmup_steps 0: no schedule).
-      optimizer=dict(learning_rate=2e-5, warmup_steps=0, b1=0.9, b2=0.99, weight_decay=0.0,
-                     clip=1.0),
-      # The release keeps no EMA; ours does (sampling uses it, sample.use_ema).
-      ema_decay=0.9999,
-      sharding=sharding,
-      batch_size=16,
-      train=dict(num_steps=600_000, log_every=100, sample_every=20_000,
-                 checkpoint_every=5_000, keep_checkpoints=3, sample_steps=50),
-  ), "ldm")
-
-  # Reference §6: the release's sampler.
-  _override(config.sample, dict(
-      sampler="euler_churn", num_steps=150, sigma_min=0.01, sigma_max=3.0, rho=7.0,
-      s_churn=20.0, num_pieces=8, batch_size=4, log_every_steps=25,
-  ), "sample")
-
-  # Reference §9: FAD on the test split; the 14 partial-generation rows each generate one
-  # piece per conditioning chunk (14 × partial_chunks pieces in all).
-  _override(config.evaluate, dict(
-      reference_split="test", max_reference_chunks=256, partial_chunks=16,
-  ), "evaluate")
-  return config
+  return config_loading.override(paper_config.get_paper_config(args.variant), dict(
+      data=dict(layout=args.layout, source_dir=args.source_dir, tfds_dir=args.tfds_dir),
+      vae=dict(sharding=sharding),
+      ldm=dict(sharding=sharding),
+  ), "configs/slakh.py")

@@ -3,10 +3,16 @@
 `arg` is one string of comma-separated options (`variant=tiny,runlocal`), parsed against the
 options a config declares, so that a misspelled option is an error naming it. The same
 `load_config("configs/demo.py:variant=tiny")` serves `main.py`, tests and notebooks.
+
+A config script starts from the paper's configuration (`msldm_jax/paper_config.py`) and
+changes it with `override`, which sets existing keys only: a smaller configuration is the
+paper's with a visible list of changes, and a key renamed in the paper's config is an error
+in every script that still sets the old one.
 """
 
 import importlib.util
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
@@ -51,18 +57,24 @@ def parse_arg(arg: str | None, **spec: Any) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(values)
 
 
-def load_config(path_and_arg: str) -> ml_collections.ConfigDict:
-  """Loads `path/to/config.py[:arg]` and returns its locked ConfigDict.
-
-  Locking makes assigning a key that does not exist an error that names it.
-  """
-  path, _, arg = path_and_arg.partition(":")
+def load_module(path: str):
+  """The config script at `path` as a module (its `get_config` and whatever else it defines)."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"config file not found: {path}")
   spec = importlib.util.spec_from_file_location(
       "msldm_config_" + os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  return module
+
+
+def load_config(path_and_arg: str) -> ml_collections.ConfigDict:
+  """Loads `path/to/config.py[:arg]` and returns its locked ConfigDict.
+
+  Locking makes assigning a key that does not exist an error that names it.
+  """
+  path, _, arg = path_and_arg.partition(":")
+  module = load_module(path)
   if not hasattr(module, "get_config"):
     raise AttributeError(f"config file {path} defines no get_config(arg)")
   config = module.get_config(arg or None)
@@ -70,3 +82,49 @@ def load_config(path_and_arg: str) -> ml_collections.ConfigDict:
     raise TypeError(f"{path}: get_config must return an ml_collections.ConfigDict")
   config.lock()
   return config
+
+
+def _is_section(value: Any) -> bool:
+  return isinstance(value, (Mapping, ml_collections.ConfigDict))
+
+
+def override(config: ml_collections.ConfigDict, values: Mapping[str, Any], source: str,
+             where: str = "") -> ml_collections.ConfigDict:
+  """Sets `values` (nested like `config`) over `config`, existing keys only; returns config.
+
+  A nested mapping sets keys inside that section; any other value replaces the key's value
+  (ConfigDict's type checks apply: a float key takes an int, not a string).
+
+  Raises:
+    KeyError naming `source`, the dotted key and the keys that exist, for a key `config`
+      does not have (a misspelling, or a key renamed in the base config); TypeError for a
+      section given a plain value or a plain key given a section.
+  """
+  for key, value in values.items():
+    name = f"{where}.{key}" if where else key
+    if key not in config:
+      raise KeyError(f"{source}: {name} is not a key of the base config"
+                     f"{' section ' + where if where else ''}; keys: "
+                     + ", ".join(sorted(config)))
+    is_section = isinstance(config[key], ml_collections.ConfigDict)
+    if _is_section(value) != is_section:
+      raise TypeError(f"{source}: {name} is {'a section' if is_section else 'a value'} in "
+                      f"the base config, but is given {value!r}")
+    if is_section:
+      override(config[key], value, source, name)
+    else:
+      config[key] = value
+  return config
+
+
+def flatten(tree: Mapping[str, Any] | ml_collections.ConfigDict,
+            prefix: str = "") -> dict[str, Any]:
+  """{'a.b.c': value} for every leaf of a nested ConfigDict or dict (sections are walked)."""
+  leaves = {}
+  for key, value in tree.items():
+    name = prefix + key
+    if _is_section(value):
+      leaves.update(flatten(value, name + "."))
+    else:
+      leaves[name] = value
+  return leaves

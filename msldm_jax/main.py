@@ -27,20 +27,21 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-# mode -> "module:function", each taking (config, workdir). Imported lazily so that a mode
-# pays only for what it uses.
+from msldm_jax import workdir_layout
+
+# mode -> the stage's module; every stage module has `run(config, workdir)`. Imported lazily
+# so that a mode pays only for what it uses.
 MODES = {
-    "data": "msldm_jax.data.prepare:prepare_data",
-    "train_vae": "msldm_jax.training.train_vae:train_and_evaluate",
-    "encode_latents": "msldm_jax.latents.encode:encode_latents",
-    "train_ldm": "msldm_jax.training.train_ldm:train_and_evaluate",
-    "sample": "msldm_jax.generation.stage:sample",
-    "evaluate": "msldm_jax.evaluation.stage:evaluate",
-    "all": "msldm_jax.main:run_all",
+    "data": "msldm_jax.data.prepare",
+    "train_vae": "msldm_jax.training.train_vae",
+    "encode_latents": "msldm_jax.latents.encode",
+    "train_ldm": "msldm_jax.training.train_ldm",
+    "sample": "msldm_jax.generation.stage",
+    "evaluate": "msldm_jax.evaluation.stage",
+    "all": "msldm_jax.main",
 }
 # What --mode=all runs, in order.
 ALL_STAGES = ("data", "train_vae", "encode_latents", "train_ldm", "sample", "evaluate")
-STAGE_MARKERS = "stages"
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config script (configs/*.py[:arg]).",
                                           lock_config=True)
@@ -67,9 +68,7 @@ def run(mode: str, config, workdir: str):
     # msldm_jax.main` (where this module is __main__), execute the module a second time and
     # define its flags twice.
     return run_all(config, workdir)
-  module_name, function_name = MODES[mode].split(":")
-  function = getattr(importlib.import_module(module_name), function_name)
-  return function(config, workdir)
+  return importlib.import_module(MODES[mode]).run(config, workdir)
 
 
 def _config_digest(config) -> str:
@@ -79,7 +78,7 @@ def _config_digest(config) -> str:
 def run_all(config, workdir: str) -> dict:
   """Every stage in order. A stage that finished under the same config is skipped (a marker
   in WORKDIR/stages records it); an unfinished one resumes from its own checkpoints."""
-  marker_dir = os.path.join(workdir, STAGE_MARKERS)
+  marker_dir = workdir_layout.stage_markers_dir(workdir)
   os.makedirs(marker_dir, exist_ok=True)
   digest = _config_digest(config)
   results = {}

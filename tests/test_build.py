@@ -17,6 +17,7 @@ import tensorflow_datasets as tfds
 
 from msldm_jax import config_loading
 from msldm_jax import stems
+from msldm_jax import workdir_layout
 from msldm_jax.data import audio_files
 from msldm_jax.data import build
 from msldm_jax.data import prepare
@@ -406,20 +407,20 @@ def test_prepare_data_builds_from_config(stems_source, tmp_path):
   config.data.min_duration = MIN_S
   config.data.max_duration = MAX_S
   workdir = str(tmp_path / "work")
-  path = prepare.prepare_data(config, workdir)
-  assert path == prepare.dataset_dir(config, workdir)
+  path = prepare.run(config, workdir)
+  assert path == workdir_layout.dataset_dir(config, workdir)
   assert path == os.path.join(os.path.abspath(workdir), "tfds", config.data.name, "1.0.0")
   examples = _examples(path, "validation")
   np.testing.assert_array_equal(
       examples["Track00101"]["audio"],
       np.stack([written["Track00101"][name] for name in stems.STEM_NAMES]))
   config.data.tfds_dir = str(tmp_path / "elsewhere")
-  assert prepare.dataset_dir(config, workdir) == os.path.join(
+  assert workdir_layout.dataset_dir(config, workdir) == os.path.join(
       str(tmp_path / "elsewhere"), config.data.name, "1.0.0")
   config.data.source_dir = ""
   config.data.layout = "slakh_raw"
   with pytest.raises(ValueError, match="data.layout='slakh_raw'"):
-    prepare.prepare_data(config, workdir)
+    prepare.run(config, workdir)
 
 
 def test_cli(tmp_path, repo_root):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from msldm_jax.evaluation import features
+from msldm_jax.evaluation import statistics_embedding
 from msldm_jax.evaluation import music_metrics as mm
 
 SR = 22050
@@ -103,13 +103,13 @@ def test_reconstruction_quality():
 
 def test_statistics_embedding():
   x = _tone(220.0, 3.5)
-  emb = features.embed(x)
-  assert emb.shape == (3, features.EMBEDDING_DIM)
+  emb = statistics_embedding.embed(x)
+  assert emb.shape == (3, statistics_embedding.EMBEDDING_DIM)
   assert np.all(np.isfinite(emb))
-  assert np.all(np.isfinite(features.embed(np.zeros(SR))))
-  assert not np.allclose(emb[0], features.embed(_tone(330.0, 1.0))[0])
+  assert np.all(np.isfinite(statistics_embedding.embed(np.zeros(SR))))
+  assert not np.allclose(emb[0], statistics_embedding.embed(_tone(330.0, 1.0))[0])
   # The chroma means peak at pitch class A (9).
-  chroma_mean = emb[0, 2 * (features.N_MELS + features.N_MFCC):][:12]
+  chroma_mean = emb[0, 2 * (statistics_embedding.N_MELS + statistics_embedding.N_MFCC):][:12]
   assert np.argmax(chroma_mean) == 9
   with pytest.raises(ValueError, match="shorter"):
-    features.embed(np.zeros(100))
+    statistics_embedding.embed(np.zeros(100))

@@ -8,7 +8,7 @@ import pytest
 from msldm_jax import config_loading
 from msldm_jax import joint_latent
 from msldm_jax.evaluation import partial_generation
-from msldm_jax.generation import sampling
+from msldm_jax.diffusion import generation_program
 from msldm_jax.generation import stage
 from msldm_jax.models import dit
 from msldm_jax.models import source_vae
@@ -20,8 +20,9 @@ def setup():
   config.sample.num_steps = 4
   vae = source_vae.SourceVAE.from_config(config.vae.model)
   vae_params = source_vae.init_params(vae, jax.random.key(0))
-  denoiser = dit.build_model(config.ldm.model)
   channels = 4 * config.vae.model.latent_dim
+  config.ldm.model.in_channels = channels  # What the trainer resolves 0 to.
+  denoiser = dit.build_model(config.ldm.model)
   variables = jax.jit(denoiser.init)(jax.random.key(1), jnp.zeros((1, channels, 32)),
                                      jnp.zeros((1,)))
   rng = np.random.default_rng(0)
@@ -55,11 +56,11 @@ def test_runs_keep_given_stems_and_generate_the_subset(setup):
 
 def test_inpaint_batch_holds_each_pieces_own_given_latents(setup):
   _, spec, vae_params, denoiser_params, chunks = setup
-  x_known = np.concatenate([np.asarray(sampling.encode_given(vae_params, chunks[k:k + 1],
+  x_known = np.concatenate([np.asarray(generation_program.encode_given(vae_params, chunks[k:k + 1],
                                                              vae=spec.vae)) for k in range(2)])
   known = np.array([[False, True, True, True], [True, True, False, False]])
-  latents, waveforms = sampling.inpaint_batch(
-      vae_params, denoiser_params, sampling.piece_keys(0, [0, 1]), jnp.asarray(x_known),
+  latents, waveforms = generation_program.inpaint_batch(
+      vae_params, denoiser_params, generation_program.piece_keys(0, [0, 1]), jnp.asarray(x_known),
       jnp.asarray(known), spec=spec)
   assert waveforms.shape[:2] == (2, 4)
   split_out = joint_latent.split_sources(np.asarray(latents))
@@ -79,6 +80,6 @@ def test_errors_name_the_problem(setup):
                                                chunks[:, :2], seed=0, batch_size=1)
   partial_spec = stage.make_spec(config, spec.vae, spec.denoiser, ("bass",))
   with pytest.raises(ValueError, match="given stems as data"):
-    sampling.inpaint_batch(vae_params, denoiser_params, sampling.piece_keys(0, [0]),
+    generation_program.inpaint_batch(vae_params, denoiser_params, generation_program.piece_keys(0, [0]),
                            jnp.zeros((1, spec.channels, spec.num_frames)),
                            jnp.ones((1, 4), bool), spec=partial_spec)

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -19,17 +18,20 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from msldm_jax import checkpointing
 from msldm_jax import config_loading
 from msldm_jax import joint_latent
 from msldm_jax import stems as stems_lib
+from msldm_jax import workdir_layout
 from msldm_jax.data import audio_files
 from msldm_jax.diffusion import edm
+from msldm_jax.diffusion import generation_program
 from msldm_jax.diffusion import samplers
 from msldm_jax.generation import conditions
 from msldm_jax.generation import outputs
-from msldm_jax.generation import sampling
 from msldm_jax.generation import stage
 from msldm_jax.models import dit
+from msldm_jax.models import loading
 from msldm_jax.models import source_vae
 
 SR = stems_lib.SAMPLE_RATE
@@ -42,13 +44,20 @@ def _config(**sample_overrides):
   return config
 
 
+def _denoiser_config(config):
+  """The tiny DiT for the tiny VAE's latents (in_channels resolved, as the trainer does)."""
+  model_config = config.ldm.model.to_dict()
+  model_config["in_channels"] = stems_lib.NUM_STEMS * config.vae.model.latent_dim
+  return model_config
+
+
 @pytest.fixture(scope="module")
 def models():
   config = _config()
   vae = source_vae.SourceVAE.from_config(config.vae.model)
   vae_params = source_vae.init_params(vae, jax.random.key(0))
-  denoiser = dit.build_model(config.ldm.model)
-  channels = stems_lib.NUM_STEMS * config.vae.model.latent_dim
+  denoiser = dit.build_model(_denoiser_config(config))
+  channels = denoiser.in_channels
   variables = jax.jit(denoiser.init)(jax.random.key(1), jnp.zeros((1, channels, 32)),
                                      jnp.zeros((1,)))
   leaves, treedef = jax.tree.flatten(variables)
@@ -160,7 +169,7 @@ def test_partial_latents_hold_the_given_stems_encodings_exactly(models, conditio
   config = _config(condition_dir=condition_dir, generate="bass")
   task = stage.prepare_task(config)
   spec = stage.make_spec(config, vae, denoiser, task.generate_stems)
-  x_known = np.asarray(sampling.encode_given(vae_params, task.given.stacked(), vae=vae))[0]
+  x_known = np.asarray(generation_program.encode_given(vae_params, task.given.stacked(), vae=vae))[0]
   pieces = list(stage.generate_pieces(spec, vae_params, denoiser_params, seed=0,
                                       piece_indices=[0, 1], batch_size=2,
                                       num_samples=num_samples, given=task.given))
@@ -228,47 +237,45 @@ def test_command_line_flags_override_the_config(tmp_path):
   assert "'flute'" in result.stderr and "config.sample.generate" in result.stderr
 
 
-def test_sample_stage_loads_checkpoints_and_writes_to_workdir(models, tmp_path, monkeypatch):
-  """The stage's wiring, with the two restore functions replaced by fakes."""
-  vae, vae_params, denoiser, denoiser_params = models
-  seen = {}
+def _write_checkpoints(workdir, models, config):
+  """An imported VAE and a diffusion checkpoint (step 9) recording it, as the stages write
+  them; returns the VAE's folder."""
+  vae, vae_params, _, denoiser_params = models
+  vae_dir = os.path.join(workdir, "imported_vae")
+  loading.save_imported_vae(vae_dir, jax.device_get(vae_params), vae)
+  state = {"step": np.int32(9), "params": jax.device_get(denoiser_params),
+           "ema_params": jax.device_get(denoiser_params)}
+  latents = {"latents_dir": "unused", "vae": loading.load_vae(vae_dir).identity,
+             "shape": [stems_lib.NUM_STEMS, vae.latent_dim, 32]}
+  manager = checkpointing.make_manager(
+      workdir_layout.checkpoints_dir(workdir, workdir_layout.LDM))
+  checkpointing.save(manager, 9, state, {},
+                     loading.denoiser_record(_denoiser_config(config), latents=latents))
+  manager.wait_until_finished()
+  return vae_dir
 
-  def restore_generator(config, workdir, checkpoint_dir=None):
-    seen["vae"] = (workdir, checkpoint_dir)
-    return vae_params, {"checkpoint_dir": "vae/checkpoints", "step": 7}
 
-  def load_denoiser(config, workdir, use_ema=True):
-    seen["ldm"] = (workdir, use_ema)
-    return denoiser, denoiser_params, {"checkpoint_dir": "ldm/checkpoints", "step": 9}
-
-  fake_vae = types.ModuleType("msldm_jax.training.train_vae")
-  fake_vae.make_models = lambda vae_config: types.SimpleNamespace(vae=vae)
-  fake_vae.restore_generator = restore_generator
-  fake_ldm = types.ModuleType("msldm_jax.training.train_ldm")
-  fake_ldm.load_denoiser = load_denoiser
-  import msldm_jax.training  # pylint: disable=g-import-not-at-top
-  for name, module in (("train_vae", fake_vae), ("train_ldm", fake_ldm)):
-    monkeypatch.setitem(sys.modules, f"msldm_jax.training.{name}", module)
-    monkeypatch.setattr(msldm_jax.training, name, module, raising=False)
-
+def test_sample_stage_loads_checkpoints_and_writes_to_workdir(models, tmp_path):
+  """The stage finds the denoiser in the workdir and the VAE its checkpoint records."""
   config = _config()
-  output = stage.sample(config, str(tmp_path))
+  vae_dir = _write_checkpoints(str(tmp_path), models, config)
+  output = stage.run(config, str(tmp_path))
   assert output == os.path.join(str(tmp_path), "samples")
-  assert seen == {"vae": (str(tmp_path), None), "ldm": (str(tmp_path), True)}
   _, _, record = _read_piece(outputs.piece_dir(output, 1))
-  assert record["checkpoints"]["vae"]["step"] == 7
+  assert record["checkpoints"]["vae"]["checkpoint_dir"] == vae_dir
+  assert record["checkpoints"]["vae"]["format"] == "imported"
   assert record["checkpoints"]["ldm"]["step"] == 9
 
 
-def test_check_vae_refuses_a_vae_the_diffusion_model_did_not_learn():
-  restored = {"checkpoint_dir": "/runs/vae/checkpoints", "step": 8}
-  learned = {"checkpoint_dir": "/runs/vae/checkpoints", "step": 6, "params_sha256": "aaa"}
-  digest = lambda params: params["sha"]
-  identity = stage.check_vae(restored, learned, {"sha": "aaa"}, digest)
-  assert identity == {**restored, "params_sha256": "aaa"}
-  with pytest.raises(ValueError, match=r"step 8 \(params sha256 bbb\).*step 6"):
-    stage.check_vae(restored, learned, {"sha": "bbb"}, digest)
-  assert stage.check_vae(restored, {}, {"sha": "bbb"}, None) == restored  # nothing recorded
+def test_sample_stage_refuses_a_vae_the_diffusion_model_did_not_learn(models, tmp_path):
+  config = _config()
+  _write_checkpoints(str(tmp_path), models, config)
+  vae, vae_params = models[0], models[1]
+  other = jax.tree.map(lambda p: np.asarray(p) * 1.01, jax.device_get(vae_params))
+  loading.save_imported_vae(str(tmp_path / "other_vae"), other, vae)
+  config.ldm.vae_checkpoint = str(tmp_path / "other_vae")
+  with pytest.raises(ValueError, match=r"other_vae.*must not mix"):
+    stage.run(config, str(tmp_path))
 
 
 def test_decoding_only_the_generated_stems_matches_decoding_all():
@@ -281,25 +288,25 @@ def test_decoding_only_the_generated_stems_matches_decoding_all():
       lambda leaf: (1.0 + 0.1 * rng.normal(size=leaf.shape)).astype(leaf.dtype), abstract)
   latents = 0.5 * jax.random.normal(jax.random.key(3), (2, stems_lib.NUM_STEMS,
                                                          vae.latent_dim, 8))
-  every = jax.jit(lambda p, z: sampling.decode_stems(vae, p, z, [0, 1, 2, 3]))(
+  every = jax.jit(lambda p, z: generation_program.decode_stems(vae, p, z, [0, 1, 2, 3]))(
       vae_params, latents)
-  some = jax.jit(lambda p, z: sampling.decode_stems(vae, p, z, [1, 3]))(vae_params, latents)
+  some = jax.jit(lambda p, z: generation_program.decode_stems(vae, p, z, [1, 3]))(vae_params, latents)
   assert some.shape == (2, 2, source_vae.decoded_length(8, vae.decoder_strides))
   np.testing.assert_allclose(some, every[:, [1, 3]], atol=1e-5)
 
 
 def test_sampler_settings_follow_the_sampler():
   config = _config(sampler="dpmpp_2m")
-  name, settings = sampling.sampler_settings(config.sample)
+  name, settings = generation_program.sampler_settings(config.sample)
   assert name == "dpmpp_2m" and "s_churn" not in settings  # deterministic: no churn
   with pytest.raises(ValueError, match="config.sample.sampler='ddim'"):
-    sampling.sampler_settings(_config(sampler="ddim").sample)
+    generation_program.sampler_settings(_config(sampler="ddim").sample)
   config = copy.deepcopy(_config())
   with config.unlocked():
     config.data.chunks.samples = 320 * 30 - 8  # 30 frames: not a multiple of patch 4
   vae = source_vae.SourceVAE.from_config(config.vae.model)
   with pytest.raises(ValueError, match="config.data.chunks.samples=9592"):
-    stage.make_spec(config, vae, dit.build_model(config.ldm.model))
+    stage.make_spec(config, vae, dit.build_model(_denoiser_config(config)))
 
 
 @pytest.mark.parametrize("name", ["euler_churn", "heun", "dpmpp_2m"])
@@ -312,7 +319,7 @@ def test_sampling_denoise_fn_equals_the_plain_denoiser(models, name):
 
   @jax.jit
   def both(params, key):
-    fast = sampling.sampling_denoise_fn(denoiser, params, name, settings)
+    fast = generation_program.sampling_denoise_fn(denoiser, params, name, settings)
     plain = edm.make_denoise_fn(denoiser.apply, params)
     return sample(fast, key, shape), sample(plain, key, shape)
 
@@ -325,7 +332,7 @@ def test_sampling_denoise_fn_falls_back_off_the_table(models):
   _, _, denoiser, params = models
   channels = params["params"]["patch_embed"]["kernel"].shape[0] // denoiser.patch_size
   x = jax.random.normal(jax.random.key(0), (1, channels, 32))
-  fast = sampling.sampling_denoise_fn(denoiser, params, "euler_churn", {"num_steps": 4})
+  fast = generation_program.sampling_denoise_fn(denoiser, params, "euler_churn", {"num_steps": 4})
   plain = edm.make_denoise_fn(denoiser.apply, params)
   table = samplers.evaluation_sigmas("euler_churn", {"num_steps": 4})
   for sigma in (table[1], jnp.float32(0.777)):  # On the table, and off it.

@@ -8,16 +8,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from msldm_jax import checkpointing
 from msldm_jax import config_loading
 from msldm_jax import joint_latent
 from msldm_jax import stems
+from msldm_jax import workdir_layout
+from msldm_jax.data import input_iterator
 from msldm_jax.data import pipeline
-from msldm_jax.data import prepare
 from msldm_jax.data import synthetic
 from msldm_jax.latents import encode
 from msldm_jax.latents import store
+from msldm_jax.models import loading
 from msldm_jax.models import source_vae
-from msldm_jax.training import checkpointing
 from msldm_jax.training import train_vae
 
 NUM_TRAIN_TRACKS = 4
@@ -40,7 +42,7 @@ def write_vae_checkpoint(config, directory, seed=0):
   discriminator and optimizer states are zeros of their abstract shapes. Returns the
   generator params.
   """
-  models = train_vae.make_models(config.vae)
+  spec = train_vae.make_train_spec(config.vae)
   window = pipeline.vae_window_spec(config.data, train=True).window
   rng = np.random.default_rng(seed)
 
@@ -55,15 +57,16 @@ def write_vae_checkpoint(config, directory, seed=0):
 
   zeros = lambda tree: jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), tree)
   generator = jax.tree_util.tree_map_with_path(
-      draw, source_vae.abstract_params(models.vae, samples=window))
-  discriminator = jax.eval_shape(models.discriminator.init, jax.random.key(0),
+      draw, source_vae.abstract_params(spec.vae, samples=window))
+  discriminator = jax.eval_shape(spec.discriminator.init, jax.random.key(0),
                                  jax.ShapeDtypeStruct((1, window), jnp.float32))
   state = train_vae.VAETrainState(
       step=np.zeros((), np.int32), generator=generator, discriminator=zeros(discriminator),
-      generator_opt=zeros(jax.eval_shape(models.generator_tx.init, generator)),
-      discriminator_opt=zeros(jax.eval_shape(models.discriminator_tx.init, discriminator)))
+      generator_opt=zeros(jax.eval_shape(spec.generator_tx.init, generator)),
+      discriminator_opt=zeros(jax.eval_shape(spec.discriminator_tx.init, discriminator)))
   manager = checkpointing.make_manager(str(directory))
-  checkpointing.save(manager, 0, state, {"epoch": 0, "batch_in_epoch": 0})
+  checkpointing.save(manager, 0, state, {"epoch": 0, "batch_in_epoch": 0},
+                     loading.vae_record(spec.vae))
   manager.wait_until_finished()
   return generator
 
@@ -83,13 +86,13 @@ def encoded(tmp_path_factory, tfds_dir):
   workdir = str(tmp_path_factory.mktemp("work"))
   config = make_config(tfds_dir)
   params = write_vae_checkpoint(config, os.path.join(workdir, "vae", "checkpoints"))
-  directory = encode.encode_latents(config, workdir)
+  directory = encode.run(config, workdir)
   return config, workdir, params, directory
 
 
 def _chunk_audio(config, workdir, split):
   """The diffusion view's evaluation chunks [n, stems, samples], in its order."""
-  ds = pipeline.diffusion_chunks(prepare.dataset_dir(config, workdir), split,
+  ds = pipeline.diffusion_chunks(workdir_layout.dataset_dir(config, workdir), split,
                                  data_config=config.data, batch_size=8, train=False)
   return np.concatenate([b[pipeline.AUDIO][b[pipeline.VALID]] for b in ds.as_numpy_iterator()])
 
@@ -150,9 +153,9 @@ def test_manifest_records_the_vae_and_the_dataset(encoded):
   assert manifest["vae"]["checkpoint_dir"] == os.path.join(os.path.abspath(workdir), "vae",
                                                            "checkpoints")
   assert manifest["vae"]["step"] == 0
-  assert manifest["vae"]["params_sha256"] == encode.params_sha256(params)
+  assert manifest["vae"]["params_sha256"] == loading.params_sha256(params)
   settings = manifest["settings"]
-  assert settings["dataset_dir"] == prepare.dataset_dir(config, workdir)
+  assert settings["dataset_dir"] == workdir_layout.dataset_dir(config, workdir)
   assert settings["chunk_samples"] == config.data.chunks.samples
   assert settings["latent_dim"] == config.vae.model.latent_dim and settings["frames"] == 32
 
@@ -165,13 +168,13 @@ def test_rerun_is_a_no_op_and_another_vae_is_an_error(encoded, tmp_path):
   def fail(split, index):
     raise AssertionError(f"re-run wrote shard {index} of {split}")
 
-  assert encode.encode_latents(config, workdir, on_shard=fail) == directory
+  assert encode.run(config, workdir, on_shard=fail) == directory
   assert before == {p: os.stat(os.path.join(directory, p)).st_mtime_ns for p in before}
 
   other = make_config(config.data.tfds_dir, vae_checkpoint=str(tmp_path / "other_vae"))
   write_vae_checkpoint(other, tmp_path / "other_vae", seed=1)
   with pytest.raises(ValueError, match="must not mix"):
-    encode.encode_latents(other, workdir)
+    encode.run(other, workdir)
 
 
 def _store_files(directory):
@@ -199,12 +202,12 @@ def test_killed_encoding_resumes_to_the_same_files(encoded, tmp_path):
     return hook
 
   with pytest.raises(_Killed):
-    encode.encode_latents(resumed, workdir, on_shard=kill_at(("train", 0)))
+    encode.run(resumed, workdir, on_shard=kill_at(("train", 0)))
   # What a kill in the middle of the next shard's write leaves behind.
   with open(tmp_path / "resumed" / "train" / "shard-00001.npy.tmp-1", "wb") as f:
     f.write(b"partial")
   assert store.read_manifest(str(tmp_path / "resumed"))["status"] == store.STATUS_ENCODING
-  encode.encode_latents(resumed, workdir, on_shard=kill_at(None))
+  encode.run(resumed, workdir, on_shard=kill_at(None))
   # Each shard was written once: the kill came after shard 0's write, which was kept.
   assert written == [("train", 0), ("train", 1), ("validation", 0)]
 
@@ -223,7 +226,7 @@ def test_per_source_vae(encoded, tmp_path):
   per_source.vae.model.per_source = True
   params = write_vae_checkpoint(per_source, tmp_path / "vae", seed=2)
   assert jax.tree.leaves(params)[0].shape[0] == stems.NUM_STEMS  # one parameter group per stem
-  directory = encode.encode_latents(per_source, workdir)
+  directory = encode.run(per_source, workdir)
   latents = store.LatentStore(directory, "train").read_all()
   audio = _chunk_audio(per_source, workdir, "train")
   _assert_stem_major_posterior_means(per_source, params, audio, latents)
@@ -251,9 +254,9 @@ def test_reader_batches_are_seeded_and_resumable(encoded):
   # InputIterator resumes mid-epoch and across epochs.
   dataset_fn = lambda epoch: store.latent_batches(directory, "train", batch_size=4,
                                                   train=True, seed=0, epoch=epoch)
-  straight = pipeline.InputIterator(dataset_fn)
+  straight = input_iterator.InputIterator(dataset_fn)
   batches = [next(straight)[store.LATENTS] for _ in range(5)]
-  resumed = pipeline.InputIterator(dataset_fn, position={"epoch": 0, "batch_in_epoch": 2})
+  resumed = input_iterator.InputIterator(dataset_fn, position={"epoch": 0, "batch_in_epoch": 2})
   for expected in batches[2:]:
     np.testing.assert_array_equal(next(resumed)[store.LATENTS], expected)
   # Evaluation: stored order, padded, with a mask.

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from msldm_jax import checkpointing
 from msldm_jax.parallel import mesh as mesh_lib
 from msldm_jax.parallel import sharding
-from msldm_jax.training import checkpointing
 from msldm_jax.training import metric_writer
 
 

@@ -20,6 +20,7 @@ import tensorflow_datasets as tfds
 
 from msldm_jax import config_loading
 from msldm_jax import stems
+from msldm_jax.data import input_iterator
 from msldm_jax.data import pipeline
 from msldm_jax.data import synthetic
 from msldm_jax.data import windows
@@ -252,7 +253,7 @@ def test_process_splits_are_disjoint_and_cover_the_split(encoded_dir):
 def test_same_seed_same_batches_other_seed_other_order(encoded_dir):
   # ~9 batches per epoch: 12 batches cross into the second epoch.
   def batches(seed):
-    return take(pipeline.InputIterator(vae_fn(encoded_dir, seed=seed)), 12)
+    return take(input_iterator.InputIterator(vae_fn(encoded_dir, seed=seed)), 12)
   first, again, other = batches(0), batches(0), batches(1)
   assert_same_batches(first, again)
   assert any(not np.array_equal(a["audio"], b["audio"]) for a, b in zip(first, other))
@@ -271,15 +272,15 @@ def test_resume_continues_exactly(encoded_dir, view):
                                        batch_size=8, train=True, seed=5, epoch=epoch)
     # 24 chunks: 3 batches per epoch; stopping after 6 saves the end of an epoch.
     total, stops = 9, (4, 6)
-  uninterrupted = take(pipeline.InputIterator(fn), total)
+  uninterrupted = take(input_iterator.InputIterator(fn), total)
   epochs = set()
   for k in stops:
-    it = pipeline.InputIterator(fn)
+    it = input_iterator.InputIterator(fn)
     take(it, k)
     state = json.loads(json.dumps(it.state()))
     assert set(state) == {"epoch", "batch_in_epoch"}
     epochs.add(state["epoch"])
-    resumed = pipeline.InputIterator(fn, position=state)
+    resumed = input_iterator.InputIterator(fn, position=state)
     assert resumed.state() == state
     assert_same_batches(take(resumed, total - k), uninterrupted[k:])
   assert max(epochs) >= 1  # Some resumption starts past the first epoch.
@@ -289,8 +290,8 @@ def test_global_batches_are_sharded_over_the_mesh(encoded_dir):
   mesh = mesh_lib.make_mesh()
   assert mesh.devices.size == 8
   fn = vae_fn(encoded_dir, batch_size=16)
-  batch = next(pipeline.InputIterator(fn, mesh=mesh))
-  local = next(pipeline.InputIterator(fn))
+  batch = next(input_iterator.InputIterator(fn, mesh=mesh))
+  local = next(input_iterator.InputIterator(fn))
   for key, shape in (("audio", (16, WINDOW)), ("stem", (16,))):
     array = batch[key]
     assert isinstance(array, jax.Array) and array.shape == shape
@@ -302,7 +303,7 @@ def test_global_batches_are_sharded_over_the_mesh(encoded_dir):
   def chunk_fn(epoch):
     return pipeline.diffusion_chunks(encoded_dir, "validation", data_config=data_config(),
                                      batch_size=8, train=False, epoch=epoch)
-  batches = list(pipeline.InputIterator(chunk_fn, mesh=mesh, num_epochs=1))
+  batches = list(input_iterator.InputIterator(chunk_fn, mesh=mesh, num_epochs=1))
   assert batches[0]["audio"].shape == (8, stems.NUM_STEMS, CHUNK)
   assert int(sum(b["valid"].sum() for b in batches)) == 4 + 5
 
@@ -318,6 +319,6 @@ def test_errors_name_the_value_at_fault(encoded_dir):
     pipeline.vae_windows(encoded_dir, "train", data_config=data_config(stems="violin"),
                          batch_size=4, train=True)
   with pytest.raises(ValueError, match="batch_in_epoch"):
-    pipeline.InputIterator(vae_fn(encoded_dir), position={"epoch": 1})
+    input_iterator.InputIterator(vae_fn(encoded_dir), position={"epoch": 1})
   with pytest.raises(ValueError, match="no batch"):
-    next(pipeline.InputIterator(vae_fn(encoded_dir, batch_size=4096)))
+    next(input_iterator.InputIterator(vae_fn(encoded_dir, batch_size=4096)))

@@ -157,14 +157,17 @@ def test_network_evaluations(name, resample_steps, expected):
 
 
 @pytest.mark.parametrize("name", list(samplers.SAMPLERS))
-def test_evaluation_sigmas_are_the_noise_levels_each_sampler_evaluates(name):
+@pytest.mark.parametrize("churn", [{}, {"s_churn": 40.0, "s_tmin": 0.05, "s_tmax": 1.0}])
+def test_evaluation_sigmas_are_the_noise_levels_each_sampler_evaluates(name, churn):
   seen = []
 
   def recording_denoiser(x, sigma):
     jax.debug.callback(lambda s: seen.append(float(s)), sigma)
     return gaussian_denoiser(x, sigma)
 
-  settings = {"num_steps": 12}
+  # The churn window, where the sampler takes it, moves some of the levels.
+  settings = {"num_steps": 12, **{key: value for key, value in churn.items()
+                                  if key in samplers.sampler_config(name)}}
   jax.block_until_ready(samplers.get_sampler(name, settings)(
       recording_denoiser, jax.random.key(0), (2, 4)))
   jax.effects_barrier()
@@ -230,12 +233,27 @@ def test_progress_hook_reports_every_step():
 
 def test_registry():
   assert samplers.DEFAULT_SAMPLER == "euler_churn"
+  # The release's settings (reference §6), read from euler_churn's signature.
   assert samplers.sampler_config("euler_churn") == dict(
-      num_steps=150, sigma_min=0.01, sigma_max=3.0, rho=7.0, s_churn=20.0)
+      num_steps=150, sigma_min=0.01, sigma_max=3.0, rho=7.0, s_churn=20.0, s_tmin=0.0,
+      s_tmax=math.inf, s_noise=1.0)
+  assert samplers.sampler_config("heun") == dict(
+      samplers.sampler_config("euler_churn"), num_steps=40, s_churn=0.0)
+  assert samplers.sampler_config("dpmpp_2m") == dict(
+      num_steps=25, sigma_min=0.01, sigma_max=3.0, rho=7.0)
+  assert samplers.SETTING_KEYS == ("num_steps", "sigma_min", "sigma_max", "rho", "s_churn",
+                                   "s_tmin", "s_tmax", "s_noise")
+  config = samplers.sampler_config()
+  config["num_steps"] = 3  # A copy: the defaults are unchanged.
+  assert samplers.sampler_config()["num_steps"] == 150
   with pytest.raises(ValueError, match="ddim"):
     samplers.get_sampler("ddim")
   with pytest.raises(ValueError, match="s_churn"):
     samplers.get_sampler("dpmpp_2m", {"s_churn": 20.0})
+  with pytest.raises(ValueError, match="x_init"):  # What a call samples is no setting.
+    samplers.get_sampler("euler_churn", {"x_init": None})
+  with pytest.raises(ValueError, match="s_noise"):
+    samplers.evaluation_sigmas("dpmpp_2m", {"s_noise": 0.0})
   short = samplers.get_sampler("heun", {"num_steps": 3})
   out = jax.eval_shape(lambda key: short(gaussian_denoiser, key, (2, 4)), jax.random.key(0))
   assert out.shape == (2, 4)

@@ -3,7 +3,7 @@
 The torch side runs in a second interpreter (tests/reference/install_reference_env.sh makes
 it): tests/reference/dac_reference.py writes the DAC modules' state dicts, inputs and outputs
 to an .npz, and a release-shaped generator checkpoint with `torch.save`. This side converts
-the weights with the importer's own key maps (msldm_jax/tools/import_sourcevae.py), runs our
+the weights with the importer's own key maps (msldm_jax/models/source_vae_import.py), runs our
 modules and compares in float32.
 
 The interpreter: $MSLDM_REFERENCE_PYTHON, else <repo>/.venv-reference/bin/python. Without it
@@ -31,7 +31,9 @@ import pytest
 import reference_env
 from msldm_jax.models import audio_layers
 from msldm_jax.models import source_vae as sv
-from msldm_jax.tools import import_sourcevae as imp
+from msldm_jax.models import loading
+from msldm_jax.models import source_vae_import as imp
+from msldm_jax.models import torch_checkpoint
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE_SCRIPT = os.path.join(REPO_ROOT, "tests", "reference", "dac_reference.py")
@@ -160,7 +162,8 @@ def test_imported_release_checkpoint_reproduces_torch(release_checkpoint, tmp_pa
 
   # The command-line path: torch-free reader, conversion, orbax save; then the loader.
   imp.import_checkpoints([str(path)], str(tmp_path / "imported"), config)
-  model, variables = imp.load_sourcevae_params(str(tmp_path / "imported"))
+  loaded = loading.load_vae(str(tmp_path / "imported"))
+  model, variables = loaded.module, loaded.params
   assert model.latent_dim == config.latent_dim and model.num_groups == 1
 
   mean, logvar = jax.jit(lambda v, x: model.apply(v, x, method=sv.SourceVAE.encode))(
@@ -239,7 +242,7 @@ def test_reader_refuses_code(tmp_path):
   path = tmp_path / "evil.pt"
   _write_fake_checkpoint(path, pickle.dumps({"generator": os.getcwd}, protocol=2))
   with pytest.raises(pickle.UnpicklingError, match="refusing"):
-    imp.read_torch_checkpoint(str(path))
+    torch_checkpoint.read_torch_checkpoint(str(path))
 
 
 def test_reader_needs_generator_entry(tmp_path):
@@ -250,7 +253,7 @@ def test_reader_needs_generator_entry(tmp_path):
   not_a_zip = tmp_path / "legacy.pt"
   not_a_zip.write_bytes(pickle.dumps({"generator": {}}, protocol=2))
   with pytest.raises(ValueError, match="zip"):
-    imp.read_torch_checkpoint(str(not_a_zip))
+    torch_checkpoint.read_torch_checkpoint(str(not_a_zip))
 
 
 def test_reader_rebuilds_strided_tensors():

@@ -17,14 +17,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from msldm_jax import checkpointing
 from msldm_jax import config_loading
 from msldm_jax import main
 from msldm_jax import stems
+from msldm_jax import workdir_layout
 from msldm_jax.data import synthetic
 from msldm_jax.diffusion import edm
 from msldm_jax.latents import store
+from msldm_jax.models import loading
 from msldm_jax.parallel import mesh as mesh_lib
-from msldm_jax.training import checkpointing
 from msldm_jax.training import train_ldm
 
 # Shared with the latent dataset's tests: a VAE checkpoint without compiling an init (pytest
@@ -105,9 +107,10 @@ def test_sharded_step_equals_single_device_step_and_fsdp(tmp_path):
     config.ldm.sharding = strategy
     trainer = train_ldm.LDMTrainer(config, str(tmp_path), mesh=mesh_lib.make_mesh(devices))
     if strategy == "fsdp":
-      specs = {s.spec for s in jax.tree.leaves(trainer.state_shardings.params)}
+      specs = {s.spec for s in jax.tree.leaves(trainer.compiled.state_shardings.params)}
       assert jax.sharding.PartitionSpec() in specs and len(specs) > 1  # some leaves split
-    state, metrics = trainer.step(jax.device_put(initial, trainer.state_shardings), batch)
+    state, metrics = trainer.compiled.step(
+        jax.device_put(initial, trainer.compiled.state_shardings), batch)
     results.append((jax.device_get(state), jax.device_get(metrics)))
   (state_8, metrics_8), others = results[0], results[1:]
   for state, metrics in others:
@@ -159,14 +162,14 @@ class _HookedTrainer(train_ldm.LDMTrainer):
 
 
 def _losses(workdir):
-  with open(os.path.join(workdir, "ldm", train_ldm.METRICS_FILE)) as f:
+  with open(os.path.join(workdir, "ldm", workdir_layout.METRICS_FILE)) as f:
     return [(r["step"], r["loss"]) for r in map(json.loads, f)]
 
 
 def test_resume_continues_the_same_run(tmp_path):
   config = make_config(tmp_path, num_steps=8, checkpoint_every=4)
   straight = str(tmp_path / "straight")
-  train_ldm.train_and_evaluate(config, straight)
+  train_ldm.run(config, straight)
 
   resumed = str(tmp_path / "resumed")
 
@@ -178,15 +181,16 @@ def test_resume_continues_the_same_run(tmp_path):
   with pytest.raises(_Interrupted):
     _HookedTrainer(config, resumed, hook=kill_at_7).train()
   assert [s for s, _ in _losses(resumed)] == [1, 2, 3, 4, 5]
-  train_ldm.train_and_evaluate(config, resumed)
+  train_ldm.run(config, resumed)
 
   assert _losses(resumed) == _losses(straight)
   assert [s for s, _ in _losses(straight)] == list(range(1, 9))
   for use_ema in (False, True):
-    _, params_a, identity = train_ldm.load_denoiser(config, straight, use_ema=use_ema)
-    _, params_b, _ = train_ldm.load_denoiser(config, resumed, use_ema=use_ema)
-    assert identity["step"] == 8 and identity["use_ema"] == use_ema
-    _assert_trees_close(params_a, params_b, rtol=0, atol=0)
+    a = loading.load_denoiser(straight, use_ema=use_ema)
+    b = loading.load_denoiser(resumed, use_ema=use_ema)
+    assert a.identity["step"] == 8 and a.identity["use_ema"] == use_ema
+    _assert_trees_close(a.params, b.params, rtol=0, atol=0)
+    assert a.identity["params_sha256"] == b.identity["params_sha256"]
   assert os.path.exists(os.path.join(straight, "ldm", train_ldm.LOSS_PLOT))
 
 
@@ -204,14 +208,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     trainer.train()
   manager = checkpointing.make_manager(os.path.join(workdir, "ldm", "checkpoints"))
   assert manager.all_steps() == [4]
-  state, _, step = checkpointing.restore_latest(manager, trainer.abstract_state)
+  state, _, step = checkpointing.restore_latest(manager, trainer.compiled.abstract_state)
   assert step == 4 and int(state.step) == 4
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
 
 
 def test_loss_goes_down_on_a_handful_of_latents(tmp_path):
   config = make_config(tmp_path, num_chunks=8, num_steps=50, checkpoint_every=50)
-  metrics = train_ldm.train_and_evaluate(config, str(tmp_path))
+  metrics = train_ldm.run(config, str(tmp_path))
   losses = [loss for _, loss in _losses(str(tmp_path))]
   assert len(losses) == 50 and np.isfinite(metrics["loss"])
   # About 1.05 -> 0.86 with the tiny config's seed; each mean is over 80 (σ, noise) draws.
@@ -223,11 +227,11 @@ def test_latent_store_must_fit_the_model(tmp_path):
   config = make_config(tmp_path)
   with pytest.raises(FileNotFoundError, match="encode_latents"):
     config.ldm.latents_dir = str(tmp_path / "missing")
-    train_ldm.train_and_evaluate(config, str(tmp_path))
+    train_ldm.run(config, str(tmp_path))
   config = make_config(tmp_path)
   config.ldm.model.in_channels = 2 * stems.NUM_STEMS * LATENT_DIM
   with pytest.raises(ValueError, match="ldm.model.in_channels=64"):
-    train_ldm.train_and_evaluate(config, str(tmp_path))
+    train_ldm.run(config, str(tmp_path))
 
 
 def _summary_tags(logdir):
@@ -260,7 +264,8 @@ def test_stages_end_to_end_with_samples(tmp_path):
           "samples/bass", "samples/piano", "samples/spectrogram"} <= tags
   assert any(tag.startswith("loss/sigma_bucket_") for tag in tags)
 
-  model, params, identity = train_ldm.load_denoiser(config, workdir)
+  denoiser = loading.load_denoiser(workdir)
+  model, params, identity = denoiser.module, denoiser.params, denoiser.identity
   manifest = store.load_manifest(latents_dir)
   assert identity["latents"]["vae"] == manifest["vae"] and identity["step"] == 2
   x = jnp.asarray(store.LatentStore(latents_dir, "train").read_all()[:2])

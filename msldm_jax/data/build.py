@@ -11,7 +11,7 @@ not built) in one of two layouts:
   slakh_raw  the Slakh2100 release, TRACK/metadata.yaml + TRACK/stems/SNN.flac at 44.1 kHz,
              grouped into the four stems as slakh_raw.py documents (default name "slakh2100").
 
-The result is DIR/NAME/1.0.0/: one example per track in the format of features.py, in track-id
+The result is DIR/NAME/1.0.0/: one example per track in the format of track_features.py, in track-id
 order within each split, readable later without this code by `tfds.builder_from_directory`.
 `build_report.json` in the same folder lists the tracks kept per split, the tracks skipped with
 the file at fault and why, and the conversions applied. Building again into the same DIR and
@@ -60,7 +60,7 @@ import tqdm
 
 from msldm_jax import stems
 from msldm_jax.data import audio_files
-from msldm_jax.data import features
+from msldm_jax.data import track_features
 from msldm_jax.data import slakh_raw
 
 DATASET_VERSION = "1.0.0"
@@ -218,7 +218,7 @@ class BuildReport:
     return cls(**data)
 
   def summary(self) -> str:
-    kept = ", ".join(f"{split} {len(self.kept.get(split, []))}" for split in features.SPLITS)
+    kept = ", ".join(f"{split} {len(self.kept.get(split, []))}" for split in track_features.SPLITS)
     lines = [f"dataset {self.name!r} (layout {self.layout}) from {self.source_dir}: "
              f"tracks kept: {kept}; skipped: {len(self.skipped)}"]
     if self.absent_splits:
@@ -286,7 +286,7 @@ class StemTracksBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
             f"Stem-aligned tracks ({', '.join(stems.STEM_NAMES)}), one whole track per "
             f"example, built from {self._layout.description}; every stem one duration in "
             f"[{self._min_duration:g}, {self._max_duration:g}) s."),
-        features=features.features_dict(),
+        features=track_features.features_dict(),
         # Examples stay in the order written: track-id order within each split.
         disable_shuffling=True,
         metadata=tfds.core.MetadataDict(
@@ -310,17 +310,17 @@ class StemTracksBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
       self.report.notes.append(TrackNote(split, track_id, note))
     self.report.kept.setdefault(split, []).append(track_id)
     return track_id, {
-        features.TRACK_ID: track_id,
-        features.AUDIO: track.audio,
-        features.NUM_SAMPLES: track.audio.shape[1],
-        features.STEM_PRESENT: track.stem_present,
+        track_features.TRACK_ID: track_id,
+        track_features.AUDIO: track.audio,
+        track_features.NUM_SAMPLES: track.audio.shape[1],
+        track_features.STEM_PRESENT: track.stem_present,
     }
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     source_dir = os.fspath(dl_manager.manual_dir)
     self.report.source_dir = source_dir
     generators = {}
-    for split in features.SPLITS:
+    for split in track_features.SPLITS:
       split_dir = os.path.join(source_dir, split)
       if not os.path.isdir(split_dir):
         logging.info("No %s folder in %s: split %r not built", split, source_dir, split)
@@ -343,7 +343,7 @@ class StemTracksBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
       raise NoUsableTrackError(
           f"no usable track in {source_dir} (layout {self._layout.name}): "
           f"{len(self.report.skipped)} track folders found under "
-          f"{'/'.join(features.SPLITS)}, all skipped"
+          f"{'/'.join(track_features.SPLITS)}, all skipped"
           + (f"; first reasons: {reasons}" if reasons else ""))
     return generators
 
@@ -416,10 +416,10 @@ def build_dataset(layout: str, source_dir: str, data_dir: str, name: str | None 
   source_dir = os.path.abspath(os.fspath(source_dir))
   if not os.path.isdir(source_dir):
     raise FileNotFoundError(f"source folder {source_dir} does not exist")
-  if not any(os.path.isdir(os.path.join(source_dir, s)) for s in features.SPLITS):
+  if not any(os.path.isdir(os.path.join(source_dir, s)) for s in track_features.SPLITS):
     raise NoUsableTrackError(
         f"no usable track in {source_dir}: it has none of the split folders "
-        f"{', '.join(features.SPLITS)}")
+        f"{', '.join(track_features.SPLITS)}")
   path = dataset_path(data_dir, name)
   if os.path.isfile(os.path.join(path, "dataset_info.json")):
     _check_reused(path, layout, source_dir, min_duration, max_duration)

@@ -66,6 +66,7 @@ import pretty_midi
 import soundfile as sf
 import tqdm
 
+from msldm_jax import atomic_files
 from msldm_jax import stems
 from msldm_jax.data import drum_patterns
 
@@ -505,15 +506,6 @@ def _summary(out_dir: str, tracks: Sequence[dict[str, Any]], cached: bool) -> di
       total_seconds=sum(t["num_samples"] for t in tracks) / stems.SAMPLE_RATE)
 
 
-def _write_json(path: str, content: dict[str, Any]):
-  # Write-then-rename: an interrupted run never leaves a half-written manifest.
-  temporary = path + ".tmp"
-  with open(temporary, "w") as f:
-    json.dump(content, f, indent=1, sort_keys=True)
-    f.write("\n")
-  os.replace(temporary, path)
-
-
 def _read_manifest(path: str) -> dict[str, Any]:
   try:
     with open(path) as f:
@@ -588,7 +580,7 @@ def render_dataset(out_dir: str, num_pieces: int = 0, seed: int = 0, max_seconds
                   sample_rate=stems.SAMPLE_RATE, stems=list(stems.STEM_NAMES),
                   fluidsynth_version=_fluidsynth_version(executable),
                   music21_version=_music21_version(), tracks=[])
-  _write_json(manifest_path, manifest)
+  atomic_files.write_json_atomic(manifest_path, manifest, sort_keys=True)
 
   pool = None
   if workers > 1:
@@ -616,7 +608,7 @@ def render_dataset(out_dir: str, num_pieces: int = 0, seed: int = 0, max_seconds
                    record["corpus_path"], record["gain_scale"])
 
   manifest.update(complete=True, tracks=tracks, summary=_summary(out_dir, tracks, False))
-  _write_json(manifest_path, manifest)
+  atomic_files.write_json_atomic(manifest_path, manifest, sort_keys=True)
   summary = _summary(out_dir, tracks, cached=False)
   logging.info("mini Slakh: %d tracks (%s), %.2f hours, in %s", summary["num_tracks"],
                ", ".join(f"{k} {v}" for k, v in summary["tracks_per_split"].items()),

@@ -1,6 +1,6 @@
 """tf.data input pipelines: two views over a built stem dataset, and a resumable iterator.
 
-A built dataset (`data/features.py`) holds one whole track per example. Two views cut it:
+A built dataset (`data/track_features.py`) holds one whole track per example. Two views cut it:
 
 - `vae_windows`: single-stem windows for the SourceVAE (reference §2). Training: 1 s windows
   at 0.5 s hop, each start jittered by a uniform shift in ±0.25 s and clamped to the track;
@@ -13,8 +13,8 @@ A built dataset (`data/features.py`) holds one whole track per example. Two view
   same place of the same track; no silence filtering; a track's final partial chunk is
   dropped. Batches: {"audio": float32 [batch, NUM_STEMS, samples]}.
 
-Both build ONE EPOCH as a finite `tf.data.Dataset` of this process's batches; `InputIterator`
-chains epochs (training) and keeps a position to resume from.
+Both build ONE EPOCH as a finite `tf.data.Dataset` of this process's batches;
+`input_iterator.InputIterator` chains epochs (training) and keeps a position to resume from.
 
 Per-process splits: each process reads a contiguous, disjoint slice of the split's tracks
 (`tfds.split_for_jax_process`, i.e. `tfds.even_splits` by example: with 11 tracks and 3
@@ -46,29 +46,23 @@ deterministic interleave over (track, stem) pairs, and batches are prefetched.
 
 import dataclasses
 import functools
-from typing import Any, Callable, Mapping
+from typing import Mapping
 
 from absl import logging
-import jax
-from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from msldm_jax import stems as stems_lib
-from msldm_jax.data import features
+from msldm_jax.data import input_iterator
+from msldm_jax.data import track_features
 from msldm_jax.data import windows as windows_lib
-from msldm_jax.parallel import mesh as mesh_lib
 
 # Keys of a batch.
 AUDIO = "audio"    # VAE: float32 [batch, window]; chunks: float32 [batch, NUM_STEMS, samples]
 STEM = "stem"      # VAE only: int32 [batch], index into stems.STEM_NAMES
-VALID = "valid"    # evaluation only: bool [batch], False on rows padding the final batch
-
-# Keys of a position (`InputIterator.state`).
-EPOCH = "epoch"
-BATCH_IN_EPOCH = "batch_in_epoch"
+VALID = input_iterator.VALID  # evaluation only: bool [batch], False on padding rows
 
 # How many (track, stem) streams the VAE view interleaves window by window: windows of ~16
 # stems from ~4+ tracks are mixed before the shuffle buffer, which alone would hold only a
@@ -136,14 +130,6 @@ def _epoch_seeds(seed: int, epoch: int) -> _EpochSeeds:
                      jitter_key=(int(words[2]), int(words[3])))
 
 
-def _process(process_index, process_count) -> tuple[int, int]:
-  index = jax.process_index() if process_index is None else int(process_index)
-  count = jax.process_count() if process_count is None else int(process_count)
-  if not 0 <= index < count:
-    raise ValueError(f"process_index={index} is outside [0, process_count={count})")
-  return index, count
-
-
 def _local_batch_size(batch_size: int, process_count: int) -> int:
   if batch_size <= 0 or batch_size % process_count:
     raise ValueError(f"batch_size={batch_size} (global) must be positive and divisible by "
@@ -162,7 +148,7 @@ def _options() -> tf.data.Options:
 def read_tracks(dataset_dir: str, split: str, *, shuffle_seed: int | None = None,
                 process_index: int | None = None,
                 process_count: int | None = None) -> tf.data.Dataset:
-  """This process's slice of a split's tracks, as decoded examples (`data/features.py`).
+  """This process's slice of a split's tracks, as decoded examples (`data/track_features.py`).
 
   Args:
     dataset_dir: a directory `tfds.builder_from_directory` loads (`data.build.build_dataset`).
@@ -171,7 +157,7 @@ def read_tracks(dataset_dir: str, split: str, *, shuffle_seed: int | None = None
       (shards) deterministically and interleaves them one track at a time.
     process_index, process_count: default to JAX's; pass them to simulate other processes.
   """
-  index, count = _process(process_index, process_count)
+  index, count = input_iterator.process_slot(process_index, process_count)
   try:
     builder = tfds.builder_from_directory(dataset_dir)
   except Exception as e:  # TFDS raises several types for a missing or malformed directory.
@@ -211,11 +197,11 @@ def read_tracks(dataset_dir: str, split: str, *, shuffle_seed: int | None = None
 
 def _stem_streams(track: Mapping[str, tf.Tensor], selected: tf.Tensor) -> tf.data.Dataset:
   """One element per selected stem that the track has: its audio, index and a track hash."""
-  keep = tf.logical_and(track[features.STEM_PRESENT], selected)
+  keep = tf.logical_and(track[track_features.STEM_PRESENT], selected)
   stem_ids = tf.cast(tf.where(keep)[:, 0], tf.int32)
-  track_hash = tf.strings.to_hash_bucket_fast(track[features.TRACK_ID], _HASH_BUCKETS)
+  track_hash = tf.strings.to_hash_bucket_fast(track[track_features.TRACK_ID], _HASH_BUCKETS)
   return tf.data.Dataset.from_tensor_slices({
-      AUDIO: tf.gather(track[features.AUDIO], stem_ids),
+      AUDIO: tf.gather(track[track_features.AUDIO], stem_ids),
       STEM: stem_ids,
       "track_hash": tf.fill(tf.shape(stem_ids), track_hash),
   })
@@ -281,7 +267,7 @@ def vae_windows(dataset_dir: str, split: str, *, data_config: ml_collections.Con
     [b] when not training), b = batch_size / process_count.
   """
   spec = vae_window_spec(data_config, train)
-  index, count = _process(process_index, process_count)
+  index, count = input_iterator.process_slot(process_index, process_count)
   local_batch = _local_batch_size(batch_size, count)
   seeds = _epoch_seeds(data_config.seed if seed is None else seed, epoch if train else 0)
   tracks = read_tracks(dataset_dir, split, shuffle_seed=seeds.shuffle_files if train else None,
@@ -305,7 +291,7 @@ def vae_windows(dataset_dir: str, split: str, *, data_config: ml_collections.Con
 
 def _track_chunks(track: Mapping[str, tf.Tensor], chunk: int) -> tf.data.Dataset:
   return tf.data.Dataset.from_tensor_slices(
-      {AUDIO: windows_lib.chunk_track(track[features.AUDIO], chunk)})
+      {AUDIO: windows_lib.chunk_track(track[track_features.AUDIO], chunk)})
 
 
 def diffusion_chunks(dataset_dir: str, split: str, *, data_config: ml_collections.ConfigDict,
@@ -326,7 +312,7 @@ def diffusion_chunks(dataset_dir: str, split: str, *, data_config: ml_collection
   chunk = int(data_config.chunks.samples)
   if chunk <= 0:
     raise ValueError(f"data.chunks.samples={chunk} must be positive")
-  index, count = _process(process_index, process_count)
+  index, count = input_iterator.process_slot(process_index, process_count)
   local_batch = _local_batch_size(batch_size, count)
   seeds = _epoch_seeds(data_config.seed if seed is None else seed, epoch if train else 0)
   tracks = read_tracks(dataset_dir, split, shuffle_seed=seeds.shuffle_files if train else None,
@@ -343,134 +329,3 @@ def diffusion_chunks(dataset_dir: str, split: str, *, data_config: ml_collection
                "epoch %d.", split, "train" if train else "eval", chunk, stems_lib.NUM_STEMS,
                local_batch, epoch)
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
-
-
-def _parse_position(position, process_index: int, process_count: int) -> tuple[int, int]:
-  if position is None:
-    return 0, 0
-  if not isinstance(position, Mapping) or set(position) != {EPOCH, BATCH_IN_EPOCH}:
-    raise ValueError(f"input position must be a dict with keys {EPOCH!r} and "
-                     f"{BATCH_IN_EPOCH!r}, got {position!r}")
-  values = []
-  for key in (EPOCH, BATCH_IN_EPOCH):
-    value = position[key]
-    if isinstance(value, (list, tuple)):
-      # The form `state()` gathers in a multi-process run: one entry per process.
-      if len(value) != process_count:
-        raise ValueError(f"input position {key!r} has {len(value)} per-process entries, but "
-                         f"this run has {process_count} processes: {position!r}")
-      value = value[process_index]
-    if not isinstance(value, (int, np.integer)) or value < 0:
-      raise ValueError(f"input position {key!r}={value!r} is not a non-negative integer")
-    values.append(int(value))
-  return values[0], values[1]
-
-
-class InputIterator:
-  """Batches of a view over epochs, with a JSON-serialisable position to resume from.
-
-  `dataset_fn(epoch=e)` must return epoch e's finite dataset of this process's batches, e.g.
-  `functools.partial(pipeline.vae_windows, dataset_dir, "train", data_config=config.data,
-  batch_size=config.batch_size, train=True)`. Epochs follow each other from the position's
-  epoch on (for ever when num_epochs is None; evaluation: num_epochs=1).
-
-  Resuming: `InputIterator(dataset_fn, position=saved_state)` yields exactly the batches an
-  uninterrupted iterator would have yielded after the saved one: it rebuilds the saved epoch
-  (a pure function of seed and epoch) and skips `batch_in_epoch` batches. The skip runs the
-  input pipeline for those batches (reading, windowing, shuffling; no transfer to devices),
-  so a resume mid-epoch costs up to one epoch of input work at the pipeline's throughput.
-
-  With a mesh, batches are global `jax.Array`s sharded over the mesh's data axis
-  (`parallel.mesh.to_global_batch`); without one, this process's numpy batches.
-  """
-
-  def __init__(self, dataset_fn: Callable[..., tf.data.Dataset], *, mesh=None,
-               position: Mapping[str, Any] | None = None, num_epochs: int | None = None):
-    self._dataset_fn = dataset_fn
-    self._mesh = mesh
-    self._num_epochs = num_epochs
-    self._epoch, self._batch_in_epoch = _parse_position(
-        position, jax.process_index(), jax.process_count())
-    self._iterator = None
-    self._element_spec = None
-    self._opened_at = 0
-    self._yielded_since_open = 0
-    self._checked_mesh = False
-
-  def __iter__(self):
-    return self
-
-  def _open(self):
-    ds = self._dataset_fn(epoch=self._epoch)
-    if self._batch_in_epoch:
-      logging.info("Resuming input at epoch %d: skipping %d batches.", self._epoch,
-                   self._batch_in_epoch)
-      ds = ds.skip(self._batch_in_epoch)
-    self._element_spec = ds.element_spec
-    self._iterator = ds.as_numpy_iterator()
-    self._opened_at = self._batch_in_epoch
-    self._yielded_since_open = 0
-
-  def _next_local(self):
-    """This process's next numpy batch, or None at the end of the last epoch."""
-    while self._num_epochs is None or self._epoch < self._num_epochs:
-      if self._iterator is None:
-        self._open()
-      try:
-        batch = next(self._iterator)
-      except StopIteration:
-        if self._opened_at == 0 and self._yielded_since_open == 0 and self._num_epochs is None:
-          # Without this, an epoch too small for one batch would loop here for ever.
-          raise ValueError(f"epoch {self._epoch} of the input yielded no batch: the split "
-                           "has fewer examples than one batch") from None
-        self._epoch += 1
-        self._batch_in_epoch = 0
-        self._iterator = None
-        continue
-      self._batch_in_epoch += 1
-      self._yielded_since_open += 1
-      return batch
-    return None
-
-  def __next__(self):
-    batch = self._next_local()
-    if self._mesh is not None and jax.process_count() > 1 and self._num_epochs is not None:
-      # Evaluation across processes: every process must take part in every step, but their
-      # slices hold different numbers of batches. Processes that have finished feed
-      # all-padding batches until every process has.
-      any_left = multihost_utils.process_allgather(np.asarray(batch is not None)).any()
-      if not any_left:
-        raise StopIteration
-      if batch is None:
-        batch = self._padding_batch()
-    if batch is None:
-      raise StopIteration
-    if self._mesh is None:
-      return batch
-    if not self._checked_mesh:
-      rows = next(iter(batch.values())).shape[0]
-      mesh_lib.local_batch_size(rows * jax.process_count(), self._mesh)  # Raises if uneven.
-      self._checked_mesh = True
-    return mesh_lib.to_global_batch(batch, self._mesh)
-
-  def _padding_batch(self):
-    spec = self._element_spec or self._dataset_fn(epoch=0).element_spec
-    if VALID not in spec:
-      raise ValueError("a finished process can only pad evaluation batches (with 'valid')")
-    return {key: np.zeros(s.shape, s.dtype.as_numpy_dtype) for key, s in spec.items()}
-
-  def state(self) -> dict[str, Any]:
-    """The position after the last batch returned: {"epoch": e, "batch_in_epoch": k}.
-
-    JSON-serialisable, for the trainer's checkpoint. In a multi-process run, processes are
-    at different places in their slices, so this gathers every process's position (all
-    processes must call it together, as they do when saving a checkpoint) and returns
-    {"epoch": [e_0, ...], "batch_in_epoch": [k_0, ...]}, the same on every process; the
-    constructor takes either form.
-    """
-    if jax.process_count() == 1:
-      return {EPOCH: self._epoch, BATCH_IN_EPOCH: self._batch_in_epoch}
-    gathered = multihost_utils.process_allgather(
-        np.asarray([self._epoch, self._batch_in_epoch], np.int64))
-    return {EPOCH: [int(v) for v in gathered[:, 0]],
-            BATCH_IN_EPOCH: [int(v) for v in gathered[:, 1]]}

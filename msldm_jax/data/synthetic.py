@@ -1,6 +1,6 @@
 """Synthetic stem datasets in the built-dataset format, for tests and benchmarks.
 
-`write_dataset` stores tracks exactly as a built dataset holds them (`data/features.py`: one
+`write_dataset` stores tracks exactly as a built dataset holds them (`data/track_features.py`: one
 whole track per example) and returns the directory that `tfds.builder_from_directory` loads,
 so code under test reads it as it reads a real build. `sine_tracks` makes music-free audio
 with the cases the input views must handle: silent regions, a present stem that is all
@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from msldm_jax import stems
-from msldm_jax.data import features
+from msldm_jax.data import track_features
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,14 +40,14 @@ def write_dataset(data_dir: str, splits: Mapping[str, Sequence[Track]], *,
       if present.shape != (stems.NUM_STEMS,):
         raise ValueError(f"track {track.track_id!r}: stem_present shape {present.shape}")
       examples.append((track.track_id, {
-          features.TRACK_ID: track.track_id,
-          features.AUDIO: audio,
-          features.NUM_SAMPLES: audio.shape[1],
-          features.STEM_PRESENT: present,
+          track_features.TRACK_ID: track.track_id,
+          track_features.AUDIO: audio,
+          track_features.NUM_SAMPLES: audio.shape[1],
+          track_features.STEM_PRESENT: present,
       }))
     split_examples[split] = examples
   builder = tfds.dataset_builders.store_as_tfds_dataset(
-      name=name, version=version, features=features.features_dict(),
+      name=name, version=version, features=track_features.features_dict(),
       split_datasets=split_examples, data_dir=data_dir,
       description="Synthetic stems (msldm_jax.data.synthetic).")
   return os.fspath(builder.data_dir)

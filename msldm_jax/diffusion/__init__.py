@@ -1,1 +1,8 @@
-"""The diffusion maths: EDM preconditioning and loss (`edm`), samplers (`samplers`)."""
+"""The diffusion maths and the compiled generation program.
+
+  edm.py                 EDM preconditioning and loss
+  samplers.py            the samplers (Euler with churn, Heun, DPM-Solver++(2M)), inpainting
+  generation_program.py  one jitted program from per-piece keys to decoded stems (sampler +
+                         SourceVAE decoding), used by generation, evaluation and the
+                         diffusion trainer's periodic samples alike
+"""

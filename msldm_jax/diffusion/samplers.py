@@ -17,6 +17,9 @@ Samplers (all on the Karras σ schedule, reference §6):
   heun         Karras et al. Algorithm 2 (optional churn), 2N − 1 evaluations.
   dpmpp_2m     DPM-Solver++(2M) (Lu et al. 2022) in the σ parameterisation, N evaluations;
                deterministic and accurate at few (≈ 25) steps.
+A sampler's settings are its keyword-only arguments with a default (`num_steps`, the schedule,
+the churn's `s_churn`, `s_tmin`, `s_tmax`, `s_noise`); `sampler_config(name)` and
+`get_sampler(name, config)` read them from the signature, so that is where defaults change.
 
 Partial generation (reference §7) is built into the same drivers through `inpaint`: the known
 channels are re-noised to the current σ before every step (before the churn), optionally with
@@ -27,8 +30,10 @@ Progress: a compiled scan has no Python loop to print from; pass `progress=` (fo
 callback synchronises host and device once per step.
 """
 
+import inspect
 import math
 import time
+import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -303,30 +308,49 @@ SAMPLERS: dict[str, Callable[..., jax.Array]] = {
     "dpmpp_2m": dpmpp_2m,
 }
 
-DEFAULT_CONFIGS: dict[str, dict[str, Any]] = {
-    "euler_churn": dict(num_steps=150, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO,
-                        s_churn=S_CHURN),
-    "heun": dict(num_steps=40, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO,
-                 s_churn=0.0),
-    "dpmpp_2m": dict(num_steps=25, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO),
-}
-
 DEFAULT_SAMPLER = "euler_churn"
 
-# Settings a config may give, per sampler (keyword arguments of the sampler function).
-_CONFIG_KEYS = {
-    "euler_churn": {"num_steps", "sigma_min", "sigma_max", "rho", "s_churn", "s_tmin",
-                    "s_tmax", "s_noise"},
-    "heun": {"num_steps", "sigma_min", "sigma_max", "rho", "s_churn", "s_tmin", "s_tmax",
-             "s_noise"},
-    "dpmpp_2m": {"num_steps", "sigma_min", "sigma_max", "rho"},
-}
+# Keyword arguments of a sampler that say what one call samples, not how: not settings.
+_CALL_ARGUMENTS = frozenset({"x_init", "inpaint", "progress", "dtype"})
+
+
+def _signature_settings(function: Callable[..., jax.Array]) -> dict[str, Any]:
+  """A sampler's settings and their defaults: its keyword-only arguments with a default."""
+  return {name: parameter.default
+          for name, parameter in inspect.signature(function).parameters.items()
+          if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+          and parameter.default is not inspect.Parameter.empty
+          and name not in _CALL_ARGUMENTS}
+
+
+# Each sampler's settings with their defaults, read from its signature so that the function
+# is the one place they are written (heun's 40 steps without churn, dpmpp_2m's 25 steps and
+# no churn settings at all, ...). Read-only; `sampler_config` gives a copy.
+DEFAULT_CONFIGS: Mapping[str, Mapping[str, Any]] = types.MappingProxyType({
+    name: types.MappingProxyType(_signature_settings(function))
+    for name, function in SAMPLERS.items()})
+
+# Every setting some sampler takes, in first-seen order: the sampler keys a config may give.
+SETTING_KEYS: tuple[str, ...] = tuple(dict.fromkeys(
+    key for settings in DEFAULT_CONFIGS.values() for key in settings))
 
 
 def sampler_config(name: str = DEFAULT_SAMPLER) -> dict[str, Any]:
-  """A copy of a sampler's default settings."""
+  """A copy of a sampler's default settings (its keyword-only arguments' defaults)."""
   _check_name(name)
   return dict(DEFAULT_CONFIGS[name])
+
+
+def _settings(name: str, config: Mapping[str, Any] | None) -> dict[str, Any]:
+  """The defaults of sampler `name` overridden by `config`, whose keys it must take."""
+  _check_name(name)
+  settings = sampler_config(name)
+  for key, value in dict(config or {}).items():
+    if key not in settings:
+      raise ValueError(f"sampler {name!r} takes no setting {key!r}; its settings: "
+                       + ", ".join(sorted(settings)))
+    settings[key] = value
+  return settings
 
 
 def evaluation_sigmas(name: str = DEFAULT_SAMPLER,
@@ -342,16 +366,14 @@ def evaluation_sigmas(name: str = DEFAULT_SAMPLER,
     float32 [E]: euler_churn σ̂_i (E = N); heun σ̂_i and the correction's σ_{i+1} > 0
     (E = 2N − 1); dpmpp_2m σ_i (E = N). RePaint resampling repeats these, adds none.
   """
-  _check_name(name)
-  settings = sampler_config(name)
-  settings.update(config or {})
+  settings = _settings(name, config)
   num_steps = int(settings["num_steps"])
   sigmas = karras_sigmas(num_steps, settings["sigma_min"], settings["sigma_max"],
                          settings["rho"])
   if name == "dpmpp_2m":
     return sigmas[:-1]
-  gamma = _churn_gamma(sigmas[:-1], num_steps, settings.get("s_churn", 0.0),
-                       settings.get("s_tmin", 0.0), settings.get("s_tmax", math.inf))
+  gamma = _churn_gamma(sigmas[:-1], num_steps, settings["s_churn"], settings["s_tmin"],
+                       settings["s_tmax"])
   sigma_hats = sigmas[:-1] * (1.0 + gamma)
   if name == "euler_churn":
     return sigma_hats
@@ -375,13 +397,7 @@ def get_sampler(name: str = DEFAULT_SAMPLER,
     ValueError: for an unknown sampler, or a config key that sampler does not take (naming
       both), e.g. s_churn for the deterministic dpmpp_2m.
   """
-  _check_name(name)
-  settings = sampler_config(name)
-  for key, value in dict(config or {}).items():
-    if key not in _CONFIG_KEYS[name]:
-      raise ValueError(f"sampler {name!r} takes no setting {key!r}; its settings: "
-                       + ", ".join(sorted(_CONFIG_KEYS[name])))
-    settings[key] = value
+  settings = _settings(name, config)
   function = SAMPLERS[name]
 
   def sample(denoise_fn: DenoiseFn, key: jax.Array, shape: Sequence[int] | None, **kwargs):

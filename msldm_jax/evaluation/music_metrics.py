@@ -12,7 +12,7 @@ import numpy as np
 
 from msldm_jax import stems
 from msldm_jax.audio import spectral
-from msldm_jax.evaluation import features
+from msldm_jax.evaluation import statistics_embedding
 from msldm_jax.losses import vae_losses
 
 # The reference's silence rule (msldm-reference.md §2): a window x of N samples is silent
@@ -58,14 +58,14 @@ def _frame_silence(signal: np.ndarray, n_fft: int, hop_length: int) -> np.ndarra
 
 
 def chroma_agreement(stem_a, stem_b, sample_rate: int = stems.SAMPLE_RATE, *,
-                     n_fft: int = features.N_FFT,
-                     hop_length: int = features.HOP_LENGTH) -> float:
+                     n_fft: int = statistics_embedding.N_FFT,
+                     hop_length: int = statistics_embedding.HOP_LENGTH) -> float:
   """Mean cosine similarity of frame-wise chroma of two mono stems `[samples]`.
 
   Over frames where neither stem is silent; NaN when there is no such frame.
   """
   pair = np.stack([np.asarray(stem_a, np.float32), np.asarray(stem_b, np.float32)])
-  chroma = features.chromagram(pair, sample_rate, n_fft=n_fft,
+  chroma = statistics_embedding.chromagram(pair, sample_rate, n_fft=n_fft,
                                hop_length=hop_length).astype(np.float64)
   active = ~_frame_silence(pair, n_fft, hop_length).any(axis=0)
   norms = np.linalg.norm(chroma, axis=-1)

@@ -7,7 +7,7 @@ and the stems in S are generated. A run's audio is the chunk with S replaced by 
 generations, the given stems keeping their ORIGINAL waveforms, as `--mode=sample` writes a
 partial piece's mix.
 
-All 14·K pieces go through one compiled program (`sampling.inpaint_batch`, which takes each
+All 14·K pieces go through one compiled program (`generation_program.inpaint_batch`, which takes each
 piece's given stems as data), `batch_size` pieces per call; piece j of the run draws from
 fold_in(key(seed), j), j counting subsets in `tables.proper_subsets` order, then chunks.
 """
@@ -23,11 +23,11 @@ import tqdm
 from msldm_jax import stems as stems_lib
 from msldm_jax.evaluation import tables
 from msldm_jax.generation import conditions
-from msldm_jax.generation import sampling
+from msldm_jax.diffusion import generation_program
 from msldm_jax.parallel import mesh as mesh_lib
 
 
-def partial_generation_runs(spec: sampling.GenerationSpec, vae_params, denoiser_params,
+def partial_generation_runs(spec: generation_program.GenerationSpec, vae_params, denoiser_params,
                             chunks: np.ndarray, *, seed: int, batch_size: int,
                             subsets: Sequence[tuple[str, ...]] | None = None,
                             devices=None) -> dict[str, np.ndarray]:
@@ -58,11 +58,11 @@ def partial_generation_runs(spec: sampling.GenerationSpec, vae_params, denoiser_
   known = np.array([[name not in subset for name in stems_lib.STEM_NAMES]
                     for subset, _ in jobs])
 
-  mesh = sampling.generation_mesh(batch_size, devices)
-  vae_params = sampling.replicate(vae_params, mesh)
-  denoiser_params = sampling.replicate(denoiser_params, mesh)
+  mesh = generation_program.generation_mesh(batch_size, devices)
+  vae_params = generation_program.replicate(vae_params, mesh)
+  denoiser_params = generation_program.replicate(denoiser_params, mesh)
   # Each chunk's four stems encoded once; a piece keeps the channels of its given stems.
-  x_known = np.concatenate([np.asarray(sampling.encode_given(vae_params, chunks[k:k + 1],
+  x_known = np.concatenate([np.asarray(generation_program.encode_given(vae_params, chunks[k:k + 1],
                                                              vae=spec.vae))
                             for k in range(num_chunks)])
   batch_sharding = mesh_lib.batch_sharding(mesh)
@@ -74,11 +74,11 @@ def partial_generation_runs(spec: sampling.GenerationSpec, vae_params, denoiser_
                          desc="partial generation", disable=jax.process_index() != 0):
     rows = list(range(start, min(start + batch_size, len(jobs))))
     padded = rows + [rows[-1]] * (batch_size - len(rows))  # One compiled shape.
-    keys = sampling.place_keys(sampling.piece_keys(seed, padded), mesh)
+    keys = generation_program.place_keys(generation_program.piece_keys(seed, padded), mesh)
     batch_known = jax.device_put(jnp.asarray(known[padded]), batch_sharding)
     batch_latents = jax.device_put(jnp.asarray(x_known[[jobs[j][1] for j in padded]]),
                                    batch_sharding)
-    _, waveforms = jax.device_get(sampling.inpaint_batch(
+    _, waveforms = jax.device_get(generation_program.inpaint_batch(
         vae_params, denoiser_params, keys, batch_latents, batch_known, spec=spec))
     for row, j in enumerate(rows):
       for s in range(stems_lib.NUM_STEMS):

@@ -31,16 +31,17 @@ import numpy as np
 import soundfile as sf
 
 from msldm_jax import stems as stems_lib
+from msldm_jax import workdir_layout
+from msldm_jax.data import input_iterator
 from msldm_jax.data import pipeline
-from msldm_jax.data import prepare
-from msldm_jax.evaluation import features
 from msldm_jax.evaluation import music_metrics
 from msldm_jax.evaluation import partial_generation
+from msldm_jax.evaluation import statistics_embedding
 from msldm_jax.evaluation import tables
 from msldm_jax.generation import outputs
-
-EVALUATION_FOLDER = "evaluation"
-SAMPLES_FOLDER = "samples"
+from msldm_jax.generation import stage as generation_stage
+from msldm_jax.models import loading
+from msldm_jax.models import source_vae
 
 
 def read_total_generation(samples_dir: str) -> np.ndarray:
@@ -69,16 +70,17 @@ def read_total_generation(samples_dir: str) -> np.ndarray:
 def read_reference_chunks(config: ml_collections.ConfigDict, workdir: str, split: str,
                           max_chunks: int) -> np.ndarray:
   """Real four-stem chunks `[chunks, stems, samples]`, the first `max_chunks` in track order."""
+  dataset_dir = workdir_layout.dataset_dir(config, workdir)
   dataset_fn = functools.partial(
-      pipeline.diffusion_chunks, prepare.dataset_dir(config, workdir), split,
+      pipeline.diffusion_chunks, dataset_dir, split,
       data_config=config.data, batch_size=1, train=False)
   chunks = []
-  for batch in pipeline.InputIterator(dataset_fn, num_epochs=1):
+  for batch in input_iterator.InputIterator(dataset_fn, num_epochs=1):
     chunks.extend(np.asarray(batch[pipeline.AUDIO])[np.asarray(batch[pipeline.VALID])])
     if len(chunks) >= max_chunks:
       break
   if not chunks:
-    raise ValueError(f"split {split!r} of {prepare.dataset_dir(config, workdir)} has no "
+    raise ValueError(f"split {split!r} of {dataset_dir} has no "
                      f"chunk of {config.data.chunks.samples} samples")
   return np.stack(chunks[:max_chunks])
 
@@ -92,8 +94,8 @@ def _embedding(evaluate_config):
            if evaluate_config.vggish_pca else None)
     return (functools.partial(vggish.embed, variables, sample_rate=stems_lib.SAMPLE_RATE,
                               pca=pca), vggish.SCORE_LABEL)
-  return functools.partial(features.embed, sample_rate=stems_lib.SAMPLE_RATE), \
-      features.SCORE_LABEL
+  return functools.partial(statistics_embedding.embed, sample_rate=stems_lib.SAMPLE_RATE), \
+      statistics_embedding.SCORE_LABEL
 
 
 def music_measures(audio: np.ndarray) -> dict[str, float]:
@@ -107,37 +109,33 @@ def music_measures(audio: np.ndarray) -> dict[str, float]:
   return measures
 
 
-def vae_reconstruction(config: ml_collections.ConfigDict, workdir: str,
-                       reference: np.ndarray) -> dict[str, dict[str, float]]:
+@functools.partial(jax.jit, static_argnames=("vae",))
+def _reconstruct(vae_params, waveforms_bst, *, vae: source_vae.SourceVAE):
+  # The parameters are an argument, not constants folded into the program.
+  mean, _ = vae.apply(vae_params, waveforms_bst, method=vae.encode)
+  return vae.apply(vae_params, mean, method=vae.decode)
+
+
+def vae_reconstruction(vae: loading.Loaded, reference: np.ndarray) -> dict[str, dict[str, float]]:
   """SI-SDR and mel distance per stem of the frozen VAE's posterior-mean reconstructions."""
-  from msldm_jax.training import train_vae  # pylint: disable=g-import-not-at-top
-  params, _ = train_vae.restore_generator(config, workdir)
-  vae = train_vae.make_models(config.vae).vae
-
-  @jax.jit
-  def reconstruct(waveforms_bst):
-    mean, _ = vae.apply(params, waveforms_bst, method=vae.encode)
-    return vae.apply(params, mean, method=vae.decode)
-
-  recon = np.concatenate([np.asarray(reconstruct(reference[i:i + 1]))
-                          for i in range(len(reference))])
+  recon = np.concatenate([
+      np.asarray(_reconstruct(vae.params, reference[i:i + 1], vae=vae.module))
+      for i in range(len(reference))])
   samples = min(recon.shape[-1], reference.shape[-1])
   return music_metrics.reconstruction_quality(recon[..., :samples], reference[..., :samples],
                                               stems_lib.SAMPLE_RATE)
 
 
-def partial_generation_table(config: ml_collections.ConfigDict, workdir: str,
-                             reference: np.ndarray, embed_fn, score_label: str,
-                             out_dir: str) -> dict[str, dict[str, float]]:
+def partial_generation_table(config: ml_collections.ConfigDict, vae: loading.Loaded,
+                             denoiser: loading.Loaded, reference: np.ndarray, embed_fn,
+                             score_label: str, out_dir: str) -> dict[str, dict[str, float]]:
   """Runs the 14 partial generations on the first `evaluate.partial_chunks` reference
   chunks, scores them against all of `reference`, writes the table and one piece per subset.
   """
-  from msldm_jax.generation import stage as generation_stage  # pylint: disable=g-import-not-at-top
   num_chunks = min(int(config.evaluate.partial_chunks), len(reference))
-  models = generation_stage.load_models(config, workdir)
-  spec = generation_stage.make_spec(config, models.vae, models.denoiser)
+  spec = generation_stage.make_spec(config, vae.module, denoiser.module)
   runs = partial_generation.partial_generation_runs(
-      spec, models.vae_params, models.denoiser_params, reference[:num_chunks],
+      spec, vae.params, denoiser.params, reference[:num_chunks],
       seed=int(config.sample.seed), batch_size=int(config.sample.batch_size))
   try:
     mixtures = tables.partial_generation_scores(runs, reference, embed_fn, mixture=True)
@@ -157,18 +155,18 @@ def partial_generation_table(config: ml_collections.ConfigDict, workdir: str,
         dict(mode="partial", generated=label.split("+"),
              given=[n for n in stems_lib.STEM_NAMES if n not in label.split("+")],
              conditioning=f"reference chunk 0 of split {config.evaluate.reference_split!r}",
-             seed=int(config.sample.seed), checkpoints=models.checkpoints),
+             seed=int(config.sample.seed),
+             checkpoints=generation_stage.checkpoint_identities(vae, denoiser)),
         title=f"evaluation: {label} generated given the others")
   return table
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """The `--mode=evaluate` stage; returns the metrics it wrote to metrics.json."""
   evaluate_config = config.evaluate
-  out_dir = os.path.join(workdir, EVALUATION_FOLDER)
+  out_dir = workdir_layout.evaluation_dir(workdir)
   os.makedirs(out_dir, exist_ok=True)
-  samples_dir = config.sample.output_dir or os.path.join(workdir, SAMPLES_FOLDER)
-  generated = read_total_generation(samples_dir)
+  generated = read_total_generation(workdir_layout.samples_dir(config, workdir))
   reference = read_reference_chunks(config, workdir, evaluate_config.reference_split,
                                     int(evaluate_config.max_reference_chunks))
   samples = min(generated.shape[-1], reference.shape[-1])
@@ -180,17 +178,20 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   total = tables.total_generation_scores(generated, reference, embed_fn)
   tables.write_score_table(out_dir, "total_generation", total, score_label)
 
+  # The VAE whose latents the diffusion model learned: it decoded the pieces, and its
+  # reconstructions bound what generation can reach.
+  vae, denoiser = generation_stage.load_models(config, workdir)
   partial = {}
   if int(evaluate_config.partial_chunks) > 0:
-    partial = partial_generation_table(config, workdir, reference, embed_fn, score_label,
-                                       out_dir)
+    partial = partial_generation_table(config, vae, denoiser, reference, embed_fn,
+                                       score_label, out_dir)
 
   generated_measures, real_measures = music_measures(generated), music_measures(reference)
   tables.write_table(out_dir, "music_measures",
                      {k: {"generated": generated_measures[k], "real": real_measures[k]}
                       for k in generated_measures}, row_label="measure")
 
-  reconstruction = vae_reconstruction(config, workdir, reference)
+  reconstruction = vae_reconstruction(vae, reference)
   tables.write_table(out_dir, "vae_reconstruction",
                      {stem: dict(sorted(scores.items()))
                       for stem, scores in reconstruction.items()}, row_label="measure")
@@ -200,7 +201,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  partial_generation=partial,
                  partial_chunks=min(int(evaluate_config.partial_chunks), len(reference)),
                  music_measures=dict(generated=generated_measures, real=real_measures),
-                 vae_reconstruction=reconstruction)
+                 vae_reconstruction=reconstruction,
+                 checkpoints=generation_stage.checkpoint_identities(vae, denoiser))
   with open(os.path.join(out_dir, "metrics.json"), "w") as f:
     json.dump(metrics, f, indent=2)
   logging.info("Evaluation written to %s", out_dir)

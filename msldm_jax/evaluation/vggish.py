@@ -8,7 +8,7 @@ PyTorch port we load weights from (harritaylor/torchvggish).
 
 Weights: nothing is downloaded at run time; the user passes a path. The supported file is the
 PyTorch port's state dict `vggish-10086976.pth` (from that project's GitHub releases), read
-without torch by `msldm_jax.tools.import_sourcevae.read_torch_checkpoint`, which reads only
+without torch by `msldm_jax.models.torch_checkpoint.read_torch_checkpoint`, which reads only
 torch's zip format: a file saved by torch < 1.6 must be re-saved once with a recent torch
 (`torch.save(torch.load(p), p)`). The optional PCA/quantisation postprocessing takes the
 port's `vggish_pca_params-970ea276.pth` ({'pca_eigen_vectors': [128, 128], 'pca_means':
@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from msldm_jax.audio import spectral
-from msldm_jax.tools import import_sourcevae
+from msldm_jax.models import torch_checkpoint
 
 SAMPLE_RATE = 16000
 WINDOW_LENGTH = 400  # 25 ms at 16 kHz.
@@ -200,7 +200,7 @@ def convert_state_dict(state_dict: dict[str, Any], model: Optional[VGGish] = Non
 
 def load_vggish_params(path: str, model: Optional[VGGish] = None) -> dict:
   """Flax variables from the PyTorch port's `vggish-10086976.pth` (see the module doc)."""
-  state = import_sourcevae.read_torch_checkpoint(path)
+  state = torch_checkpoint.read_torch_checkpoint(path)
   if not isinstance(state, dict):
     raise ValueError(f"{path}: expected a state dict, found {type(state).__name__}")
   variables = convert_state_dict(state, model, source=path)
@@ -219,7 +219,7 @@ def load_pca_params(path: str) -> PcaParams:
     with np.load(path) as data:
       state = {k: data[k] for k in data.files}
   else:
-    state = import_sourcevae.read_torch_checkpoint(path)
+    state = torch_checkpoint.read_torch_checkpoint(path)
   for matrix_key, means_key in (("pca_eigen_vectors", "pca_means"),
                                 ("pproc.pca_matrix", "pproc.pca_means")):
     if matrix_key in state and means_key in state:

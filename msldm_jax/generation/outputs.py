@@ -4,6 +4,9 @@
   OUTPUT/piece_NNN/mix.wav
   OUTPUT/piece_NNN/spectrogram.png      every stem and the mix, one shared colour scale
   OUTPUT/piece_NNN/piece.json           settings, seed, given/generated stems, checkpoints, peaks
+  OUTPUT/piece_NNN/latents.npy          the joint latent [stems·latent_dim, frames] the stems
+                                        were decoded from (when given): to decode it again,
+                                        with this or another implementation of the VAE
 
 Audio is written as 32-bit float WAV: the mixture is the plain sum of the stems and is never
 clipped or normalised (gain 1). A sum of four stems can exceed full scale; a float WAV keeps
@@ -43,7 +46,8 @@ def _peak(x: np.ndarray) -> float:
 
 
 def write_piece(directory: str, stems: Mapping[str, np.ndarray], sample_rate: int,
-                metadata: Mapping[str, Any], title: str = "") -> dict[str, Any]:
+                metadata: Mapping[str, Any], title: str = "",
+                latents: np.ndarray | None = None) -> dict[str, Any]:
   """Writes one piece's files into `directory` (created); returns the JSON written.
 
   Args:
@@ -52,6 +56,7 @@ def write_piece(directory: str, stems: Mapping[str, np.ndarray], sample_rate: in
     sample_rate: of the audio.
     metadata: recorded in piece.json (settings, seed, stems given and generated, ...).
     title: the spectrogram's title.
+    latents: the joint latent the piece was decoded from, written as latents.npy.
   """
   missing = [name for name in stems_lib.STEM_NAMES if name not in stems]
   if missing:
@@ -63,6 +68,8 @@ def write_piece(directory: str, stems: Mapping[str, np.ndarray], sample_rate: in
   for name in stems_lib.STEM_NAMES:
     sf.write(os.path.join(directory, "stems", f"{name}.wav"),
              np.asarray(stems[name], np.float32), sample_rate, subtype=WAV_SUBTYPE)
+  if latents is not None:
+    np.save(os.path.join(directory, "latents.npy"), np.asarray(latents, np.float32))
   mix = mixture(stems)
   sf.write(os.path.join(directory, "mix.wav"), mix, sample_rate, subtype=WAV_SUBTYPE)
   plotting.save_spectrograms(
@@ -83,8 +90,20 @@ def write_piece(directory: str, stems: Mapping[str, np.ndarray], sample_rate: in
       exceeds_full_scale=mix_peak > 1.0,
   )
   with open(os.path.join(directory, "piece.json"), "w") as f:
-    json.dump(record, f, indent=2, sort_keys=True, default=_json_default)
+    json.dump(_strict_json(record), f, indent=2, sort_keys=True, default=_json_default,
+              allow_nan=False)
   return record
+
+
+def _strict_json(value):
+  """Non-finite floats (e.g. the sampler's s_tmax = inf) as strings: strict JSON has none."""
+  if isinstance(value, float) and not np.isfinite(value):
+    return str(value)
+  if isinstance(value, Mapping):
+    return {k: _strict_json(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_strict_json(v) for v in value]
+  return value
 
 
 def _json_default(value):

@@ -16,10 +16,10 @@ plus the generated ones; each of the `num_pieces` pieces is another draw given t
 
 Piece i uses the key fold_in(key(config.sample.seed), i): same seed, same pieces.
 Output: `config.sample.output_dir` (empty: WORKDIR/samples), laid out as in `outputs.py`.
-Checkpoints: the denoiser from the LDM stage (`train_ldm.load_denoiser`, EMA parameters when
-`config.sample.use_ema`); the SourceVAE from `config.ldm.vae_checkpoint`, else the checkpoint
-folder the LDM's latents record names, else WORKDIR/vae/checkpoints, and its parameters'
-sha256 must equal the recorded one (the VAE whose latents the diffusion model learned).
+Checkpoints (`load_models`, through `models/loading.py`): the denoiser from WORKDIR
+(`load_denoiser`, EMA parameters when `config.sample.use_ema`); the SourceVAE from
+`config.ldm.vae_checkpoint`, else the VAE the denoiser's checkpoint records (the one whose
+latents it learned), else WORKDIR; its parameters' sha256 must equal the recorded one.
 
 The functions below take the modules and parameters as arguments (`generate_pieces`,
 `generate_to_dir`), so tests and notebooks run generation without checkpoints.
@@ -37,12 +37,11 @@ import numpy as np
 import tqdm
 
 from msldm_jax import stems as stems_lib
-from msldm_jax.diffusion import samplers
+from msldm_jax import workdir_layout
+from msldm_jax.diffusion import generation_program
 from msldm_jax.generation import conditions
 from msldm_jax.generation import outputs
-from msldm_jax.generation import sampling
-
-SAMPLES_FOLDER = "samples"
+from msldm_jax.models import loading
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,24 +95,25 @@ def prepare_task(config: ml_collections.ConfigDict) -> Task:
 
 
 def make_spec(config: ml_collections.ConfigDict, vae, denoiser,
-              generate_stems: Sequence[str] = stems_lib.STEM_NAMES,
-              progress=None) -> sampling.GenerationSpec:
+              generate_stems: Sequence[str] = stems_lib.STEM_NAMES
+              ) -> generation_program.GenerationSpec:
   """The compiled program's static description from the config and the two modules."""
-  name, settings = sampling.sampler_settings(config.sample)
+  name, settings = generation_program.sampler_settings(config.sample)
   num_samples = int(config.data.chunks.samples)
-  frames = sampling.latent_frames(num_samples, vae, int(getattr(denoiser, "patch_size", 1)))
-  spec = sampling.GenerationSpec(
+  frames = generation_program.latent_frames(num_samples, vae, int(getattr(denoiser, "patch_size", 1)))
+  spec = generation_program.GenerationSpec(
       vae=vae, denoiser=denoiser, num_frames=frames, sampler_name=name,
       sampler_settings=tuple(sorted(settings.items())),
       sigma_data=float(config.ldm.sigma_data), generate_stems=tuple(generate_stems),
-      resample_steps=int(config.sample.resample_steps), progress=progress)
+      resample_steps=int(config.sample.resample_steps),
+      progress_every=int(config.sample.get("log_every_steps", 0)))
   if spec.num_samples < num_samples:
     raise ValueError(f"config.data.chunks.samples={num_samples}: the VAE decodes its "
                      f"{frames} latent frames to only {spec.num_samples} samples")
   return spec
 
 
-def generate_pieces(spec: sampling.GenerationSpec, vae_params, denoiser_params, *,
+def generate_pieces(spec: generation_program.GenerationSpec, vae_params, denoiser_params, *,
                     seed: int, piece_indices: Sequence[int], batch_size: int,
                     num_samples: int, given: conditions.GivenStems | None = None,
                     devices=None) -> Iterator[Piece]:
@@ -133,9 +133,9 @@ def generate_pieces(spec: sampling.GenerationSpec, vae_params, denoiser_params, 
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   piece_indices = [int(i) for i in piece_indices]
-  mesh = sampling.generation_mesh(batch_size, devices)
-  vae_params = sampling.replicate(vae_params, mesh)
-  denoiser_params = sampling.replicate(denoiser_params, mesh)
+  mesh = generation_program.generation_mesh(batch_size, devices)
+  vae_params = generation_program.replicate(vae_params, mesh)
+  denoiser_params = generation_program.replicate(denoiser_params, mesh)
   x_known = None
   if spec.is_partial:
     if given is None or given.names != spec.given_stems:
@@ -145,17 +145,17 @@ def generate_pieces(spec: sampling.GenerationSpec, vae_params, denoiser_params, 
     if waveforms.shape[-1] != num_samples:
       raise ValueError(f"given stems have {waveforms.shape[-1]} samples, expected "
                        f"{num_samples}")
-    x_known = sampling.encode_given(vae_params, waveforms, vae=spec.vae)
+    x_known = generation_program.encode_given(vae_params, waveforms, vae=spec.vae)
     if x_known.shape != (1, spec.channels, spec.num_frames):
       raise ValueError(f"the given stems encode to {x_known.shape}, but the program samples "
                        f"{(1, spec.channels, spec.num_frames)}")
-    x_known = sampling.replicate(x_known, mesh)
+    x_known = generation_program.replicate(x_known, mesh)
 
   for start in range(0, len(piece_indices), batch_size):
     indices = piece_indices[start:start + batch_size]
     padded = indices + [indices[-1]] * (batch_size - len(indices))
-    keys = sampling.place_keys(sampling.piece_keys(seed, padded), mesh)
-    latents, waveforms = sampling.generate_batch(vae_params, denoiser_params, keys, x_known,
+    keys = generation_program.place_keys(generation_program.piece_keys(seed, padded), mesh)
+    latents, waveforms = generation_program.generate_batch(vae_params, denoiser_params, keys, x_known,
                                                  spec=spec)
     latents, waveforms = jax.device_get((latents, waveforms))
     for row, index in enumerate(indices):
@@ -208,9 +208,7 @@ def generate_to_dir(config: ml_collections.ConfigDict, output_dir: str, vae, vae
   """
   task = task or prepare_task(config)
   sample_config = config.sample
-  every = int(sample_config.get("log_every_steps", 0))
-  progress = samplers.make_progress_logger(every) if every > 0 else None
-  spec = make_spec(config, vae, denoiser, task.generate_stems, progress=progress)
+  spec = make_spec(config, vae, denoiser, task.generate_stems)
   num_pieces = int(sample_config.num_pieces)
   num_samples = int(config.data.chunks.samples)
   sample_rate = int(config.data.sample_rate)
@@ -232,78 +230,43 @@ def generate_to_dir(config: ml_collections.ConfigDict, output_dir: str, vae, vae
       outputs.write_piece(
           outputs.piece_dir(output_dir, piece.index), piece.stems, sample_rate,
           _piece_metadata(config, spec, task, piece, checkpoints),
-          title=f"piece {piece.index:03d} ({'generated: ' + ','.join(piece.generated)})")
+          title=f"piece {piece.index:03d} ({'generated: ' + ','.join(piece.generated)})",
+          latents=piece.latents)
   return output_dir
 
 
-def check_vae(vae_identity: dict, learned_vae: Mapping[str, Any], vae_params,
-              params_sha256) -> dict:
-  """The VAE identity with its parameters' sha256; raises if the LDM learned another VAE.
-
-  Args:
-    vae_identity: what `train_vae.restore_generator` returned.
-    learned_vae: the VAE identity the diffusion model's latents were encoded with
-      ({checkpoint_dir, step, params_sha256}; empty when the LDM run recorded none).
-    vae_params: the restored VAE parameters.
-    params_sha256: the content hash function (`latents.encode.params_sha256`).
-  """
-  if not learned_vae.get("params_sha256"):
-    logging.warning("the diffusion checkpoint records no VAE identity: cannot check that %s "
-                    "is the VAE whose latents it learned", vae_identity)
-    return dict(vae_identity)
-  digest = params_sha256(vae_params)
-  if digest != learned_vae["params_sha256"]:
-    raise ValueError(
-        f"the VAE checkpoint {vae_identity.get('checkpoint_dir')} step "
-        f"{vae_identity.get('step')} (params sha256 {digest}) is not the one whose latents "
-        f"the diffusion model learned ({learned_vae.get('checkpoint_dir')} step "
-        f"{learned_vae.get('step')}, sha256 {learned_vae['params_sha256']}): pieces would be "
-        "decoded by the wrong VAE; set config.ldm.vae_checkpoint to that VAE's checkpoints")
-  return {**vae_identity, "params_sha256": digest}
-
-
-@dataclasses.dataclass(frozen=True)
-class Models:
-  """The trained modules generation needs, restored from a workdir's checkpoints."""
-  vae: Any
-  vae_params: Any
-  denoiser: Any
-  denoiser_params: Any
-  checkpoints: dict[str, Any]  # Identities of both checkpoints, recorded with the pieces.
-
-
-def load_models(config: ml_collections.ConfigDict, workdir: str) -> Models:
-  """The denoiser (EMA when `config.sample.use_ema`) and the VAE whose latents it learned.
+def load_models(config: ml_collections.ConfigDict, workdir: str
+                ) -> tuple[loading.Loaded, loading.Loaded]:
+  """(vae, denoiser): the denoiser (EMA when `config.sample.use_ema`) and the VAE whose
+  latents it learned.
 
   Raises:
-    ValueError when the VAE checkpoint is not the one the diffusion model's latents record.
+    ValueError when the VAE is not the one the denoiser's checkpoint records.
   """
-  # Imported here: the stage needs the trainers' restore functions, not their import cost
-  # at module import (and tests of this module need no checkpoints).
-  from msldm_jax.training import train_ldm  # pylint: disable=g-import-not-at-top
-  from msldm_jax.training import train_vae  # pylint: disable=g-import-not-at-top
-
-  denoiser, denoiser_params, ldm_identity = train_ldm.load_denoiser(
-      config, workdir, use_ema=bool(config.sample.use_ema))
-  # The VAE that encoded the diffusion model's training latents decodes its samples.
-  learned_vae = dict(ldm_identity.get("latents", {}).get("vae", {}))
-  vae_checkpoint = (config.ldm.get("vae_checkpoint") or learned_vae.get("checkpoint_dir")
-                    or None)
-  vae = train_vae.make_models(config.vae).vae
-  vae_params, vae_identity = train_vae.restore_generator(config, workdir, vae_checkpoint)
-  params_sha256 = None
-  if learned_vae.get("params_sha256"):
-    from msldm_jax.latents import encode  # pylint: disable=g-import-not-at-top
-    params_sha256 = encode.params_sha256
-  vae_identity = check_vae(vae_identity, learned_vae, vae_params, params_sha256)
-  return Models(vae, vae_params, denoiser, denoiser_params,
-                checkpoints=dict(vae=vae_identity, ldm=ldm_identity))
+  denoiser = loading.load_denoiser(workdir, use_ema=bool(config.sample.use_ema))
+  learned = denoiser.identity.get("latents", {})
+  vae_path = (config.ldm.vae_checkpoint or learned.get("vae", {}).get("checkpoint_dir")
+              or workdir)
+  vae = loading.load_vae(vae_path)
+  loading.check_same_vae(vae, learned.get("vae"),
+                         what=f"the diffusion checkpoint {denoiser.identity['checkpoint_dir']}")
+  channels = stems_lib.NUM_STEMS * vae.module.latent_dim
+  if denoiser.module.in_channels != channels:
+    raise ValueError(f"the denoiser {denoiser.identity['checkpoint_dir']} takes "
+                     f"{denoiser.module.in_channels} channels, the VAE {vae_path} makes "
+                     f"{channels}")
+  return vae, denoiser
 
 
-def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
+def checkpoint_identities(vae: loading.Loaded, denoiser: loading.Loaded) -> dict[str, Any]:
+  """What each piece.json records of the two checkpoints."""
+  return {"vae": dict(vae.identity), "ldm": dict(denoiser.identity)}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   """The `--mode=sample` stage; returns the output folder."""
   task = prepare_task(config)  # Bad --generate or given stems fail before any restore.
-  models = load_models(config, workdir)
-  output_dir = config.sample.output_dir or os.path.join(workdir, SAMPLES_FOLDER)
-  return generate_to_dir(config, output_dir, models.vae, models.vae_params, models.denoiser,
-                         models.denoiser_params, task=task, checkpoints=models.checkpoints)
+  vae, denoiser = load_models(config, workdir)
+  return generate_to_dir(config, workdir_layout.samples_dir(config, workdir), vae.module,
+                         vae.params, denoiser.module, denoiser.params, task=task,
+                         checkpoints=checkpoint_identities(vae, denoiser))

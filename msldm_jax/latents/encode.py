@@ -9,10 +9,12 @@ the dataset has (train, validation, test) is encoded stem by stem with the poste
 frames] in the latent store (`store.py`: .npy shards + manifest.json) in
 `config.ldm.latents_dir` (empty: WORKDIR/latents).
 
-The VAE: `config.ldm.vae_checkpoint` (a checkpoint directory) or, when empty, the newest
-checkpoint of the VAE stage in WORKDIR/vae/checkpoints (`train_vae.restore_generator`); shared
-and per-source VAEs alike (`SourceVAE.encode` takes all stems). Its identity (directory, step
-and a SHA-256 of the parameters' bytes) goes into the manifest.
+The VAE: `models/loading.load_vae(config.ldm.vae_checkpoint or WORKDIR)`: an imported
+SourceVAE, a VAE checkpoint folder, or (empty) the VAE stage's newest checkpoint in
+WORKDIR/vae/checkpoints; the module is built from the checkpoint's own model config, so an
+imported 61 M VAE encodes under any run config. Shared and per-source VAEs alike
+(`SourceVAE.encode` takes all stems). Its identity (directory, step and a SHA-256 of the
+parameters' bytes) goes into the manifest.
 
 Parallelism: the encoder is jitted with the batch split over the mesh's data axis and the
 parameters replicated; the batch (`config.ldm.encode_batch_size`) is rounded up to a multiple
@@ -37,7 +39,6 @@ would leave the diffusion stage to guess which directory is current.
 
 import functools
 import glob
-import hashlib
 import json
 import os
 import time
@@ -53,17 +54,16 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 import tqdm
 
+from msldm_jax import atomic_files
 from msldm_jax import stems as stems_lib
-from msldm_jax.data import features
+from msldm_jax import workdir_layout
 from msldm_jax.data import pipeline
-from msldm_jax.data import prepare
+from msldm_jax.data import track_features
 from msldm_jax.data import windows
 from msldm_jax.latents import store
+from msldm_jax.models import loading
 from msldm_jax.models import source_vae
 from msldm_jax.parallel import mesh as mesh_lib
-from msldm_jax.training import train_vae
-
-LATENTS_FOLDER = "latents"
 
 # Keys of the chunk stream.
 _TRACK_ID = "track_id"
@@ -74,49 +74,25 @@ _CHUNK_INDEX = "chunk_index"
 ShardCallback = Callable[[str, int], None]
 
 
-def latents_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """The latent store's directory: `config.ldm.latents_dir`, or WORKDIR/latents."""
-  return config.ldm.latents_dir or os.path.join(workdir, LATENTS_FOLDER)
-
-
-def params_sha256(params) -> str:
-  """A content hash of a parameter tree: paths, dtypes, shapes and bytes of every leaf."""
-  digest = hashlib.sha256()
-  leaves, _ = jax.tree_util.tree_flatten_with_path(params)
-  for path, leaf in leaves:
-    array = np.ascontiguousarray(jax.device_get(leaf))
-    digest.update(jax.tree_util.keystr(path).encode())
-    digest.update(f"{array.dtype.str}{array.shape}".encode())
-    digest.update(array.tobytes())
-  return digest.hexdigest()
-
-
-def load_vae(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, dict]:
-  """The frozen VAE's parameters and identity {checkpoint_dir, step, params_sha256}."""
-  params, identity = train_vae.restore_generator(config, workdir,
-                                                 config.ldm.vae_checkpoint or None)
-  return params, {**identity, "params_sha256": params_sha256(params)}
-
-
 def _json_roundtrip(value):
   # Tuples become lists, as they will when read back from the manifest.
   return json.loads(json.dumps(value))
 
 
-def encoding_settings(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def encoding_settings(config: ml_collections.ConfigDict, workdir: str,
+                      vae: source_vae.SourceVAE) -> dict:
   """What the latents depend on besides the VAE's parameters (compared on every re-run)."""
-  vae = source_vae.SourceVAE.from_config(config.vae.model)
   chunk = int(config.data.chunks.samples)
   if chunk <= 0:
     raise ValueError(f"config key data.chunks.samples={chunk} must be positive")
   return _json_roundtrip({
-      "dataset_dir": os.path.abspath(prepare.dataset_dir(config, workdir)),
+      "dataset_dir": os.path.abspath(workdir_layout.dataset_dir(config, workdir)),
       "chunk_samples": chunk,
       "sample_rate": int(config.data.sample_rate),
       "stems": list(stems_lib.STEM_NAMES),
       "latent_dim": vae.latent_dim,
       "frames": source_vae.encoded_length(chunk, vae.encoder_strides),
-      "vae_model": config.vae.model.to_dict(),
+      "vae_model": loading.vae_config_dict(vae),
   })
 
 
@@ -131,11 +107,11 @@ def _chunk_stream(dataset_dir: str, split: str, chunk: int) -> tf.data.Dataset:
   tracks = pipeline.read_tracks(dataset_dir, split, process_index=0, process_count=1)
 
   def track_chunks(track):
-    audio = windows.chunk_track(track[features.AUDIO], chunk)
+    audio = windows.chunk_track(track[track_features.AUDIO], chunk)
     count = tf.shape(audio)[0]
     return tf.data.Dataset.from_tensor_slices({
         pipeline.AUDIO: audio,
-        _TRACK_ID: tf.fill([count], track[features.TRACK_ID]),
+        _TRACK_ID: tf.fill([count], track[track_features.TRACK_ID]),
         _CHUNK_INDEX: tf.range(count, dtype=tf.int32),
     })
 
@@ -148,20 +124,18 @@ def _dataset_splits(dataset_dir: str) -> list[str]:
   except Exception as e:  # TFDS raises several types for a missing or malformed directory.
     raise FileNotFoundError(f"no built dataset at {dataset_dir}: run --mode=data first "
                             f"({e})") from e
-  return [s for s in features.SPLITS if s in builder.info.splits]
+  return [s for s in track_features.SPLITS if s in builder.info.splits]
 
 
-def _check_same_store(directory: str, manifest: Mapping[str, Any], identity: Mapping[str, Any],
+def _check_same_store(directory: str, manifest: Mapping[str, Any], vae: loading.Loaded,
                       settings: Mapping[str, Any]):
   path = os.path.join(directory, store.MANIFEST)
   old = manifest["vae"]
-  if old.get("params_sha256") != identity["params_sha256"]:
-    raise ValueError(
-        f"the latent store at {directory} was encoded by the VAE {old.get('checkpoint_dir')} "
-        f"step {old.get('step')} (params sha256 {old.get('params_sha256')}), but this run's "
-        f"VAE is {identity['checkpoint_dir']} step {identity['step']} (params sha256 "
-        f"{identity['params_sha256']}): latents of two VAEs must not mix. Set "
-        "config.ldm.latents_dir to a new folder, or delete this one, to encode again")
+  try:
+    loading.check_same_vae(vae, old, what=f"the latent store at {directory}")
+  except ValueError as error:
+    raise ValueError(f"{error}; or, to encode with this VAE, set config.ldm.latents_dir to a "
+                     "new folder (or delete this one)") from None
   for key in sorted(set(settings) | set(manifest["settings"])):
     if settings.get(key) != manifest["settings"].get(key):
       raise ValueError(
@@ -169,6 +143,7 @@ def _check_same_store(directory: str, manifest: Mapping[str, Any], identity: Map
           f"{manifest['settings'].get(key)!r} ({path}), this run has {key}="
           f"{settings.get(key)!r}: set config.ldm.latents_dir to a new folder, or delete "
           "this one, to encode again")
+  identity = vae.identity
   if (old.get("checkpoint_dir"), old.get("step")) != (identity["checkpoint_dir"],
                                                       identity["step"]):
     logging.info("VAE %s step %s has the same parameters as %s step %s, which encoded %s",
@@ -303,8 +278,8 @@ def make_encode_fn(vae: source_vae.SourceVAE, mesh):
                  out_shardings=mesh_lib.replicated(mesh))
 
 
-def encode_latents(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
-                   on_shard: ShardCallback | None = None) -> str:
+def run(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
+        on_shard: ShardCallback | None = None) -> str:
   """The `--mode=encode_latents` stage (see module docstring); returns the store's directory.
 
   Args:
@@ -313,32 +288,36 @@ def encode_latents(config: ml_collections.ConfigDict, workdir: str, *, mesh=None
     mesh: defaults to all devices.
     on_shard: called after each shard is written, with (split, shard index).
   """
-  directory = latents_dir(config, workdir)
-  dataset_dir = prepare.dataset_dir(config, workdir)
+  directory = workdir_layout.latents_dir(config, workdir)
+  dataset_dir = workdir_layout.dataset_dir(config, workdir)
   splits = _dataset_splits(dataset_dir)
-  settings = encoding_settings(config, workdir)
+  mesh = mesh or mesh_lib.make_mesh()
+  loaded = loading.load_vae(config.ldm.vae_checkpoint or workdir, mesh=mesh)
+  vae, params, identity = loaded.module, loaded.params, loaded.identity
+  if vae.num_stems != stems_lib.NUM_STEMS:
+    raise ValueError(f"the SourceVAE {identity['checkpoint_dir']} has num_stems="
+                     f"{vae.num_stems}; the latent store needs the {stems_lib.NUM_STEMS} stems "
+                     f"{stems_lib.STEM_NAMES}")
+  settings = encoding_settings(config, workdir, vae)
   shape = [stems_lib.NUM_STEMS, settings["latent_dim"], settings["frames"]]
-  vae = source_vae.SourceVAE.from_config(config.vae.model)
   if source_vae.decoded_length(settings["frames"], vae.decoder_strides) != settings[
       "chunk_samples"]:
     logging.warning("config key data.chunks.samples=%d: the VAE decodes its %d frames to %d "
                     "samples", settings["chunk_samples"], settings["frames"],
                     source_vae.decoded_length(settings["frames"], vae.decoder_strides))
 
-  params, identity = load_vae(config, workdir)
   manifest = store.read_manifest(directory)
   if manifest is None and glob.glob(os.path.join(directory, "*", "shard-*.npy")):
     raise ValueError(f"{directory} holds latent shards but no {store.MANIFEST}, so nothing "
                      "says which VAE made them: delete them, or set config.ldm.latents_dir "
                      "to a new folder")
   if manifest is not None:
-    _check_same_store(directory, manifest, identity, settings)
+    _check_same_store(directory, manifest, loaded, settings)
     if manifest["status"] == store.STATUS_COMPLETE:
       logging.info("encode_latents: %s is complete for this VAE and settings; nothing to do",
                    directory)
       return directory
 
-  mesh = mesh or mesh_lib.make_mesh()
   devices = mesh.shape[mesh_lib.DATA_AXIS]
   batch = -(-int(config.ldm.encode_batch_size) // devices) * devices
   if manifest is None:
@@ -349,7 +328,7 @@ def encode_latents(config: ml_collections.ConfigDict, workdir: str, *, mesh=None
                 "splits": {}}
     if jax.process_index() == 0:
       os.makedirs(directory, exist_ok=True)
-      store.write_json_atomic(os.path.join(directory, store.MANIFEST), manifest)
+      atomic_files.write_json_atomic(os.path.join(directory, store.MANIFEST), manifest)
   else:
     chunks_per_shard = int(manifest["chunks_per_shard"])
     if chunks_per_shard % batch:
@@ -361,7 +340,6 @@ def encode_latents(config: ml_collections.ConfigDict, workdir: str, *, mesh=None
                ",".join(splits), settings["chunk_samples"], shape, batch, devices,
                chunks_per_shard, identity["checkpoint_dir"], identity["step"])
 
-  params = jax.device_put(params, mesh_lib.replicated(mesh))
   encode = make_encode_fn(vae, mesh)
   for split in splits:
     if split in manifest["splits"]:
@@ -372,7 +350,7 @@ def encode_latents(config: ml_collections.ConfigDict, workdir: str, *, mesh=None
                           on_shard=on_shard)
     manifest = {**manifest, "splits": {**manifest["splits"], split: entry}}
     if jax.process_index() == 0:
-      store.write_json_atomic(os.path.join(directory, store.MANIFEST), manifest)
+      atomic_files.write_json_atomic(os.path.join(directory, store.MANIFEST), manifest)
   manifest = store.finalize(directory, manifest)
   counts = {s: e["num_chunks"] for s, e in manifest["splits"].items()}
   logging.info("encode_latents: complete: %s chunks in %s", counts, directory)

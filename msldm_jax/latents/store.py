@@ -1,6 +1,6 @@
 """The latent store: joint latents as numbered .npy shards plus a JSON manifest, and its reader.
 
-Layout of a store directory (`encode.latents_dir`, WORKDIR/latents by default):
+Layout of a store directory (`workdir_layout.latents_dir`, WORKDIR/latents by default):
 
   manifest.json                   what is here and who made it (below)
   {split}/shard-00000.npy         float32 [n, NUM_STEMS, latent_dim, frames], n <= per shard
@@ -45,8 +45,10 @@ import jax
 import numpy as np
 import tensorflow as tf
 
+from msldm_jax import atomic_files
 from msldm_jax import joint_latent
 from msldm_jax import stems as stems_lib
+from msldm_jax.data import input_iterator
 
 FORMAT = "msldm_jax.latents/1"
 MANIFEST = "manifest.json"
@@ -55,30 +57,7 @@ STATUS_COMPLETE = "complete"
 
 # Keys of a batch from `latent_batches`.
 LATENTS = "latents"  # float32 [batch, NUM_STEMS, latent_dim, frames]
-VALID = "valid"      # evaluation only: bool [batch], False on rows padding the final batch
-
-
-def _tmp_name(path: str) -> str:
-  # The pid keeps concurrent writers (which should not exist, but may after a crash) apart.
-  return f"{path}.tmp-{os.getpid()}"
-
-
-def write_json_atomic(path: str, value: Any):
-  tmp = _tmp_name(path)
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=1)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def write_npy_atomic(path: str, array: np.ndarray):
-  tmp = _tmp_name(path)
-  with open(tmp, "wb") as f:
-    np.save(f, array, allow_pickle=False)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+VALID = input_iterator.VALID  # evaluation only: bool [batch], False on padding rows
 
 
 def shard_file(split: str, index: int) -> str:
@@ -126,9 +105,9 @@ def write_shard(directory: str, split: str, index: int, latents: np.ndarray,
                      "chunk ids")
   path = os.path.join(directory, shard_file(split, index))
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  write_json_atomic(_ids_path(path),
+  atomic_files.write_json_atomic(_ids_path(path),
                     {"chunks": [[str(t), int(c)] for t, c in chunk_ids]})
-  write_npy_atomic(path, np.ascontiguousarray(latents, np.float32))
+  atomic_files.write_npy_atomic(path, np.ascontiguousarray(latents, np.float32))
 
 
 def read_shard_ids(directory: str, split: str, index: int) -> list[list]:
@@ -222,7 +201,7 @@ def finalize(directory: str, manifest: dict) -> dict:
     manifest["statistics"] = {"split": "train", **channel_statistics(directory, train)}
   manifest["status"] = STATUS_COMPLETE
   if jax.process_index() == 0:
-    write_json_atomic(os.path.join(directory, MANIFEST), manifest)
+    atomic_files.write_json_atomic(os.path.join(directory, MANIFEST), manifest)
   return manifest
 
 
@@ -304,12 +283,6 @@ class LatentStore:
     return self.gather(np.arange(self.num_chunks))
 
 
-def _process(process_index, process_count) -> tuple[int, int]:
-  index = jax.process_index() if process_index is None else int(process_index)
-  count = jax.process_count() if process_count is None else int(process_count)
-  return index, count
-
-
 def epoch_order(num_chunks: int, seed: int, epoch: int) -> np.ndarray:
   """The chunk order of a training epoch: a permutation, a pure function of (seed, epoch)."""
   rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch)]))
@@ -331,7 +304,7 @@ def latent_batches(directory: str, split: str, *, batch_size: int, train: bool, 
     A finite dataset of {"latents": float32 [b, stems, latent_dim, frames]} (+ "valid": bool
     [b] when not training), b = batch_size / process_count.
   """
-  index, count = _process(process_index, process_count)
+  index, count = input_iterator.process_slot(process_index, process_count)
   if batch_size <= 0 or batch_size % count:
     raise ValueError(f"batch_size={batch_size} (global) must be positive and divisible by "
                      f"process_count={count}")

@@ -17,7 +17,7 @@ own group: free when P = 1, P× the compute when per-source. A trainer that want
 training at 1× cost feeds stem-complete batches [batch, stems, samples] through `encode`/
 `decode` instead.
 
-Parameter names mirror the reference's module tree (see msldm_jax/tools/import_sourcevae.py
+Parameter names mirror the reference's module tree (see msldm_jax/models/source_vae_import.py
 for the key-by-key map to the released PyTorch checkpoint).
 """
 

@@ -18,16 +18,25 @@ statistics are there for inspection.
 Precision: parameters, EMA and optimizer state in float32; the DiT computes in
 `config.ldm.model.dtype` (bfloat16 for the paper sizes), the loss in float32.
 
+The network's input width: `config.ldm.model.in_channels` = 0 takes the latent store's
+stems × latent_dim (so a run on an imported 80-channel VAE's latents needs no override); a
+non-zero value must equal it.
+
 Parallelism: one mesh, batches split over its data axis; the state is replicated or FSDP
-(`config.ldm.sharding`), decided from shapes by `parallel/sharding.py`.
+(`config.ldm.sharding`), decided from shapes by `parallel/sharding.py`. The loop, checkpoints
+and metrics are `training/loop.py`'s, shared with the VAE trainer.
 
-Outputs in WORKDIR/ldm: checkpoints/ (orbax: state + input position; training resumes from the
-newest), logs/ (TensorBoard: loss, loss per σ bucket, gradient norm, learning rate, steps/s,
-periodic samples as audio and spectrograms), metrics.jsonl (the logged scalars, one line per
-log step, kept consistent across resumes), loss.png (at the end), latents.json (the latent
-store and VAE this run learns; a resume against other latents is an error).
+Outputs in WORKDIR/ldm: checkpoints/ (orbax: state, input position, and the model record:
+the DiT's config and the latents and VAE it learned; training resumes from the newest),
+logs/ (TensorBoard: loss, loss per σ bucket, gradient norm, learning rate, steps/s, periodic
+samples as audio and spectrograms), metrics.jsonl (one line per log step, kept consistent
+across resumes), loss.png (at the end), latents.json (the latent store and VAE this run
+learns; a resume against other latents is an error).
 
-`load_denoiser` gives the generation stage the trained network.
+Periodic samples go through the same compiled program as `--mode=sample`
+(`diffusion/generation_program.generate_batch`), decoded by the VAE that encoded the latents
+(`models/loading.load_vae`, checked by parameter hash). Later stages load the trained network
+with `models/loading.load_denoiser(WORKDIR)`.
 """
 
 import dataclasses
@@ -44,26 +53,22 @@ import ml_collections
 import numpy as np
 import optax
 
+from msldm_jax import atomic_files
 from msldm_jax import joint_latent
 from msldm_jax import plotting
 from msldm_jax import stems as stems_lib
-from msldm_jax.data import pipeline
+from msldm_jax import workdir_layout
+from msldm_jax.data import input_iterator
 from msldm_jax.diffusion import edm
+from msldm_jax.diffusion import generation_program
 from msldm_jax.diffusion import samplers
-from msldm_jax.generation import sampling
-from msldm_jax.latents import encode
 from msldm_jax.latents import store
 from msldm_jax.models import dit
-from msldm_jax.models import source_vae
+from msldm_jax.models import loading
 from msldm_jax.parallel import mesh as mesh_lib
-from msldm_jax.parallel import sharding
-from msldm_jax.training import checkpointing
-from msldm_jax.training import metric_writer
-from msldm_jax.training import train_vae
+from msldm_jax.training import loop
 
-LDM_FOLDER = "ldm"
 LATENTS_RECORD = "latents.json"
-METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
 
 # Loss per noise level: 6 log-spaced buckets over the sampler's range [σ_min, σ_max] =
@@ -87,7 +92,7 @@ class LDMTrainState:
 
 
 @dataclasses.dataclass(frozen=True)
-class LDMModels:
+class LDMTrainSpec:
   """The static half of training: the network, optimizer and diffusion settings."""
   model: dit.DiT
   tx: optax.GradientTransformation
@@ -111,7 +116,10 @@ def learning_rate_schedule(learning_rate: float, warmup_steps: int) -> optax.Sch
   return optax.linear_schedule(learning_rate / warmup_steps, learning_rate, warmup_steps - 1)
 
 
-def make_models(ldm_config: ml_collections.ConfigDict) -> LDMModels:
+def make_train_spec(ldm_config: ml_collections.ConfigDict,
+                    model_config: ml_collections.ConfigDict | None = None) -> LDMTrainSpec:
+  """The network (from `model_config`, default `ldm_config.model`), optimiser and settings."""
+  model_config = ldm_config.model if model_config is None else model_config
   optim = ldm_config.optimizer
   learning_rate = learning_rate_schedule(float(optim.learning_rate), optim.warmup_steps)
   tx = optax.chain(
@@ -119,23 +127,23 @@ def make_models(ldm_config: ml_collections.ConfigDict) -> LDMModels:
       optax.adamw(learning_rate, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay))
   if not 0.0 <= ldm_config.ema_decay < 1.0:
     raise ValueError(f"config key ldm.ema_decay={ldm_config.ema_decay} must be in [0, 1)")
-  return LDMModels(
-      model=dit.build_model(ldm_config.model), tx=tx, learning_rate=learning_rate,
+  return LDMTrainSpec(
+      model=dit.build_model(model_config), tx=tx, learning_rate=learning_rate,
       sigma_data=float(ldm_config.sigma_data),
       sigma_distribution=str(ldm_config.sigma_distribution),
       sigma_max_train=float(ldm_config.sigma_max_train), p_mean=float(ldm_config.p_mean),
       p_std=float(ldm_config.p_std), ema_decay=float(ldm_config.ema_decay))
 
 
-def init_state(models: LDMModels, rng: jax.Array, num_frames: int) -> LDMTrainState:
+def init_state(spec: LDMTrainSpec, rng: jax.Array, num_frames: int) -> LDMTrainState:
   """Fresh parameters (the DiT's shapes do not depend on num_frames), EMA = parameters."""
-  model = models.model
+  model = spec.model
   x = jnp.zeros((1, model.in_channels, num_frames), jnp.float32)
   params = model.init(rng, x, jnp.zeros((1,), jnp.float32))
   params = jax.tree.map(lambda p: p.astype(jnp.float32), params)
   return LDMTrainState(step=jnp.zeros((), jnp.int32), params=params,
                        ema_params=jax.tree.map(jnp.copy, params),
-                       opt_state=models.tx.init(params))
+                       opt_state=spec.tx.init(params))
 
 
 def ema_update(ema_params, params, decay: float):
@@ -151,119 +159,109 @@ def sigma_buckets(sigma: jax.Array) -> jax.Array:
   return jnp.searchsorted(inner, sigma, side="right")
 
 
-def train_step(state: LDMTrainState, batch, *, models: LDMModels, seed: int):
+def train_step(state: LDMTrainState, batch, *, spec: LDMTrainSpec, seed: int):
   """One AdamW update on the EDM loss of a batch of stem-major latents [b, S, D, T]."""
   x = joint_latent.stack_sources(batch[store.LATENTS].astype(jnp.float32))
   rng = jax.random.fold_in(jax.random.key(seed), state.step)
   sigma_key, noise_key = jax.random.split(rng)
-  sigma = edm.sample_sigma(sigma_key, (x.shape[0],), distribution=models.sigma_distribution,
-                           sigma_max=models.sigma_max_train, p_mean=models.p_mean,
-                           p_std=models.p_std)
+  sigma = edm.sample_sigma(sigma_key, (x.shape[0],), distribution=spec.sigma_distribution,
+                           sigma_max=spec.sigma_max_train, p_mean=spec.p_mean,
+                           p_std=spec.p_std)
   noise = jax.random.normal(noise_key, x.shape, jnp.float32)
 
   def objective(params):
-    per_example = edm.training_loss(models.model.apply, params, x, sigma, noise,
-                                    sigma_data=models.sigma_data)
+    per_example = edm.training_loss(spec.model.apply, params, x, sigma, noise,
+                                    sigma_data=spec.sigma_data)
     return jnp.mean(per_example), per_example
 
   (loss, per_example), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-  updates, opt_state = models.tx.update(grads, state.opt_state, state.params)
+  updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   buckets = jax.nn.one_hot(sigma_buckets(sigma), len(SIGMA_BUCKET_NAMES), dtype=jnp.float32)
   metrics = {
       "loss": loss,
       "grad_norm": optax.tree.norm(grads),
-      "learning_rate": models.learning_rate(state.step),
+      "learning_rate": spec.learning_rate(state.step),
       # Sums and counts, not means: buckets are empty in many steps, and the host averages
       # them over each logging interval.
       "sigma_bucket_sum": buckets.T @ per_example,
       "sigma_bucket_count": buckets.sum(axis=0),
   }
   new_state = LDMTrainState(step=state.step + 1, params=params,
-                            ema_params=ema_update(state.ema_params, params, models.ema_decay),
+                            ema_params=ema_update(state.ema_params, params, spec.ema_decay),
                             opt_state=opt_state)
   return new_state, metrics
 
 
-class _MetricsLog:
-  """metrics.jsonl: one JSON line per log step, truncated to the resumed step on restart."""
-
-  def __init__(self, path: str, start_step: int):
-    self.path = path
-    self.records = []
-    self._writer = jax.process_index() == 0
-    if os.path.exists(path):
-      with open(path) as f:
-        self.records = [r for r in map(json.loads, filter(str.strip, f))
-                        if r["step"] <= start_step]
-    if self._writer:
-      # Lines past the checkpoint are the interrupted run's, which this run redoes.
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      tmp = path + ".tmp"
-      with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in self.records)
-      os.replace(tmp, path)
-
-  def append(self, record: dict):
-    self.records.append(record)
-    if self._writer:
-      with open(self.path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+def model_config_for_latents(model_config: ml_collections.ConfigDict, manifest: dict,
+                             latents_dir: str) -> ml_collections.ConfigDict:
+  """`model_config` with in_channels resolved from (and checked against) the latent store."""
+  num_stems, latent_dim, frames = manifest["shape"]
+  channels = num_stems * latent_dim
+  config = ml_collections.ConfigDict(model_config.to_dict())
+  if int(config.in_channels) == 0:
+    config.in_channels = channels
+  elif int(config.in_channels) != channels:
+    raise ValueError(
+        f"config key ldm.model.in_channels={config.in_channels}, but the latent store at "
+        f"{latents_dir} holds {num_stems} stems x {latent_dim} channels = {channels} (set it "
+        "to 0 to take the store's)")
+  if frames % int(config.patch_size):
+    raise ValueError(
+        f"the latent store at {latents_dir} has {frames} frames per chunk, not a multiple of "
+        f"config key ldm.model.patch_size={config.patch_size}: choose data.chunks.samples so "
+        "that it is")
+  return config
 
 
 class LDMTrainer:
-  """Builds the jitted step, state and checkpoints for a config; `train()` runs the loop.
+  """The diffusion model's state, step and hooks for `loop.train`; `train()` runs the loop.
 
-  Tests and notebooks use its pieces (`step`, `initial_state`, `train_inputs`) directly.
+  Built on a complete latent store (`config.ldm.latents_dir`, else WORKDIR/latents): its
+  shape decides the network's input width. Tests and notebooks use its pieces
+  (`compiled.step`, `initial_state`, `train_inputs`) directly.
   """
+  name = "train_ldm"
+  finite_metrics = ("loss", "grad_norm")
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, mesh=None):
     self.config, self.workdir = config, workdir
     self.ldm_config = config.ldm
+    self.train_config = config.ldm.train
     self.mesh = mesh or mesh_lib.make_mesh()
-    self.models = make_models(self.ldm_config)
-    self.stage_dir = os.path.join(workdir, LDM_FOLDER)
-    self.latents_dir = encode.latents_dir(config, workdir)
-
-    init = functools.partial(init_state, self.models,
-                             num_frames=self.models.model.patch_size)
-    abstract = jax.eval_shape(init, jax.random.key(0))
-    self.state_shardings = sharding.state_shardings(abstract, self.mesh,
-                                                    self.ldm_config.sharding)
-    self.abstract_state = checkpointing.abstract_with_shardings(abstract, self.state_shardings)
-    self._init = jax.jit(init, out_shardings=self.state_shardings)
-    self.step = jax.jit(
-        functools.partial(train_step, models=self.models, seed=int(self.ldm_config.seed)),
-        in_shardings=(self.state_shardings, mesh_lib.batch_sharding(self.mesh)),
-        out_shardings=(self.state_shardings, mesh_lib.replicated(self.mesh)),
-        donate_argnums=(0,))
+    self.stage_dir = workdir_layout.trainer_dir(workdir, workdir_layout.LDM)
+    self.latents_dir = workdir_layout.latents_dir(config, workdir)
+    self.manifest = store.load_manifest(self.latents_dir)
+    self.model_config = model_config_for_latents(self.ldm_config.model, self.manifest,
+                                                 self.latents_dir)
+    self.spec = make_train_spec(self.ldm_config, self.model_config)
+    self.compiled = loop.CompiledStep(
+        functools.partial(init_state, self.spec, num_frames=self.spec.model.patch_size),
+        functools.partial(train_step, spec=self.spec, seed=int(self.ldm_config.seed)),
+        self.mesh, self.ldm_config.sharding)
+    self._buckets = _BucketMeans()
     self._generate = None
 
   def initial_state(self) -> LDMTrainState:
-    return self._init(jax.random.key(int(self.ldm_config.seed)))
+    return self.compiled.init(jax.random.key(int(self.ldm_config.seed)))
 
-  def train_inputs(self, position=None) -> pipeline.InputIterator:
+  def latents_record(self) -> dict:
+    manifest = self.manifest
+    return {"latents_dir": os.path.abspath(self.latents_dir), "vae": manifest["vae"],
+            "shape": manifest["shape"]}
+
+  def model_record(self) -> dict:
+    return loading.denoiser_record(self.model_config, latents=self.latents_record())
+
+  def train_inputs(self, position=None) -> input_iterator.InputIterator:
     dataset_fn = functools.partial(
         store.latent_batches, self.latents_dir, "train", batch_size=self.ldm_config.batch_size,
         train=True, seed=int(self.ldm_config.seed))
-    return pipeline.InputIterator(dataset_fn, mesh=self.mesh, position=position)
+    return input_iterator.InputIterator(dataset_fn, mesh=self.mesh, position=position)
 
-  def check_latents(self, manifest: dict):
-    """The store fits the model, and is the one this run started on (WORKDIR/ldm/latents.json)."""
-    num_stems, latent_dim, frames = manifest["shape"]
-    model = self.ldm_config.model
-    if num_stems * latent_dim != model.in_channels:
-      raise ValueError(
-          f"config key ldm.model.in_channels={model.in_channels}, but the latent store at "
-          f"{self.latents_dir} holds {num_stems} stems x {latent_dim} channels = "
-          f"{num_stems * latent_dim}")
-    if frames % model.patch_size:
-      raise ValueError(
-          f"the latent store at {self.latents_dir} has {frames} frames per chunk, not a "
-          f"multiple of config key ldm.model.patch_size={model.patch_size}: choose "
-          "data.chunks.samples so that it is")
-    record = {"latents_dir": os.path.abspath(self.latents_dir), "vae": manifest["vae"],
-              "shape": manifest["shape"], "statistics": manifest["statistics"]}
+  def check_latents(self):
+    """The store is the one this run started on (WORKDIR/ldm/latents.json), else an error."""
+    record = {**self.latents_record(), "statistics": self.manifest["statistics"]}
     path = os.path.join(self.stage_dir, LATENTS_RECORD)
     if os.path.exists(path):
       with open(path) as f:
@@ -276,42 +274,43 @@ class LDMTrainer:
               "delete WORKDIR/ldm) to train on the new latents")
     elif jax.process_index() == 0:
       os.makedirs(self.stage_dir, exist_ok=True)
-      store.write_json_atomic(path, record)
+      atomic_files.write_json_atomic(path, record)
 
-  def _make_generate(self, manifest: dict):
-    """jit(ema_params, vae_params, key) -> one piece's stems [S, samples], decoded."""
-    vae_params, identity = train_vae.restore_generator(
-        self.config, self.workdir, manifest["vae"]["checkpoint_dir"])
-    digest = encode.params_sha256(vae_params)
-    if digest != manifest["vae"]["params_sha256"]:
-      raise ValueError(
-          f"the VAE checkpoint {identity['checkpoint_dir']} step {identity['step']} (params "
-          f"sha256 {digest}) is not the one that encoded {self.latents_dir} (sha256 "
-          f"{manifest['vae']['params_sha256']}, step {manifest['vae']['step']}): samples would "
-          "be decoded by the wrong VAE; set ldm.train.sample_every=0 or restore that VAE")
-    vae = source_vae.SourceVAE.from_config(self.config.vae.model)
-    settings = {"num_steps": int(self.ldm_config.train.sample_steps)}
-    sampler = samplers.get_sampler(samplers.DEFAULT_SAMPLER, settings)
-    num_stems, latent_dim, frames = manifest["shape"]
-    shape = (1, num_stems * latent_dim, frames)
-    model, sigma_data = self.models.model, self.models.sigma_data
+  def _make_generate(self):
+    """(ema_params, key) -> one piece's stems [S, samples], by generation's own program."""
+    recorded = self.manifest["vae"]
+    vae = loading.load_vae(recorded.get("checkpoint_dir") or "", mesh=self.mesh)
+    loading.check_same_vae(vae, recorded, what=f"the latent store at {self.latents_dir}")
+    frames = self.manifest["shape"][-1]
+    spec = generation_program.GenerationSpec(
+        vae=vae.module, denoiser=self.spec.model, num_frames=int(frames),
+        sampler_name=samplers.DEFAULT_SAMPLER,
+        sampler_settings=(("num_steps", int(self.train_config.sample_steps)),),
+        sigma_data=self.spec.sigma_data)
 
-    def generate(ema_params, vae_params, key):
-      # Denoised as `--mode=sample` does (parameters cast, conditioning tabulated once).
-      denoise_fn = sampling.sampling_denoise_fn(model, ema_params, samplers.DEFAULT_SAMPLER,
-                                                settings, sigma_data=sigma_data)
-      x = sampler(denoise_fn, key, shape)
-      return vae.apply(vae_params, joint_latent.split_sources(x), method=vae.decode)[0]
+    def generate(ema_params, key):
+      _, waveforms = generation_program.generate_batch(vae.params, ema_params, key[None],
+                                                       spec=spec)
+      return waveforms[0]
 
-    replicated = mesh_lib.replicated(self.mesh)
-    generate = jax.jit(generate,
-                       in_shardings=(self.state_shardings.ema_params, replicated, replicated),
-                       out_shardings=replicated)
-    vae_params = jax.device_put(vae_params, replicated)
-    return lambda ema_params, key: generate(ema_params, vae_params, key)
+    return generate
 
-  def log_sample(self, state: LDMTrainState, step: int, writer: metric_writer.MetricWriter):
+  def summarize(self, steps) -> dict[str, float]:
+    for _, metrics in steps:
+      self._buckets.add(metrics["sigma_bucket_sum"], metrics["sigma_bucket_count"])
+    scalars = loop.mean_of_scalars(steps)
+    scalars.update(self._buckets.pop())
+    return scalars
+
+  def periodic(self, step: int, state: LDMTrainState, writer) -> dict[str, float]:
+    if loop.every(step, int(self.train_config.sample_every), int(self.train_config.num_steps)):
+      self.log_sample(state, step, writer)
+    return {}
+
+  def log_sample(self, state: LDMTrainState, step: int, writer):
     """One piece from the EMA parameters, decoded: audio of the mix and stems, a spectrogram."""
+    if self._generate is None:
+      self._generate = self._make_generate()
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(int(self.ldm_config.seed)),
                                                 step), _SAMPLE_STREAM)
     waveforms = np.asarray(jax.device_get(self._generate(state.ema_params, key)))
@@ -324,75 +323,24 @@ class LDMTrainer:
     logging.info("train_ldm step %d: logged a sample (peak %.3f)", step,
                  float(np.abs(named["mix"]).max()))
 
-  def train(self) -> dict:
-    train = self.ldm_config.train
-    manifest = store.load_manifest(self.latents_dir)
-    self.check_latents(manifest)
-    manager = checkpointing.make_manager(os.path.join(self.stage_dir, "checkpoints"),
-                                         max_to_keep=train.keep_checkpoints)
-    try:
-      return self._train(manager, manifest)
-    finally:
-      # Also on an error: an asynchronous save in flight must finish, so that the last
-      # checkpoint is whole.
-      manager.wait_until_finished()
-
-  def _train(self, manager, manifest) -> dict:
-    train = self.ldm_config.train
-    restored = checkpointing.restore_latest(manager, self.abstract_state)
-    if restored is None:
-      state, position, start = self.initial_state(), None, 0
-    else:
-      state, position, start = restored
-    inputs = self.train_inputs(position)
-    writer = metric_writer.MetricWriter(os.path.join(self.stage_dir, "logs"))
-    log = _MetricsLog(os.path.join(self.stage_dir, METRICS_FILE), start)
-    progress = metric_writer.Progress(train.num_steps, start, train.log_every, "train_ldm")
-    if train.sample_every > 0 and self._generate is None:
-      self._generate = self._make_generate(manifest)
-    buckets = _BucketMeans()
-    pending = None  # (step, metrics) of the previous step, checked one step late so that
-    # fetching it does not stall the device queue.
-    final_metrics = {}
-    for step in range(start + 1, train.num_steps + 1):
-      batch = next(inputs)
-      state, metrics = self.step(state, batch)
-      if pending is not None:
-        final_metrics = self._check_and_log(*pending, writer, progress, log, buckets)
-      pending = (step, metrics)
-      if step % train.checkpoint_every == 0 or step == train.num_steps:
-        # Checked before saving: a non-finite step never reaches a checkpoint.
-        final_metrics = self._check_and_log(*pending, writer, progress, log, buckets)
-        pending = None
-        checkpointing.save(manager, step, state, inputs.state())
-      if train.sample_every > 0 and (step % train.sample_every == 0 or
-                                     step == train.num_steps):
-        self.log_sample(state, step, writer)
-    if pending is not None:
-      final_metrics = self._check_and_log(*pending, writer, progress, log, buckets)
-    writer.flush()
-    if log.records and jax.process_index() == 0:
-      curves = {"loss": ([r["step"] for r in log.records], [r["loss"] for r in log.records])}
-      for name in SIGMA_BUCKET_NAMES:
-        points = [(r["step"], r[name]) for r in log.records if name in r]
-        if points:
-          curves[name.removeprefix("loss/")] = tuple(zip(*points))
+  def finish(self, records):
+    curves = {}
+    points = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    if points:
+      curves["loss"] = tuple(zip(*points))
+    for name in SIGMA_BUCKET_NAMES:
+      points = [(r["step"], r[name]) for r in records if name in r]
+      if points:
+        curves[name.removeprefix("loss/")] = tuple(zip(*points))
+    if curves:
       plotting.save_curves(os.path.join(self.stage_dir, LOSS_PLOT), curves)
-    return final_metrics
 
-  def _check_and_log(self, step, metrics, writer, progress, log, buckets):
-    metrics = jax.device_get(metrics)
-    scalars = {k: float(metrics[k]) for k in ("loss", "grad_norm", "learning_rate")}
-    metric_writer.check_finite(step, {"loss": scalars["loss"],
-                                      "grad_norm": scalars["grad_norm"]})
-    buckets.add(metrics["sigma_bucket_sum"], metrics["sigma_bucket_count"])
-    rate = progress.update(step)
-    if rate is not None:
-      scalars.update(buckets.pop())
-      scalars["steps_per_second"] = rate
-      writer.scalars(step, scalars)
-      log.append({"step": step, **scalars})
-    return scalars
+  def train(self) -> dict:
+    self.check_latents()
+    if int(self.train_config.sample_every) > 0:
+      # Before the first step: a wrong VAE fails now, not after hours of training.
+      self._generate = self._make_generate()
+    return loop.train(self)
 
 
 class _BucketMeans:
@@ -413,45 +361,6 @@ class _BucketMeans:
     return means
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """The `--mode=train_ldm` stage: trains (or resumes) the diffusion model in WORKDIR/ldm."""
   return LDMTrainer(config, workdir).train()
-
-
-def load_denoiser(config: ml_collections.ConfigDict, workdir: str,
-                  use_ema: bool = True) -> tuple[dit.DiT, Any, dict]:
-  """The trained denoiser network from the newest checkpoint in WORKDIR/ldm/checkpoints.
-
-  Returns:
-    (model, params, identity): the DiT module (F of the EDM denoiser; wrap it with
-    `edm.make_denoise_fn(model.apply, params, sigma_data=config.ldm.sigma_data)`), its
-    variables ({'params': ...}; the EMA when use_ema), replicated over all devices, and a
-    record of where they came from: checkpoint_dir, step, use_ema, and under "latents" the
-    latent store and VAE the run learned (WORKDIR/ldm/latents.json), when present.
-  """
-  models = make_models(config.ldm)
-  abstract = jax.eval_shape(
-      functools.partial(init_state, models, num_frames=models.model.patch_size),
-      jax.random.key(0))
-  mesh = mesh_lib.make_mesh()
-  shardings = sharding.state_shardings(abstract, mesh, "replicate")
-  stage_dir = os.path.join(workdir, LDM_FOLDER)
-  checkpoint_dir = os.path.join(stage_dir, "checkpoints")
-  if not os.path.isdir(checkpoint_dir):
-    raise FileNotFoundError(f"no diffusion model checkpoint in {checkpoint_dir}: run "
-                            "--mode=train_ldm first")
-  manager = checkpointing.make_manager(checkpoint_dir)
-  restored = checkpointing.restore_latest(
-      manager, checkpointing.abstract_with_shardings(abstract, shardings))
-  if restored is None:
-    raise FileNotFoundError(f"no diffusion model checkpoint in {checkpoint_dir}: run "
-                            "--mode=train_ldm first")
-  state, _, step = restored
-  identity = {"checkpoint_dir": os.path.abspath(checkpoint_dir), "step": int(step),
-              "use_ema": bool(use_ema)}
-  record_path = os.path.join(stage_dir, LATENTS_RECORD)
-  if os.path.exists(record_path):
-    with open(record_path) as f:
-      record = json.load(f)
-    identity["latents"] = {k: record[k] for k in ("latents_dir", "vae", "shape")}
-  return models.model, (state.ema_params if use_ema else state.params), identity

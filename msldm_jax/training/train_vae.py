@@ -9,7 +9,12 @@ Inputs are right-padded with zeros to whole latent frames and the reconstruction
 back to the window, the codec convention of DAC.
 
 Parallelism: one mesh, batches split over its data axis; the state is replicated or FSDP
-(`config.vae.sharding`), decided from shapes by `parallel/sharding.py`.
+(`config.vae.sharding`), decided from shapes by `parallel/sharding.py`. The loop, checkpoints
+and metrics are `training/loop.py`'s, shared with the diffusion trainer.
+
+Outputs in WORKDIR/vae: checkpoints/ (orbax: state, input position, the SourceVAE's model
+record), logs/ (TensorBoard), metrics.jsonl, losses.png. Later stages load the generator with
+`models/loading.load_vae(WORKDIR)`.
 """
 
 import dataclasses
@@ -17,7 +22,6 @@ import functools
 import os
 from typing import Any
 
-from absl import logging
 import flax
 import jax
 import jax.numpy as jnp
@@ -27,17 +31,15 @@ import optax
 
 from msldm_jax import plotting
 from msldm_jax import stems as stems_lib
+from msldm_jax import workdir_layout
+from msldm_jax.data import input_iterator
 from msldm_jax.data import pipeline
-from msldm_jax.data import prepare
 from msldm_jax.losses import vae_losses
 from msldm_jax.models import discriminators
+from msldm_jax.models import loading
 from msldm_jax.models import source_vae
 from msldm_jax.parallel import mesh as mesh_lib
-from msldm_jax.parallel import sharding
-from msldm_jax.training import checkpointing
-from msldm_jax.training import metric_writer
-
-VAE_FOLDER = "vae"
+from msldm_jax.training import loop
 
 
 @flax.struct.dataclass
@@ -50,7 +52,7 @@ class VAETrainState:
 
 
 @dataclasses.dataclass(frozen=True)
-class VAEModels:
+class VAETrainSpec:
   """The static half of training: modules and optimizers (hashable, closed over by jit)."""
   vae: source_vae.SourceVAE
   discriminator: discriminators.Discriminator
@@ -59,7 +61,7 @@ class VAEModels:
   learning_rate: optax.Schedule
 
 
-def make_models(vae_config: ml_collections.ConfigDict) -> VAEModels:
+def make_train_spec(vae_config: ml_collections.ConfigDict) -> VAETrainSpec:
   optim = vae_config.optimizer
   # The reference multiplies the learning rate by `lr_decay` after every step
   # (PyTorch ExponentialLR stepped per batch).
@@ -72,7 +74,7 @@ def make_models(vae_config: ml_collections.ConfigDict) -> VAEModels:
       optax.clip_by_global_norm(optim.discriminator_clip),
       optax.adam(learning_rate, b1=optim.b1, b2=optim.b2))
   disc = vae_config.discriminator
-  return VAEModels(
+  return VAETrainSpec(
       vae=source_vae.SourceVAE.from_config(vae_config.model),
       discriminator=discriminators.make_discriminator(
           disc.variant, dtype=vae_config.model.dtype, **disc.get("overrides", {})),
@@ -96,60 +98,60 @@ def pad_to_frames(waveforms: jax.Array, vae: source_vae.SourceVAE) -> jax.Array:
   return jnp.pad(waveforms, [(0, 0)] * (waveforms.ndim - 1) + [(0, padded - samples)])
 
 
-def reconstruct_stem(models: VAEModels, params, waveforms_bt, stem_b, rng=None):
+def reconstruct_stem(vae: source_vae.SourceVAE, params, waveforms_bt, stem_b, rng=None):
   """Encode → (posterior sample, or the mean when rng is None) → decode, cropped to input.
 
   Returns (reconstruction [batch, samples], mean, logvar).
   """
   samples = waveforms_bt.shape[-1]
-  mean, logvar = models.vae.apply(params, pad_to_frames(waveforms_bt, models.vae), stem_b,
-                                  method=models.vae.encode_stem)
+  mean, logvar = vae.apply(params, pad_to_frames(waveforms_bt, vae), stem_b,
+                           method=vae.encode_stem)
   z = mean if rng is None else source_vae.posterior_sample(mean, logvar, rng)
-  recon = models.vae.apply(params, z, stem_b, method=models.vae.decode_stem)
+  recon = vae.apply(params, z, stem_b, method=vae.decode_stem)
   return recon[:, :samples], mean, logvar
 
 
-def init_state(models: VAEModels, rng: jax.Array, window: int) -> VAETrainState:
+def init_state(spec: VAETrainSpec, rng: jax.Array, window: int) -> VAETrainState:
   vae_rng, disc_rng = jax.random.split(rng)
-  generator = models.vae.init(vae_rng, jnp.zeros((1, models.vae.num_stems, window)))
-  discriminator = models.discriminator.init(disc_rng, jnp.zeros((1, window), jnp.float32))
+  generator = spec.vae.init(vae_rng, jnp.zeros((1, spec.vae.num_stems, window)))
+  discriminator = spec.discriminator.init(disc_rng, jnp.zeros((1, window), jnp.float32))
   return VAETrainState(
       step=jnp.zeros((), jnp.int32), generator=generator, discriminator=discriminator,
-      generator_opt=models.generator_tx.init(generator),
-      discriminator_opt=models.discriminator_tx.init(discriminator))
+      generator_opt=spec.generator_tx.init(generator),
+      discriminator_opt=spec.discriminator_tx.init(discriminator))
 
 
-def train_step(state: VAETrainState, batch, *, models: VAEModels, loss_weights, seed: int):
+def train_step(state: VAETrainState, batch, *, spec: VAETrainSpec, loss_weights, seed: int):
   """One discriminator update, then one generator update against the fresh discriminator."""
   x, stem = batch[pipeline.AUDIO], batch[pipeline.STEM]
   rng = jax.random.fold_in(jax.random.key(seed), state.step)
 
   def generator_forward(generator):
-    return reconstruct_stem(models, generator, x, stem, rng)
+    return reconstruct_stem(spec.vae, generator, x, stem, rng)
 
   (recon, mean, logvar), generator_vjp = jax.vjp(generator_forward, state.generator)
 
   def discriminator_objective(discriminator):
-    d_fake = models.discriminator.apply(discriminator, jax.lax.stop_gradient(recon))
-    d_real = models.discriminator.apply(discriminator, x)
+    d_fake = spec.discriminator.apply(discriminator, jax.lax.stop_gradient(recon))
+    d_real = spec.discriminator.apply(discriminator, x)
     return vae_losses.discriminator_loss(d_fake, d_real)
 
   d_loss, d_grads = jax.value_and_grad(discriminator_objective)(state.discriminator)
-  d_updates, discriminator_opt = models.discriminator_tx.update(
+  d_updates, discriminator_opt = spec.discriminator_tx.update(
       d_grads, state.discriminator_opt, state.discriminator)
   discriminator = optax.apply_updates(state.discriminator, d_updates)
 
-  d_real = models.discriminator.apply(discriminator, x)
+  d_real = spec.discriminator.apply(discriminator, x)
 
   def generator_objective(recon, mean, logvar):
-    d_fake = models.discriminator.apply(discriminator, recon)
+    d_fake = spec.discriminator.apply(discriminator, recon)
     return vae_losses.generator_loss(recon, x, d_fake, d_real,
                                      source_vae.kl_divergence(mean, logvar), loss_weights)
 
   (g_loss, terms), cotangents = jax.value_and_grad(
       generator_objective, argnums=(0, 1, 2), has_aux=True)(recon, mean, logvar)
   (g_grads,) = generator_vjp(cotangents)
-  g_updates, generator_opt = models.generator_tx.update(
+  g_updates, generator_opt = spec.generator_tx.update(
       g_grads, state.generator_opt, state.generator)
   generator = optax.apply_updates(state.generator, g_updates)
 
@@ -158,7 +160,7 @@ def train_step(state: VAETrainState, batch, *, models: VAEModels, loss_weights, 
       "loss/generator": g_loss, "loss/discriminator": d_loss,
       "grad_norm/generator": optax.tree.norm(g_grads),
       "grad_norm/discriminator": optax.tree.norm(d_grads),
-      "learning_rate": models.learning_rate(state.step),
+      "learning_rate": spec.learning_rate(state.step),
   })
   new_state = VAETrainState(step=state.step + 1, generator=generator,
                             discriminator=discriminator, generator_opt=generator_opt,
@@ -166,69 +168,85 @@ def train_step(state: VAETrainState, batch, *, models: VAEModels, loss_weights, 
   return new_state, metrics
 
 
-def eval_step(generator, batch, *, models: VAEModels):
+def eval_step(generator, batch, *, spec: VAETrainSpec):
   """Per-window mel distance and SI-SDR of the posterior-mean reconstruction."""
   x, stem = batch[pipeline.AUDIO], batch[pipeline.STEM]
-  recon, _, _ = reconstruct_stem(models, generator, x, stem)
+  recon, _, _ = reconstruct_stem(spec.vae, generator, x, stem)
   return {"mel_distance": vae_losses.multiscale_mel_distance(recon, x),
           "si_sdr": vae_losses.si_sdr(recon, x), "recon": recon}
 
 
 class VAETrainer:
-  """Builds the jitted steps, state and checkpoints for a config; `train()` runs the loop.
+  """The SourceVAE's state, step and hooks for `loop.train`; `train()` runs the loop.
 
-  Tests and notebooks use its pieces (`step`, `state`, `evaluate`) directly.
+  Tests and notebooks use its pieces (`compiled.step`, `initial_state`, `evaluate`) directly.
   """
+  name = "train_vae"
+  finite_metrics = ("loss/generator", "loss/discriminator", "loss/mel", "loss/kl",
+                    "loss/adversarial", "loss/feature_matching")
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, mesh=None):
     self.config, self.workdir = config, workdir
     self.vae_config = config.vae
+    self.train_config = config.vae.train
     self.mesh = mesh or mesh_lib.make_mesh()
-    self.models = make_models(self.vae_config)
+    self.spec = make_train_spec(self.vae_config)
     self.window = pipeline.vae_window_spec(config.data, train=True).window
-    self.stage_dir = os.path.join(workdir, VAE_FOLDER)
-
-    init = functools.partial(init_state, self.models, window=self.window)
-    abstract = jax.eval_shape(init, jax.random.key(0))
-    self.state_shardings = sharding.state_shardings(abstract, self.mesh,
-                                                    self.vae_config.sharding)
-    self.abstract_state = checkpointing.abstract_with_shardings(abstract, self.state_shardings)
-    self._init = jax.jit(init, out_shardings=self.state_shardings)
-    batch_sharding = mesh_lib.batch_sharding(self.mesh)
-    self.step = jax.jit(
-        functools.partial(train_step, models=self.models,
+    self.stage_dir = workdir_layout.trainer_dir(workdir, workdir_layout.VAE)
+    self.compiled = loop.CompiledStep(
+        functools.partial(init_state, self.spec, window=self.window),
+        functools.partial(train_step, spec=self.spec,
                           loss_weights=dict(self.vae_config.loss_weights),
                           seed=int(self.vae_config.seed)),
-        in_shardings=(self.state_shardings, batch_sharding),
-        out_shardings=(self.state_shardings, mesh_lib.replicated(self.mesh)),
-        donate_argnums=(0,))
+        self.mesh, self.vae_config.sharding)
     self._eval_step = jax.jit(
-        functools.partial(eval_step, models=self.models),
-        in_shardings=(self.state_shardings.generator, batch_sharding),
+        functools.partial(eval_step, spec=self.spec),
+        in_shardings=(self.compiled.state_shardings.generator,
+                      mesh_lib.batch_sharding(self.mesh)),
         out_shardings=mesh_lib.replicated(self.mesh))
 
   def initial_state(self) -> VAETrainState:
-    return self._init(jax.random.key(int(self.vae_config.seed)))
+    return self.compiled.init(jax.random.key(int(self.vae_config.seed)))
+
+  def model_record(self) -> dict:
+    return loading.vae_record(self.spec.vae)
 
   def _dataset_dir(self) -> str:
-    path = prepare.dataset_dir(self.config, self.workdir)
+    path = workdir_layout.dataset_dir(self.config, self.workdir)
     if not os.path.isdir(path):
       raise FileNotFoundError(f"no built dataset at {path}: run --mode=data first")
     return path
 
-  def train_inputs(self, position=None) -> pipeline.InputIterator:
+  def train_inputs(self, position=None) -> input_iterator.InputIterator:
     dataset_fn = functools.partial(
         pipeline.vae_windows, self._dataset_dir(), "train", data_config=self.config.data,
         batch_size=self.vae_config.batch_size, train=True, seed=self.config.data.seed)
-    return pipeline.InputIterator(dataset_fn, mesh=self.mesh, position=position)
+    return input_iterator.InputIterator(dataset_fn, mesh=self.mesh, position=position)
+
+  def summarize(self, steps) -> dict[str, float]:
+    return loop.mean_of_scalars(steps)
+
+  def periodic(self, step: int, state: VAETrainState, writer) -> dict[str, float]:
+    if loop.every(step, int(self.train_config.eval_every), int(self.train_config.num_steps)):
+      return self.evaluate(state, writer, step)
+    return {}
+
+  def finish(self, records):
+    curves = {}
+    for name in ("loss/mel", "loss/generator", "loss/discriminator"):
+      points = [(r["step"], r[name]) for r in records if name in r]
+      if points:
+        curves[name] = tuple(zip(*points))
+    if curves:
+      plotting.save_curves(os.path.join(self.stage_dir, "losses.png"), curves)
 
   def evaluate(self, state: VAETrainState, writer=None, step: int = 0) -> dict:
     """Mel distance and SI-SDR per stem over the first `eval_batches` validation batches."""
-    train = self.vae_config.train
+    train = self.train_config
     dataset_fn = functools.partial(
         pipeline.vae_windows, self._dataset_dir(), "validation", data_config=self.config.data,
         batch_size=train.eval_batch_size, train=False)
-    inputs = pipeline.InputIterator(dataset_fn, mesh=self.mesh, num_epochs=1)
+    inputs = input_iterator.InputIterator(dataset_fn, mesh=self.mesh, num_epochs=1)
     sums = {}
     examples = None
     for index, batch in enumerate(inputs):
@@ -252,94 +270,18 @@ class VAETrainer:
       per_stem = [v for k, v in metrics.items() if k.startswith(f"eval/{name}/")]
       if per_stem:
         metrics[f"eval/{name}"] = float(np.mean(per_stem))
-    if writer is not None and metrics:
-      writer.scalars(step, metrics)
-      if examples is not None and len(examples[0]):
-        real, recon = examples
-        writer.audio(step, "eval/reconstruction", recon, stems_lib.SAMPLE_RATE)
-        writer.audio(step, "eval/original", real, stems_lib.SAMPLE_RATE)
-        writer.images(step, "eval/spectrograms", plotting.spectrogram_image(
-            {"original": real[0], "reconstruction": recon[0]}, stems_lib.SAMPLE_RATE)[None])
+    if writer is not None and examples is not None and len(examples[0]):
+      real, recon = examples
+      writer.audio(step, "eval/reconstruction", recon, stems_lib.SAMPLE_RATE)
+      writer.audio(step, "eval/original", real, stems_lib.SAMPLE_RATE)
+      writer.images(step, "eval/spectrograms", plotting.spectrogram_image(
+          {"original": real[0], "reconstruction": recon[0]}, stems_lib.SAMPLE_RATE)[None])
     return metrics
 
   def train(self) -> dict:
-    train = self.vae_config.train
-    manager = checkpointing.make_manager(os.path.join(self.stage_dir, "checkpoints"),
-                                         max_to_keep=train.keep_checkpoints)
-    restored = checkpointing.restore_latest(manager, self.abstract_state)
-    if restored is None:
-      state, position, start = self.initial_state(), None, 0
-    else:
-      state, position, start = restored
-    inputs = self.train_inputs(position)
-    writer = metric_writer.MetricWriter(os.path.join(self.stage_dir, "logs"))
-    progress = metric_writer.Progress(train.num_steps, start, train.log_every, "train_vae")
-    history = []
-    pending = None  # (step, metrics) of the previous step, checked one step late so that
-    # fetching it does not stall the device queue.
-    final_metrics = {}
-    try:
-      for step in range(start + 1, train.num_steps + 1):
-        batch = next(inputs)
-        state, metrics = self.step(state, batch)
-        if pending is not None:
-          final_metrics = self._check_and_log(*pending, writer, progress, history)
-        pending = (step, metrics)
-        if step % train.checkpoint_every == 0 or step == train.num_steps:
-          final_metrics = self._check_and_log(*pending, writer, progress, history)
-          pending = None
-          checkpointing.save(manager, step, state, inputs.state())
-        if step % train.eval_every == 0 or step == train.num_steps:
-          final_metrics.update(self.evaluate(state, writer, step))
-      if pending is not None:
-        final_metrics = self._check_and_log(*pending, writer, progress, history)
-    finally:
-      # Also on a failure: the checkpoints already under way are the last good ones.
-      manager.wait_until_finished()
-    writer.flush()
-    if history and jax.process_index() == 0:
-      steps = [h[0] for h in history]
-      plotting.save_curves(
-          os.path.join(self.stage_dir, "losses.png"),
-          {name: (steps, [h[1][name] for h in history])
-           for name in ("loss/mel", "loss/generator", "loss/discriminator")})
-    return final_metrics
-
-  def _check_and_log(self, step, metrics, writer, progress, history):
-    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    metric_writer.check_finite(step, {k: v for k, v in metrics.items()
-                                      if k.startswith("loss/")})
-    rate = progress.update(step)
-    if rate is not None:
-      writer.scalars(step, {**metrics, "steps_per_second": rate})
-      history.append((step, metrics))
-    return metrics
+    return loop.train(self)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """The `--mode=train_vae` stage: trains (or resumes) the SourceVAE in WORKDIR/vae."""
   return VAETrainer(config, workdir).train()
-
-
-def restore_generator(config: ml_collections.ConfigDict, workdir: str,
-                      checkpoint_dir: str | None = None) -> tuple[Any, dict]:
-  """The trained SourceVAE's parameters from the VAE stage's newest checkpoint.
-
-  Returns (params as `{'params': ...}`, identity) where identity names the checkpoint
-  (directory and step) so that products of the frozen VAE can record which one made them.
-  """
-  checkpoint_dir = checkpoint_dir or os.path.join(workdir, VAE_FOLDER, "checkpoints")
-  models = make_models(config.vae)
-  window = pipeline.vae_window_spec(config.data, train=True).window
-  abstract = jax.eval_shape(functools.partial(init_state, models, window=window),
-                            jax.random.key(0))
-  mesh = mesh_lib.make_mesh()
-  shardings = sharding.state_shardings(abstract, mesh, "replicate")
-  manager = checkpointing.make_manager(checkpoint_dir)
-  restored = checkpointing.restore_latest(
-      manager, checkpointing.abstract_with_shardings(abstract, shardings))
-  if restored is None:
-    raise FileNotFoundError(f"no SourceVAE checkpoint in {checkpoint_dir}: run "
-                            "--mode=train_vae first, or import published weights")
-  state, _, step = restored
-  return state.generator, {"checkpoint_dir": os.path.abspath(checkpoint_dir), "step": int(step)}

@@ -11,6 +11,8 @@ benchmarks/vae.py start this file with the reference interpreter
   python dac_reference.py checkpoint OUT.pt OUT.npz
       A release-shaped SourceVAE at a small size, saved the way the release's trainer saves it
       (`torch.save({'generator': state_dict})`), and its outputs on random inputs.
+  python dac_reference.py decode G.pt IN.npz OUT.npz
+      That SourceVAE (G.pt; its config in IN.npz) decoding IN.npz's latents into OUT.npz.
   python dac_reference.py bench --part=decoder --batch=1 --threads=2 ...
       Times the release-sized encoder or decoder (torch.inference_mode); prints one JSON line.
 
@@ -192,6 +194,24 @@ def run_checkpoint(pt_path, npz_path, encoder_dim=4, latent_dim=3, decoder_dim=3
                decoder_strides=[8, 5, 4, 2]))))
 
 
+def run_decode(pt_path, npz_path, out_path):
+  """The release-shaped SourceVAE of `pt_path` (config in `npz_path`'s "config"), decoding
+  the latents [n, latent_dim, frames] in `npz_path`'s "latents": the PyTorch side of the
+  imported-weights end-to-end test."""
+  _, dac_model = load_dac()
+  with np.load(npz_path) as data:
+    config = json.loads(str(data["config"]))
+    latents = torch.from_numpy(np.asarray(data["latents"], np.float32))
+  model = ReleaseSourceVAE(dac_model, config["encoder_width"], config["encoder_strides"],
+                           config["latent_dim"], config["decoder_width"],
+                           config["decoder_strides"])
+  model.load_state_dict(torch.load(pt_path, map_location="cpu")["generator"])
+  model.eval()
+  with torch.inference_mode():
+    decoded = model.decoder(latents)
+  np.savez(out_path, decoded=decoded.numpy())
+
+
 def run_bench(part, batch, samples, threads, warmup, repeats):
   """Times the release-sized encoder or decoder; prints one JSON line on stdout."""
   torch.set_num_threads(threads)
@@ -232,6 +252,10 @@ def main():
   checkpoint = commands.add_parser("checkpoint")
   checkpoint.add_argument("pt")
   checkpoint.add_argument("npz")
+  decode = commands.add_parser("decode")
+  decode.add_argument("pt")
+  decode.add_argument("npz")
+  decode.add_argument("out")
   bench = commands.add_parser("bench")
   bench.add_argument("--part", choices=("encoder", "decoder"), required=True)
   bench.add_argument("--batch", type=int, default=1)
@@ -244,6 +268,8 @@ def main():
     run_parity(args.out)
   elif args.command == "checkpoint":
     run_checkpoint(args.pt, args.npz)
+  elif args.command == "decode":
+    run_decode(args.pt, args.npz, args.out)
   else:
     run_bench(args.part, args.batch, args.samples, args.threads, args.warmup, args.repeats)
 

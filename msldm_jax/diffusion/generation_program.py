@@ -20,7 +20,7 @@ model code stays free of sharding: a batch of keys placed over a mesh's data axi
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import chex
@@ -37,8 +37,9 @@ from msldm_jax.diffusion import samplers
 from msldm_jax.models import source_vae
 from msldm_jax.parallel import mesh as mesh_lib
 
-# The config keys of `config.sample` that are sampler settings (the rest is the stage's).
-SAMPLER_KEYS = ("num_steps", "sigma_min", "sigma_max", "rho", "s_churn")
+# The keys of `config.sample` that are sampler settings (the rest is the stage's): every
+# setting some sampler takes, read from the samplers' signatures.
+SAMPLER_KEYS = samplers.SETTING_KEYS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +56,8 @@ class GenerationSpec:
     sigma_data: σ_data of the EDM preconditioning the denoiser was trained with.
     generate_stems: the stems to sample, in canonical order; the others are given.
     resample_steps: RePaint passes per step for partial generation.
-    progress: optional host callback `progress(step, num_steps)` after each sampler step.
+    progress_every: log the sampler's steps/s and ETA every this many steps (0: off). An
+      int, not a callback: a fresh callback would be a new static key, and recompile.
   """
   vae: source_vae.SourceVAE
   denoiser: nn.Module
@@ -65,7 +67,7 @@ class GenerationSpec:
   sigma_data: float = edm.SIGMA_DATA
   generate_stems: tuple[str, ...] = stems_lib.STEM_NAMES
   resample_steps: int = 1
-  progress: Callable[[int, int], None] | None = None
+  progress_every: int = 0
 
   def __post_init__(self):
     stems_lib.parse_stem_list(self.generate_stems)  # Names each unknown stem.
@@ -77,8 +79,16 @@ class GenerationSpec:
                        f"needs the {stems_lib.NUM_STEMS} stems {stems_lib.STEM_NAMES}")
     if self.resample_steps < 1:
       raise ValueError(f"resample_steps must be >= 1, got {self.resample_steps}")
+    if self.progress_every < 0:
+      raise ValueError(f"progress_every must be >= 0, got {self.progress_every}")
     # Fails early, naming the setting, for a sampler that does not take one.
     samplers.get_sampler(self.sampler_name, dict(self.sampler_settings))
+
+  def progress(self) -> samplers.ProgressFn | None:
+    """The sampler's host callback for this program (one per trace, not part of the key)."""
+    if self.progress_every <= 0:
+      return None
+    return samplers.make_progress_logger(self.progress_every)
 
   @property
   def channels(self) -> int:
@@ -108,13 +118,11 @@ def sampler_settings(sample_config: Mapping[str, Any]) -> tuple[str, dict[str, A
   if name not in samplers.SAMPLERS:
     raise ValueError(f"config.sample.sampler={name!r} is not a sampler; samplers: "
                      + ", ".join(samplers.SAMPLERS))
-  accepted = samplers.sampler_config(name)
-  settings = {key: sample_config[key] for key in SAMPLER_KEYS
-              if key in sample_config and key in accepted}
-  settings["num_steps"] = int(settings.get("num_steps", accepted["num_steps"]))
-  for key in settings:
-    if key != "num_steps":
-      settings[key] = float(settings[key])
+  defaults = samplers.sampler_config(name)
+  # Each value in its default's type (int steps, float σ and churn settings), so that equal
+  # settings make equal, hashable specs whichever way the config spelled them.
+  settings = {key: type(defaults[key])(sample_config.get(key, defaults[key]))
+              for key in SAMPLER_KEYS if key in defaults}
   return name, settings
 
 
@@ -257,8 +265,10 @@ def generate_batch(vae_params, denoiser_params, keys: jax.Array,
     mask = joint_latent.source_mask(spec.given_stems, spec.vae.latent_dim)
     inpaint = samplers.Inpaint(x_known, mask, spec.resample_steps)
 
+  progress = spec.progress()
+
   def one_piece(key):
-    return sample(denoise_fn, key, shape, inpaint=inpaint, progress=spec.progress)[0]
+    return sample(denoise_fn, key, shape, inpaint=inpaint, progress=progress)[0]
 
   # vmap, not one batched sampler call: each piece draws from its own key.
   latents_bct = jax.vmap(one_piece)(keys)
@@ -305,12 +315,14 @@ def inpaint_batch(vae_params, denoiser_params, keys: jax.Array, x_known: jax.Arr
                                    dict(spec.sampler_settings), sigma_data=spec.sigma_data)
   latent_dim = spec.vae.latent_dim
 
+  progress = spec.progress()
+
   def one_piece(key, x_known, known):
     per_source = jnp.broadcast_to(known.astype(bool)[None, :, None, None],
                                   (1, stems_lib.NUM_STEMS, latent_dim, 1))
     mask = joint_latent.stack_sources(per_source)[0]  # [channels, 1], as source_mask.
     inpaint = samplers.Inpaint(x_known[None], mask, spec.resample_steps)
-    return sample(denoise_fn, key, shape, inpaint=inpaint, progress=spec.progress)[0]
+    return sample(denoise_fn, key, shape, inpaint=inpaint, progress=progress)[0]
 
   latents_bct = jax.vmap(one_piece)(keys, x_known, known_stems)
   waveforms = decode_stems(spec.vae, vae_params, joint_latent.split_sources(latents_bct),

@@ -1,0 +1,304 @@
+"""The one way to load what a stage made: `load_vae(path)`, `load_denoiser(path)`.
+
+Each returns a `Loaded`: the module (built from the checkpoint's OWN model config, so a
+checkpoint works under any run config), its variables ({'params': ...}, replicated over the
+devices) and an identity, whose `params_sha256` names the parameters themselves.
+
+`load_vae(path)` takes any of:
+  - an imported SourceVAE: DIR/params (orbax) + DIR/model_config.json, as written by
+    `python -m msldm_jax.tools.import_sourcevae`;
+  - the VAE trainer's checkpoint folder (WORKDIR/vae/checkpoints) or its stage folder
+    (WORKDIR/vae): the newest checkpoint's generator;
+  - a workdir (WORKDIR/vae/checkpoints inside).
+`load_denoiser(path)` takes the diffusion trainer's checkpoint folder, its stage folder
+(WORKDIR/ldm) or a workdir. Anything else is one error naming the path and what is there.
+
+Only the inference subtree is restored (`checkpointing.restore_subtree`): no optimiser,
+no discriminator is built or read.
+
+Identity keys: checkpoint_dir (absolute path of the checkpoint folder or import), format
+('vae_stage', 'imported' or 'ldm_stage'), step (None for an import), params_sha256; a
+denoiser's also use_ema and, under "latents", the latent store and VAE it learned.
+`check_same_vae` is the one test of "is this the VAE that made these latents?".
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from msldm_jax import checkpointing
+from msldm_jax import workdir_layout
+from msldm_jax.models import dit
+from msldm_jax.models import source_vae
+from msldm_jax.parallel import mesh as mesh_lib
+
+# Kinds of network a checkpoint's `model` record names.
+VAE_KIND = "source_vae"
+DENOISER_KIND = "dit"
+
+# An imported SourceVAE's files.
+IMPORTED_PARAMS = "params"
+IMPORTED_CONFIG = "model_config.json"
+
+FORMAT_VAE_STAGE = "vae_stage"
+FORMAT_IMPORTED = "imported"
+FORMAT_LDM_STAGE = "ldm_stage"
+
+
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+  """A trained network: `module.apply(params, ...)`, and where it came from."""
+  module: nn.Module
+  params: Any
+  identity: dict[str, Any]
+
+
+def params_sha256(params) -> str:
+  """A content hash of a parameter tree: paths, dtypes, shapes and bytes of every leaf."""
+  digest = hashlib.sha256()
+  leaves, _ = jax.tree_util.tree_flatten_with_path(params)
+  for path, leaf in leaves:
+    array = np.ascontiguousarray(jax.device_get(leaf))
+    digest.update(jax.tree_util.keystr(path).encode())
+    digest.update(f"{array.dtype.str}{array.shape}".encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()
+
+
+# -- Model records: what network a checkpoint holds ------------------------------------------
+
+
+def vae_config_dict(model: source_vae.SourceVAE) -> dict[str, Any]:
+  """A SourceVAE's constructor settings as plain JSON values."""
+  return dict(encoder_width=model.encoder_width, encoder_strides=list(model.encoder_strides),
+              decoder_width=model.decoder_width, decoder_strides=list(model.decoder_strides),
+              latent_dim=model.latent_dim, dilations=list(model.dilations), dtype=model.dtype,
+              per_source=model.per_source, num_stems=model.num_stems)
+
+
+def vae_record(model: source_vae.SourceVAE) -> dict[str, Any]:
+  """The `model` item of a VAE trainer's checkpoint."""
+  return {"kind": VAE_KIND, "config": vae_config_dict(model)}
+
+
+def denoiser_record(model_config: Mapping[str, Any], **extra) -> dict[str, Any]:
+  """The `model` item of a diffusion trainer's checkpoint (plus e.g. the latents it learned)."""
+  return {"kind": DENOISER_KIND, "config": json.loads(json.dumps(dict(model_config))),
+          **extra}
+
+
+def vae_from_config(values: Mapping[str, Any], source: str) -> source_vae.SourceVAE:
+  """A SourceVAE from a recorded config; unknown keys are an error naming `source`."""
+  config = source_vae.model_config("paper")
+  for key, value in values.items():
+    if key not in config:
+      raise ValueError(f"{source}: unknown SourceVAE config key {key!r} (keys: "
+                       f"{', '.join(sorted(config))})")
+    config[key] = tuple(value) if isinstance(value, list) else value
+  return source_vae.SourceVAE.from_config(config)
+
+
+def denoiser_from_config(values: Mapping[str, Any], source: str) -> dit.DiT:
+  config = dit.model_config("tiny")
+  for key, value in values.items():
+    if key not in config:
+      raise ValueError(f"{source}: unknown DiT config key {key!r} (keys: "
+                       f"{', '.join(sorted(config))})")
+    config[key] = value
+  return dit.build_model(config)
+
+
+def denoiser_abstract_params(model: dit.DiT):
+  """The DiT's parameter shapes (they do not depend on the number of frames)."""
+  x = jax.ShapeDtypeStruct((1, model.in_channels, model.patch_size), jnp.float32)
+  c_noise = jax.ShapeDtypeStruct((1,), jnp.float32)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), x, c_noise)
+  # The trainer keeps float32 parameters whatever the compute dtype.
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32), abstract)
+
+
+# -- Imported SourceVAEs ---------------------------------------------------------------------
+
+
+def save_imported_vae(directory: str, variables, model: source_vae.SourceVAE):
+  """Writes DIR/params (orbax StandardCheckpointer) and DIR/model_config.json."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  directory = os.path.abspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(os.path.join(directory, IMPORTED_PARAMS), variables, force=True)
+  with open(os.path.join(directory, IMPORTED_CONFIG), "w") as f:
+    json.dump(vae_config_dict(model), f, indent=2)
+
+
+def _is_imported(path: str) -> bool:
+  return (os.path.isdir(os.path.join(path, IMPORTED_PARAMS)) and
+          os.path.isfile(os.path.join(path, IMPORTED_CONFIG)))
+
+
+def _load_imported_vae(path: str, replicated) -> Loaded:
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  config_path = os.path.join(path, IMPORTED_CONFIG)
+  try:
+    with open(config_path) as f:
+      values = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{config_path}: not valid JSON ({e})") from e
+  model = vae_from_config(values, config_path)
+  abstract = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+      source_vae.abstract_params(model))
+  with ocp.StandardCheckpointer() as checkpointer:
+    try:
+      params = checkpointer.restore(os.path.join(path, IMPORTED_PARAMS), abstract)
+    except (ValueError, KeyError) as e:
+      raise ValueError(f"{path}: the parameters in {IMPORTED_PARAMS}/ do not fit the SourceVAE "
+                       f"that {IMPORTED_CONFIG} describes ({values}): {e}") from e
+  identity = {"checkpoint_dir": path, "format": FORMAT_IMPORTED, "step": None,
+              "params_sha256": params_sha256(params)}
+  return Loaded(model, params, identity)
+
+
+# -- Trainer checkpoints ---------------------------------------------------------------------
+
+
+def _describe(path: str) -> str:
+  """What a folder holds, for an error message."""
+  if not os.path.exists(path):
+    return "nothing: the path does not exist"
+  if not os.path.isdir(path):
+    return "a file, not a folder"
+  entries = sorted(os.listdir(path))
+  if not entries:
+    return "an empty folder"
+  shown = ", ".join(entries[:12]) + (f", … ({len(entries)} entries)" if len(entries) > 12 else "")
+  return f"{shown}"
+
+
+def _find_checkpoints(path: str, stage: str) -> tuple[str, int] | None:
+  """(checkpoint folder, newest step) for PATH given as the checkpoint folder itself, the
+  trainer's folder, or a workdir; None when none of them holds a checkpoint."""
+  for candidate in (path, os.path.join(path, workdir_layout.CHECKPOINTS),
+                    workdir_layout.checkpoints_dir(path, stage)):
+    step = checkpointing.latest_step(candidate)
+    if step is not None:
+      return candidate, step
+  return None
+
+
+def _read_record(directory: str, step: int, kind: str) -> dict:
+  try:
+    record = checkpointing.read_model_record(directory, step)
+  except (FileNotFoundError, ValueError, KeyError) as e:
+    raise ValueError(f"{directory} step {step}: no model record in the checkpoint (was it "
+                     f"written by an older version of msldm_jax?): {e}") from e
+  if record.get("kind") != kind:
+    raise ValueError(f"{directory} step {step} holds a {record.get('kind')!r} network, not a "
+                     f"{kind!r}: point at the other stage's checkpoints")
+  return record
+
+
+def _replicated(mesh):
+  return mesh_lib.replicated(mesh or mesh_lib.make_mesh())
+
+
+def load_vae(path: str, *, mesh=None) -> Loaded:
+  """The SourceVAE at PATH (an import, the VAE trainer's checkpoints, or a workdir).
+
+  Raises:
+    FileNotFoundError when PATH does not exist; ValueError when it holds neither kind of
+    checkpoint, naming PATH and what was found there.
+  """
+  if not path:
+    raise ValueError("load_vae: empty path (set config.ldm.vae_checkpoint, or pass a workdir)")
+  path = os.path.abspath(path)
+  replicated = _replicated(mesh)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no SourceVAE at {path}: the path does not exist (run "
+                            "--mode=train_vae, or import published weights with "
+                            "python -m msldm_jax.tools.import_sourcevae)")
+  if _is_imported(path):
+    return _load_imported_vae(path, replicated)
+  found = _find_checkpoints(path, workdir_layout.VAE)
+  if found is None:
+    raise ValueError(
+        f"no SourceVAE at {path}: it is neither an imported SourceVAE ({IMPORTED_PARAMS}/ and "
+        f"{IMPORTED_CONFIG}), nor a VAE checkpoint folder (numbered steps from "
+        f"--mode=train_vae), nor a workdir with {workdir_layout.VAE}/"
+        f"{workdir_layout.CHECKPOINTS}/; found there: {_describe(path)}")
+  directory, step = found
+  record = _read_record(directory, step, VAE_KIND)
+  model = vae_from_config(record["config"], f"{directory} step {step}")
+  abstract = {"generator": jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+      source_vae.abstract_params(model))}
+  params = checkpointing.restore_subtree(directory, step, abstract)["generator"]
+  identity = {"checkpoint_dir": directory, "format": FORMAT_VAE_STAGE, "step": int(step),
+              "params_sha256": params_sha256(params)}
+  return Loaded(model, params, identity)
+
+
+def load_denoiser(path: str, *, use_ema: bool = True, mesh=None) -> Loaded:
+  """The diffusion network at PATH (the trainer's checkpoints, its folder, or a workdir).
+
+  The identity's "latents" holds what the run learned: latents_dir, shape, and "vae" (the
+  identity of the VAE that encoded them: decode its samples with that VAE only).
+  """
+  if not path:
+    raise ValueError("load_denoiser: empty path")
+  path = os.path.abspath(path)
+  found = _find_checkpoints(path, workdir_layout.LDM)
+  if found is None:
+    raise FileNotFoundError(
+        f"no diffusion model checkpoint at {path} (nor in {workdir_layout.CHECKPOINTS}/ or "
+        f"{workdir_layout.LDM}/{workdir_layout.CHECKPOINTS}/ below it): run --mode=train_ldm "
+        f"first; found there: {_describe(path)}")
+  directory, step = found
+  record = _read_record(directory, step, DENOISER_KIND)
+  model = denoiser_from_config(record["config"], f"{directory} step {step}")
+  field = "ema_params" if use_ema else "params"
+  replicated = _replicated(mesh)
+  abstract = {field: jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+      denoiser_abstract_params(model))}
+  params = checkpointing.restore_subtree(directory, step, abstract)[field]
+  identity = {"checkpoint_dir": directory, "format": FORMAT_LDM_STAGE, "step": int(step),
+              "use_ema": bool(use_ema), "params_sha256": params_sha256(params)}
+  if "latents" in record:
+    identity["latents"] = record["latents"]
+  return Loaded(model, params, identity)
+
+
+def check_same_vae(vae: Loaded, expected: Mapping[str, Any] | None, *, what: str):
+  """Raises unless `vae` has the parameters `expected` (a recorded VAE identity) names.
+
+  Args:
+    vae: the loaded VAE.
+    expected: the identity recorded with `what` (a latent store's manifest, a diffusion
+      checkpoint); None or without params_sha256 means nothing was recorded.
+    what: what recorded it, for the message (e.g. "the latent store at runs/x/latents").
+  """
+  if not expected or not expected.get("params_sha256"):
+    raise ValueError(f"{what} records no VAE identity, so nothing says which VAE made its "
+                     f"latents (loaded: {vae.identity['checkpoint_dir']})")
+  if vae.identity["params_sha256"] != expected["params_sha256"]:
+    raise ValueError(
+        f"the VAE {vae.identity['checkpoint_dir']} (step {vae.identity.get('step')}, params "
+        f"sha256 {vae.identity['params_sha256']}) is not the one recorded by {what}: "
+        f"{expected.get('checkpoint_dir')} (step {expected.get('step')}, params sha256 "
+        f"{expected['params_sha256']}): latents of two VAEs must not mix, nor be decoded by "
+        "another VAE; point config.ldm.vae_checkpoint at that VAE")
+
+
+def vae_model_config(vae: source_vae.SourceVAE) -> ml_collections.ConfigDict:
+  """The loaded VAE's settings as a ConfigDict (what `SourceVAE.from_config` takes)."""
+  return ml_collections.ConfigDict(vae_config_dict(vae))

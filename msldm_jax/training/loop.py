@@ -1,0 +1,210 @@
+"""The one training loop both trainers run (big_vision's and flax imagenet's shape).
+
+A trainer supplies its state, its step and its hooks (`Trainer` below); this module does
+the rest, identically for the SourceVAE and the diffusion model:
+
+  1. abstract state (`jax.eval_shape` of the trainer's init) → shardings by rule
+     (`parallel/sharding.py`, replicate or FSDP) → a jitted init with those out_shardings and
+     a jitted step with the state donated (`CompiledStep`);
+  2. restore-or-init from the newest checkpoint in STAGE/checkpoints, with the input
+     position, so a resumed run reads what an uninterrupted one would;
+  3. the loop: the step is dispatched, and its metrics stay on the device until a log step;
+     they are fetched one step late (after the next step is dispatched, so the device queue
+     never drains for a fetch), all steps since the last fetch at once, checked to be finite
+     (a non-finite loss raises, naming the step and the term), summarised by the trainer and
+     written to TensorBoard and STAGE/metrics.jsonl. At a checkpoint step the metrics are
+     checked first, so a non-finite step never reaches a checkpoint; checkpoints carry the
+     input position and the trainer's model record. Periodic hooks (evaluation, samples)
+     run after the step's checkpoint;
+  4. asynchronous saves are waited for, also when the loop fails.
+
+metrics.jsonl holds one JSON line per log step (and one per hook result), truncated to the
+restored step on resume: the lines of an interrupted run past its checkpoint are redone, so
+the file of a resumed run equals that of an uninterrupted one.
+"""
+
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+import jax
+import ml_collections
+import numpy as np
+
+from msldm_jax import atomic_files
+from msldm_jax import checkpointing
+from msldm_jax import workdir_layout
+from msldm_jax.parallel import mesh as mesh_lib
+from msldm_jax.parallel import sharding
+from msldm_jax.training import metric_writer
+
+
+class CompiledStep:
+  """Abstract state → shardings → jitted init and donated step, for one mesh.
+
+  Attributes:
+    state_shardings: NamedShardings of the state (by `strategy`).
+    abstract_state: the state's ShapeDtypeStructs with those shardings (restore target).
+    init: jit(key) -> state, laid out by the shardings.
+    step: jit(state, batch) -> (state, metrics), the state donated, the batch split over
+      the mesh's data axis, the metrics replicated.
+  """
+
+  def __init__(self, init_fn: Callable[[jax.Array], Any], step_fn: Callable[..., Any],
+               mesh, strategy: str):
+    abstract = jax.eval_shape(init_fn, jax.random.key(0))
+    self.state_shardings = sharding.state_shardings(abstract, mesh, strategy)
+    self.abstract_state = checkpointing.abstract_with_shardings(abstract, self.state_shardings)
+    self.init = jax.jit(init_fn, out_shardings=self.state_shardings)
+    self.step = jax.jit(
+        step_fn, in_shardings=(self.state_shardings, mesh_lib.batch_sharding(mesh)),
+        out_shardings=(self.state_shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
+
+
+class Trainer(Protocol):
+  """What a trainer supplies to `train`."""
+  name: str                                # "train_vae": log lines and progress
+  stage_dir: str                           # WORKDIR/vae, WORKDIR/ldm
+  train_config: ml_collections.ConfigDict  # num_steps, log_every, checkpoint_every,
+  #                                          keep_checkpoints
+  compiled: CompiledStep
+  finite_metrics: Sequence[str]            # metric names that must be finite every step
+
+  def initial_state(self) -> Any: ...
+  def train_inputs(self, position: dict | None): ...  # next() -> batch, state() -> position
+  def model_record(self) -> dict: ...                 # the checkpoint's `model` item
+  def summarize(self, steps: list[tuple[int, dict]]) -> dict[str, float]: ...
+  def periodic(self, step: int, state, writer) -> dict[str, float]: ...
+  def finish(self, records: list[dict]): ...          # e.g. plots, on process 0
+
+
+def mean_of_scalars(steps: list[tuple[int, dict]]) -> dict[str, float]:
+  """The default summary: each scalar metric averaged over the steps since the last log."""
+  values = {}
+  for _, metrics in steps:
+    for name, value in metrics.items():
+      value = np.asarray(value)
+      if value.ndim == 0:
+        values.setdefault(name, []).append(float(value))
+  return {name: float(np.mean(v)) for name, v in values.items()}
+
+
+def check_finite(steps: list[tuple[int, dict]], names: Sequence[str]):
+  """Raises on the first step with a non-finite value among `names`."""
+  for step, metrics in steps:
+    metric_writer.check_finite(step, {name: metrics[name] for name in names})
+
+
+class MetricsLog:
+  """STAGE/metrics.jsonl: one JSON line per record, truncated to the resumed step on restart.
+
+  Process 0 writes; every process keeps the records (for the end-of-run plots).
+  """
+
+  def __init__(self, path: str, start_step: int):
+    self.path = path
+    self.records = []
+    self._writer = jax.process_index() == 0
+    if os.path.exists(path):
+      with open(path) as f:
+        self.records = [r for r in map(json.loads, filter(str.strip, f))
+                        if r["step"] <= start_step]
+    if self._writer:
+      # Lines past the checkpoint are the interrupted run's, which this run redoes.
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      atomic_files.write_lines_atomic(path, [json.dumps(r) + "\n" for r in self.records])
+
+  def append(self, record: Mapping[str, Any]):
+    record = dict(record)
+    self.records.append(record)
+    if self._writer:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(stage_dir: str) -> list[dict]:
+  """The records of a trainer's metrics.jsonl (for tests, notebooks and reports)."""
+  path = os.path.join(stage_dir, workdir_layout.METRICS_FILE)
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def train(trainer: Trainer) -> dict[str, float]:
+  """Runs (or resumes) `trainer` to `train_config.num_steps`; returns the last metrics."""
+  config = trainer.train_config
+  manager = checkpointing.make_manager(
+      os.path.join(trainer.stage_dir, workdir_layout.CHECKPOINTS),
+      max_to_keep=int(config.keep_checkpoints))
+  try:
+    return _loop(trainer, manager)
+  finally:
+    # Also on an error: an asynchronous save in flight must finish, so that the last
+    # checkpoint is whole.
+    manager.wait_until_finished()
+
+
+def _loop(trainer: Trainer, manager) -> dict[str, float]:
+  config = trainer.train_config
+  num_steps = int(config.num_steps)
+  restored = checkpointing.restore_latest(manager, trainer.compiled.abstract_state)
+  if restored is None:
+    state, position, start = trainer.initial_state(), None, 0
+  else:
+    state, position, start = restored
+  inputs = trainer.train_inputs(position)
+  writer = metric_writer.MetricWriter(os.path.join(trainer.stage_dir, workdir_layout.LOGS))
+  log = MetricsLog(os.path.join(trainer.stage_dir, workdir_layout.METRICS_FILE), start)
+  progress = metric_writer.Progress(num_steps, start, int(config.log_every), trainer.name)
+  pending: list[tuple[int, Any]] = []  # (step, device metrics) not yet fetched
+  due = None  # a log step whose metrics are fetched after the next step is dispatched
+  last: dict[str, float] = {}
+
+  def flush(until: int):
+    nonlocal pending, last
+    ready = [(s, m) for s, m in pending if s <= until]
+    pending = [(s, m) for s, m in pending if s > until]
+    if not ready:
+      return
+    fetched = [(s, jax.device_get(m)) for s, m in ready]
+    check_finite(fetched, trainer.finite_metrics)
+    scalars = trainer.summarize(fetched)
+    rate = progress.update(until)
+    if rate is not None:
+      scalars["steps_per_second"] = rate
+    writer.scalars(until, scalars)
+    log.append({"step": until, **scalars})
+    last = {**last, **scalars}
+
+  log_every, checkpoint_every = int(config.log_every), int(config.checkpoint_every)
+  for step in range(start + 1, num_steps + 1):
+    batch = next(inputs)
+    state, metrics = trainer.compiled.step(state, batch)
+    pending.append((step, metrics))
+    if due is not None:  # One step late: this step is already queued behind the fetch.
+      flush(due)
+      due = None
+    if step % log_every == 0 or step == num_steps:
+      due = step
+    if step % checkpoint_every == 0 or step == num_steps:
+      # Checked before saving: a non-finite step never reaches a checkpoint.
+      flush(step)
+      due = None
+      checkpointing.save(manager, step, state, inputs.state(), trainer.model_record())
+    hooked = trainer.periodic(step, state, writer)
+    if hooked:
+      writer.scalars(step, hooked)
+      log.append({"step": step, **hooked})
+      last = {**last, **hooked}
+  if pending:
+    flush(pending[-1][0])
+  writer.flush()
+  if jax.process_index() == 0:
+    trainer.finish(log.records)
+  return last
+
+
+def every(step: int, interval: int, num_steps: int) -> bool:
+  """Whether a periodic hook with `interval` (0: off) runs at `step` (always at the end)."""
+  return interval > 0 and (step % interval == 0 or step == num_steps)
+
