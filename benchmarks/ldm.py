@@ -5,9 +5,11 @@ Run from the repository root (the reference environment: tests/reference/install
   python -m benchmarks.ldm --skip_reference --rounds=1          # ours only
   python -m benchmarks.ldm ... --decode_stems=4 --full_sampling   # the exact paths (minutes)
 
-(a) Training. Throughput (examples/s) of one jitted DiT train step on CPU: EDM loss
-(`edm.training_loss`, σ ~ the release's Uniform(0, 3)) with AdamW, parameters and optimiser
-state donated, on joint latents [batch, 320, 1024], at a small stated size (--train_width,
+(a) Training. Throughput (examples/s) of the diffusion trainer's real step on CPU
+(`train_ldm.train_step` compiled by `training/loop.CompiledStep`, as `--mode=train_ldm` runs
+it): EDM loss (σ ~ the release's Uniform(0, 3)), AdamW with gradient clipping, the EMA update
+and the σ-bucket metrics, the state donated, on joint latents [batch, 320, 1024], at a small
+stated size (--train_width,
 --train_depth, --train_heads, patch 16: 64 tokens, --train_dtype) that runs on a laptop. The
 first step (compilation) is not timed; then --train_repeats runs of --train_steps steps; the
 best run counts.
@@ -37,7 +39,7 @@ once-per-piece set-up; the release: S steps of its notebook's Python loop), and 
 of --decode_stems stems (1: one stem, times 4; 4: the four stems in one call, as both
 codebases generate). A 150-step run is then EXTRAPOLATED: 150 × (sampler time per step)
 (+ ours' set-up) + the four stems' decoding; --full_sampling also times our real generation
-program end to end in every round (`generation.sampling.generate_batch`: 150 steps and the
+program end to end in every round (`generation_program.generate_batch`: 150 steps and the
 decoding in one compiled call).
 
 Shared machines: other processes compete for the cores, so each measurement is repeated
@@ -59,13 +61,17 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
+from msldm_jax import paper_config
 from msldm_jax.diffusion import edm
-from msldm_jax.diffusion import samplers
 from msldm_jax.diffusion import generation_program
+from msldm_jax.diffusion import samplers
+from msldm_jax.latents import store
 from msldm_jax.models import dit
 from msldm_jax.models import source_vae
+from msldm_jax.parallel import mesh as mesh_lib
+from msldm_jax.training import loop
+from msldm_jax.training import train_ldm
 
 _TRAIN_WIDTH = flags.DEFINE_integer("train_width", 384, "(a) DiT width.")
 _TRAIN_DEPTH = flags.DEFINE_integer("train_depth", 6, "(a) DiT depth.")
@@ -128,50 +134,46 @@ def _cpu_model() -> str:
 # -- (a) training throughput -----------------------------------------------------------------
 
 def bench_train() -> dict:
-  model = dit.DiT(width=_TRAIN_WIDTH.value, depth=_TRAIN_DEPTH.value,
-                  num_heads=_TRAIN_HEADS.value, patch_size=16, in_channels=320,
-                  dtype=_TRAIN_DTYPE.value)
-  batch = _TRAIN_BATCH.value
-  x = 0.5 * jax.random.normal(jax.random.key(0), (batch, 320, FRAMES))
-  params = jax.jit(model.init)(jax.random.key(1), x, jnp.zeros((batch,)))
-  num_params = sum(leaf.size for leaf in jax.tree.leaves(params))
-  tx = optax.adamw(2e-4, b1=0.9, b2=0.99)
-  opt_state = tx.init(params)
-
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def train_step(params, opt_state, x, key):
-    sigma_key, noise_key = jax.random.split(key)
-    sigma = edm.sample_sigma(sigma_key, (x.shape[0],))
-    noise = jax.random.normal(noise_key, x.shape)
-
-    def loss_fn(p):
-      return jnp.mean(edm.training_loss(model.apply, p, x, sigma, noise))
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+  """The diffusion trainer's own compiled step (`train_ldm.train_step` through
+  `loop.CompiledStep`): EDM loss, AdamW with clipping, the EMA update and the σ-bucket
+  metrics, the state donated, at the paper config's optimiser settings."""
+  ldm_config = paper_config.get_paper_config("base").ldm
+  model_config = dit.model_config(
+      "base", width=_TRAIN_WIDTH.value, depth=_TRAIN_DEPTH.value, num_heads=_TRAIN_HEADS.value,
+      patch_size=16, in_channels=NUM_STEMS * 80, dtype=_TRAIN_DTYPE.value)
+  spec = train_ldm.make_train_spec(ldm_config, model_config)
+  mesh = mesh_lib.make_mesh()
+  compiled = loop.CompiledStep(
+      functools.partial(train_ldm.init_state, spec, num_frames=spec.model.patch_size),
+      functools.partial(train_ldm.train_step, spec=spec, seed=0), mesh, "replicate")
+  batch_size = _TRAIN_BATCH.value
+  latents = 0.5 * np.random.default_rng(0).standard_normal(
+      (batch_size, NUM_STEMS, 80, FRAMES)).astype(np.float32)
+  batch = mesh_lib.to_global_batch({store.LATENTS: latents}, mesh)
+  state = compiled.init(jax.random.key(1))
+  num_params = sum(leaf.size for leaf in jax.tree.leaves(state.params))
 
   start = time.perf_counter()
-  params, opt_state, loss = train_step(params, opt_state, x, jax.random.key(2))
-  jax.block_until_ready(loss)
+  state, metrics = compiled.step(state, batch)
+  jax.block_until_ready(metrics)
   compile_seconds = time.perf_counter() - start
   step_times = []
   for repeat in range(_TRAIN_REPEATS.value):
     start = time.perf_counter()
-    for step in range(_TRAIN_STEPS.value):
-      params, opt_state, loss = train_step(params, opt_state, x,
-                                           jax.random.key(100 * repeat + step))
-    jax.block_until_ready(loss)
+    for _ in range(_TRAIN_STEPS.value):
+      state, metrics = compiled.step(state, batch)
+    jax.block_until_ready(metrics)
     step_times.append((time.perf_counter() - start) / _TRAIN_STEPS.value)
     print(f"  (a) repeat {repeat}: {step_times[-1]:.3f} s/step ({_load()})", flush=True)
-  if not np.isfinite(float(loss)):
-    raise FloatingPointError(f"non-finite training loss {float(loss)}")
+  loss = float(metrics["loss"])
+  if not np.isfinite(loss):
+    raise FloatingPointError(f"non-finite training loss {loss}")
   best = min(step_times)
-  return dict(num_params=int(num_params), batch=batch, width=_TRAIN_WIDTH.value,
+  return dict(num_params=int(num_params), batch=batch_size, width=_TRAIN_WIDTH.value,
               dtype=_TRAIN_DTYPE.value,
               depth=_TRAIN_DEPTH.value, heads=_TRAIN_HEADS.value,
               compile_seconds=compile_seconds, step_times=step_times,
-              examples_per_second=batch / best)
+              examples_per_second=batch_size / best)
 
 
 # -- (b) generation: ours ----------------------------------------------------------------------

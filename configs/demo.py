@@ -5,7 +5,7 @@ The paper's configuration (msldm_jax/paper_config.py) shrunk by the overrides li
 paper's (tests/test_config.py checks that they are the only differences).
 
 The main job, every stage below in order (a stage finished under the same config is skipped
-when run again; an unfinished one resumes), within 20 minutes on 2 CPU cores:
+when run again; an unfinished one resumes), within 15 minutes on 2 CPU cores:
   python -m msldm_jax.main --config=configs/demo.py --workdir=runs/demo --mode=all
 
 Prepare the data (render the mini dataset and build its TFDS dataset):
@@ -35,7 +35,7 @@ from msldm_jax import paper_config
 VARIANTS = ("default", "tiny")
 
 # The paper's configuration → the demo: what 2 CPU cores render, train, sample and evaluate
-# within the main job's 20 minutes.
+# within the main job's 15 minutes.
 OVERRIDES = dict(
     variant="default",
     data=dict(
@@ -52,27 +52,27 @@ OVERRIDES = dict(
         model=dict(encoder_width=16, decoder_width=128, latent_dim=16),
         # Both kinds of sub-discriminator, with few channels.
         discriminator=dict(variant="tiny"),
-        # 1e-3, not the paper's 5e-5: the demo trains for 200 steps only.
+        # 1e-3, not the paper's 5e-5: the demo trains for 120 steps only.
         optimizer=dict(learning_rate=1e-3),
         # 8 windows, not 28: CPU time per step.
         batch_size=8,
-        # 200 steps: about 8 of the main job's 20 minutes on 2 cores.
-        train=dict(num_steps=200, log_every=20, eval_every=100, checkpoint_every=50,
-                   keep_checkpoints=2, eval_batches=4),
+        # 120 steps at ~0.45 steps/s on 2 loaded cores: under 5 of the main job's 15 minutes.
+        train=dict(num_steps=120, log_every=20, eval_every=60, checkpoint_every=60,
+                   keep_checkpoints=2, eval_batches=2),
     ),
     ldm=dict(
         # The DiT's 'tiny' preset (dit.model_config("tiny")): width 64, depth 2, patch 4,
         # float32 (bfloat16 gains nothing on CPU).
         model=dict(width=64, depth=2, num_heads=4, patch_size=4, dtype="float32"),
-        # 2000 steps need a higher rate than the paper's 2e-5; the warmup keeps the first
+        # 1600 steps need a higher rate than the paper's 2e-5; the warmup keeps the first
         # steps at that rate stable.
         optimizer=dict(learning_rate=5e-4, warmup_steps=100),
-        # An EMA horizon of ~1000 steps, which a run of 2000 steps fills.
+        # An EMA horizon of ~1000 steps, which a run of 1600 steps fills.
         ema_decay=0.999,
         # 8 chunks, not 16: CPU time per step.
         batch_size=8,
-        # 2000 steps of the tiny DiT: about 3 of the main job's 20 minutes.
-        train=dict(num_steps=2000, sample_every=1000, checkpoint_every=500,
+        # 1600 steps of the tiny DiT: about 2.5 of the main job's 15 minutes.
+        train=dict(num_steps=1600, sample_every=800, checkpoint_every=400,
                    keep_checkpoints=2, sample_steps=32),
     ),
     sample=dict(

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 
+from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -326,6 +327,50 @@ def test_sampling_denoise_fn_equals_the_plain_denoiser(models, name):
   fast, plain = both(params, jax.random.key(3))
   np.testing.assert_allclose(fast, plain, rtol=1e-5, atol=1e-5)
   assert float(jnp.std(fast)) > 0.1
+
+
+def _conditioning_batches(run):
+  """Runs `run()` (which must trace a fresh jit inside it) and returns the batch size of
+  every `conditioning` evaluation the compiled program made, in order.
+
+  Counted at run time (a host callback in each traced call), not at trace time: the table's
+  fallback branch is always traced, and only executing it costs anything.
+  """
+  batches = []
+
+  def interceptor(next_fun, args, kwargs, context):
+    if context.method_name == "conditioning":
+      jax.debug.callback(lambda c: batches.append(np.atleast_1d(c).shape[0]), args[0])
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(interceptor):
+    jax.block_until_ready(run())
+  jax.effects_barrier()
+  return batches
+
+
+@pytest.mark.parametrize("name", ["euler_churn", "heun", "dpmpp_2m"])
+def test_sampling_computes_the_conditioning_once_per_run(models, name):
+  # Equal outputs (the test above) cannot tell the table from its fallback; this fails when
+  # any sampler evaluation misses the table, e.g. when it and `evaluation_sigmas` disagree.
+  _, _, denoiser, params = models
+  channels = params["params"]["patch_embed"]["kernel"].shape[0] // denoiser.patch_size
+  settings = {"num_steps": 4}
+  sample = samplers.get_sampler(name, settings)
+  num_evaluations = samplers.evaluation_sigmas(name, settings).shape[0]
+
+  def run(make_denoise_fn):
+    @jax.jit
+    def fn(params, key):
+      return sample(make_denoise_fn(params), key, (1, channels, 32))
+    return fn(params, jax.random.key(3))
+
+  plain = _conditioning_batches(
+      lambda: run(lambda p: edm.make_denoise_fn(denoiser.apply, p)))
+  assert plain == [1] * num_evaluations  # The counter sees every evaluation.
+  fast = _conditioning_batches(lambda: run(
+      lambda p: generation_program.sampling_denoise_fn(denoiser, p, name, settings)))
+  assert fast == [num_evaluations], "the sampler's loop computed its own conditioning"
 
 
 def test_sampling_denoise_fn_falls_back_off_the_table(models):

@@ -63,14 +63,16 @@ def test_imported_release_vae_through_every_stage(tmp_path):
   # A built dataset, as --mode=data leaves it (synthetic tracks: no rendering needed here).
   tfds_dir = tmp_path / "tfds"
   synthetic.write_dataset(str(tfds_dir), {
-      "train": synthetic.sine_tracks(3, 1.5),
-      "test": synthetic.sine_tracks(2, 1.0, seed=1, prefix="Test")}, name="minislakh")
+      "train": synthetic.sine_tracks(8, 1.5),
+      "test": synthetic.sine_tracks(2, 1.2, seed=1, prefix="Test")}, name="minislakh")
 
   # README: python -m msldm_jax.main --config=configs/demo.py --workdir=W \
   #     --config.ldm.vae_checkpoint=DIR --mode=MODE, for each mode in order.
   workdir = str(tmp_path / "work")
   common = ["msldm_jax.main", "--config=configs/demo.py:variant=tiny", f"--workdir={workdir}",
             f"--config.ldm.vae_checkpoint={imported}", f"--config.data.tfds_dir={tfds_dir}",
+            # 72 latent frames: chunks just over the evaluation embedding's 1 s window.
+            f"--config.data.chunks.samples={320 * 72 - 8}",
             "--config.ldm.train.num_steps=4", "--config.ldm.train.sample_every=4",
             "--config.evaluate.partial_chunks=1"]
   for mode in ("encode_latents", "train_ldm", "sample", "evaluate"):
