@@ -221,7 +221,8 @@ class Ours:
   def _sampler(self, num_steps):
     settings = dict(samplers.sampler_config("euler_churn"), num_steps=num_steps)
     return jax.jit(lambda p, key: samplers.euler_churn(
-        generation_program.sampling_denoise_fn(self.model, p, "euler_churn", settings, sigma_data=0.4),
+        generation_program.sampling_denoise_fn(self.model, p, "euler_churn", settings,
+                                               sigma_data=0.4),
         key, (1, 320, FRAMES), **settings))
 
   def run_evals(self):

@@ -4,6 +4,11 @@ The order is the reference's (MSDM's Slakh2100 conversion): it fixes the stem ax
 multi-stem array and the channel blocks of the joint latent.
 """
 
+from collections.abc import Sequence
+
+import numpy as np
+
+
 STEM_NAMES = ("bass", "drums", "guitar", "piano")
 NUM_STEMS = len(STEM_NAMES)
 SAMPLE_RATE = 22050
@@ -26,3 +31,16 @@ def parse_stem_list(names) -> tuple[str, ...]:
   if not indices:
     raise ValueError("empty stem list: name at least one of " + ", ".join(STEM_NAMES))
   return tuple(STEM_NAMES[i] for i in indices)
+
+
+def as_pieces(audio, stem_names: Sequence[str] = STEM_NAMES, what: str = "multi-stem audio",
+              dtype=None) -> np.ndarray:
+  """`[pieces, stems, samples]` (one piece `[stems, samples]` gains the pieces axis), checked
+  against `stem_names`; an error names `what` and the shape it got."""
+  audio = np.asarray(audio, dtype)
+  if audio.ndim == 2:
+    audio = audio[None]
+  if audio.ndim != 3 or audio.shape[1] != len(stem_names):
+    raise ValueError(f"{what}: expected [pieces, {len(stem_names)} stems, samples] for stems "
+                     f"{tuple(stem_names)}; got shape {audio.shape}")
+  return audio

@@ -15,6 +15,10 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import dataclasses  # noqa: E402
+import pathlib  # noqa: E402
+import shutil  # noqa: E402
+
 import pytest  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,6 +27,72 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="session")
 def repo_root():
   return REPO_ROOT
+
+# The mini dataset the tests share: the tiny config with three pieces (one per split) cut to
+# 6 s. The notebooks override the same keys to the same values, so that their test can reuse
+# the rendering too (a rendered folder is reused only under the settings it was made with).
+MINI_DATASET_OVERRIDES = {"render": {"num_pieces": 3, "max_seconds": 6.0},
+                          "min_duration": 2.0}
+
+
+def mini_dataset_config(repo_root=REPO_ROOT):
+  """configs/demo.py's tiny variant with MINI_DATASET_OVERRIDES in config.data."""
+  # The package is imported in the functions that need it, so that loading this file does
+  # not import TensorFlow (workdir_layout, prepare) for tests that never touch the data.
+  from msldm_jax import config_loading  # pylint: disable=g-import-not-at-top
+  config = config_loading.load_config(os.path.join(repo_root, "configs", "demo.py") +
+                                      ":variant=tiny")
+  config_loading.override(config, {"data": MINI_DATASET_OVERRIDES}, "tests/conftest.py")
+  return config
+
+
+@dataclasses.dataclass(frozen=True)
+class MiniDataset:
+  """A workdir as `--mode=data` leaves it under `mini_dataset_config()`. Read-only: a test
+  that writes takes a copy (`copy_rendering_to`)."""
+  workdir: pathlib.Path
+  source_dir: pathlib.Path   # WORKDIR/minislakh, the rendered stems
+  tfds_dir: pathlib.Path     # WORKDIR/tfds, the TFDS data dir
+  dataset_dir: str           # the built dataset's folder, for tfds.builder_from_directory
+
+  def config(self):
+    """A fresh copy of the config it was made under, for a test to change."""
+    return mini_dataset_config()
+
+  def config_flags(self) -> list[str]:
+    """MINI_DATASET_OVERRIDES as `python -m msldm_jax.main` flags (over the tiny variant)."""
+    def flags(section, prefix):
+      for key, value in section.items():
+        if isinstance(value, dict):
+          yield from flags(value, f"{prefix}.{key}")
+        else:
+          yield f"--config.{prefix}.{key}={value}"
+    return list(flags(MINI_DATASET_OVERRIDES, "data"))
+
+  def copy_rendering_to(self, workdir) -> pathlib.Path:
+    """Copies the rendered stems to WORKDIR/minislakh, where the data stage looks for them:
+    it then reuses them (the renderer's manifest names its files relative to the folder)
+    and only builds. Returns that folder."""
+    from msldm_jax import workdir_layout  # pylint: disable=g-import-not-at-top
+    target = pathlib.Path(workdir_layout.minislakh_dir(str(workdir)))
+    shutil.copytree(self.source_dir, target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def mini_dataset(tmp_path_factory, repo_root) -> MiniDataset:
+  """The mini dataset, rendered (music21 → fluidsynth) and built once per session (once per
+  worker under pytest-xdist) by the data stage itself: rendering is the costly part of every
+  test that trains on real music, so they share it."""
+  from msldm_jax import workdir_layout  # pylint: disable=g-import-not-at-top
+  from msldm_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  config = mini_dataset_config(repo_root)
+  workdir = tmp_path_factory.mktemp("mini_dataset")
+  dataset_dir = prepare.run(config, str(workdir))
+  return MiniDataset(workdir=workdir,
+                     source_dir=pathlib.Path(workdir_layout.minislakh_dir(str(workdir))),
+                     tfds_dir=pathlib.Path(workdir_layout.tfds_dir(config, str(workdir))),
+                     dataset_dir=dataset_dir)
 
 
 def pytest_configure(config):

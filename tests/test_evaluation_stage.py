@@ -1,20 +1,20 @@
 """`--mode=all` on a tiny config: every stage in order, ending in the evaluation tables."""
 
 import json
-import os
 
 import numpy as np
+import pytest
 
-from msldm_jax import config_loading
 from msldm_jax import main
 
 
-def test_mode_all_runs_every_stage_then_skips_them(repo_root, tmp_path):
-  config = config_loading.load_config(os.path.join(repo_root, "configs", "demo.py") +
-                                      ":variant=tiny")
-  config.data.render.num_pieces = 3
-  config.data.render.max_seconds = 6.0
-  config.data.min_duration = 2.0
+# Every stage, three times over: minutes on 2 CPU cores.
+@pytest.mark.slow
+def test_mode_all_runs_every_stage_then_skips_them(mini_dataset, tmp_path):
+  config = mini_dataset.config()
+  # The data stage still runs and builds; it finds the session's rendering in WORKDIR/minislakh
+  # instead of rendering the same pieces again.
+  mini_dataset.copy_rendering_to(tmp_path)
   # 72 latent frames: chunks just over the embedding's 1 s window.
   config.data.chunks.samples = 320 * 72 - 8
   config.vae.train.num_steps = 2

@@ -170,7 +170,8 @@ def test_partial_latents_hold_the_given_stems_encodings_exactly(models, conditio
   config = _config(condition_dir=condition_dir, generate="bass")
   task = stage.prepare_task(config)
   spec = stage.make_spec(config, vae, denoiser, task.generate_stems)
-  x_known = np.asarray(generation_program.encode_given(vae_params, task.given.stacked(), vae=vae))[0]
+  x_known = np.asarray(
+      generation_program.encode_given(vae_params, task.given.stacked(), vae=vae))[0]
   pieces = list(stage.generate_pieces(spec, vae_params, denoiser_params, seed=0,
                                       piece_indices=[0, 1], batch_size=2,
                                       num_samples=num_samples, given=task.given))
@@ -291,7 +292,8 @@ def test_decoding_only_the_generated_stems_matches_decoding_all():
                                                          vae.latent_dim, 8))
   every = jax.jit(lambda p, z: generation_program.decode_stems(vae, p, z, [0, 1, 2, 3]))(
       vae_params, latents)
-  some = jax.jit(lambda p, z: generation_program.decode_stems(vae, p, z, [1, 3]))(vae_params, latents)
+  some = jax.jit(lambda p, z: generation_program.decode_stems(vae, p, z, [1, 3]))(
+      vae_params, latents)
   assert some.shape == (2, 2, source_vae.decoded_length(8, vae.decoder_strides))
   np.testing.assert_allclose(some, every[:, [1, 3]], atol=1e-5)
 

@@ -73,8 +73,7 @@ def test_imported_release_vae_through_every_stage(tmp_path):
             f"--config.ldm.vae_checkpoint={imported}", f"--config.data.tfds_dir={tfds_dir}",
             # 72 latent frames: chunks just over the evaluation embedding's 1 s window.
             f"--config.data.chunks.samples={320 * 72 - 8}",
-            "--config.ldm.train.num_steps=4", "--config.ldm.train.sample_every=4",
-            "--config.evaluate.partial_chunks=1"]
+            "--config.ldm.train.num_steps=4", "--config.ldm.train.sample_every=4"]
   for mode in ("encode_latents", "train_ldm", "sample", "evaluate"):
     _cli(*common, f"--mode={mode}")
 

@@ -13,8 +13,10 @@ from msldm_jax import stems
 from msldm_jax.data import drum_patterns
 from msldm_jax.data import minislakh
 
+# The settings of conftest's mini dataset, which most tests here read (a rendering under
+# other settings would fail its settings check in `_render`).
 NUM_PIECES = 3
-MAX_SECONDS = 8.0
+MAX_SECONDS = 6.0
 
 
 def _render(out_dir, workers=1, **overrides):
@@ -24,13 +26,12 @@ def _render(out_dir, workers=1, **overrides):
 
 
 @pytest.fixture(scope="module")
-def rendered(tmp_path_factory):
-  """One small data set; the manifest and the summary of its rendering."""
-  out_dir = tmp_path_factory.mktemp("minislakh_a")
-  summary = _render(out_dir)
+def rendered(mini_dataset):
+  """The session's mini dataset, rendered by the data stage (read only); its manifest."""
+  out_dir = mini_dataset.source_dir
   with open(os.path.join(out_dir, minislakh.MANIFEST_NAME)) as f:
     manifest = json.load(f)
-  return out_dir, summary, manifest
+  return out_dir, manifest
 
 
 def _stem_paths(out_dir, track):
@@ -45,9 +46,11 @@ def _read(path):
 
 
 def test_layout_and_audio_format(rendered):
-  out_dir, summary, manifest = rendered
+  out_dir, manifest = rendered
   tracks = manifest["tracks"]
-  assert manifest["complete"] and not summary["cached"]
+  assert manifest["complete"]
+  assert (manifest["settings"]["num_pieces"], manifest["settings"]["max_seconds"]) == (
+      NUM_PIECES, MAX_SECONDS)
   assert [t["track"] for t in tracks] == [f"Track{i:05d}" for i in range(1, NUM_PIECES + 1)]
   assert sorted(os.listdir(out_dir)) == sorted([minislakh.MANIFEST_NAME, *minislakh.SPLITS])
   found = {}
@@ -58,7 +61,7 @@ def test_layout_and_audio_format(rendered):
       files = sorted(os.listdir(os.path.join(out_dir, split, track)))
       assert files == sorted(s + ".wav" for s in stems.STEM_NAMES)
   assert found == {t["track"]: t["split"] for t in tracks}
-  assert all(summary["tracks_per_split"][s] >= 1 for s in minislakh.SPLITS)
+  assert set(found.values()) == set(minislakh.SPLITS)  # every split holds a track
   assert len({t["corpus_path"] for t in tracks}) == NUM_PIECES
   for track in tracks:
     infos = [sf.info(p) for p in _stem_paths(out_dir, track).values()]
@@ -72,7 +75,7 @@ def test_layout_and_audio_format(rendered):
 
 
 def test_every_stem_sounds(rendered):
-  out_dir, _, manifest = rendered
+  out_dir, manifest = rendered
   for track in manifest["tracks"]:
     for stem, path in _stem_paths(out_dir, track).items():
       rms = np.sqrt(np.mean(_read(path) ** 2))
@@ -81,7 +84,7 @@ def test_every_stem_sounds(rendered):
 
 def test_drum_onsets_on_the_beat_grid(rendered):
   import librosa  # pylint: disable=g-import-not-at-top
-  out_dir, _, manifest = rendered
+  out_dir, manifest = rendered
   for track in manifest["tracks"]:
     assert track["time_signatures"] == ["4/4"], "the test assumes simple meters"
     drums = _read(_stem_paths(out_dir, track)["drums"])
@@ -93,8 +96,11 @@ def test_drum_onsets_on_the_beat_grid(rendered):
     onsets = onsets[onsets < track["score_seconds"]]
     assert len(onsets) >= track["score_seconds"] / beat, "too few drum onsets"
     # Hits are on the sixteenth-note grid of the score (time 0 = the first written note).
+    # Not the hit at time 0: with no sound before it, the detector places it ~50 ms late (and
+    # in three short pieces that one is over a tenth of the onsets); `jump` skips it too.
     sixteenth = beat / 4
-    off_grid = np.abs(onsets / sixteenth - np.round(onsets / sixteenth)) * sixteenth
+    later = onsets[onsets >= sixteenth / 2]
+    off_grid = np.abs(later / sixteenth - np.round(later / sixteenth)) * sixteenth
     assert np.mean(off_grid < 0.03) >= 0.9, off_grid
     # Energy jumps at the beats (hits) and not a 32nd note later (between hits).
     window = int(0.02 * stems.SAMPLE_RATE)
@@ -111,7 +117,7 @@ def test_drum_onsets_on_the_beat_grid(rendered):
 
 
 def test_release_tails_are_kept(rendered):
-  out_dir, _, manifest = rendered
+  out_dir, manifest = rendered
   for track in manifest["tracks"]:
     score_end = int(track["score_seconds"] * stems.SAMPLE_RATE)
     assert track["num_samples"] > score_end + stems.SAMPLE_RATE // 10
@@ -127,8 +133,10 @@ def test_release_tails_are_kept(rendered):
 
 
 def test_same_seed_same_bytes_for_any_worker_count(rendered, tmp_path):
-  out_dir, _, manifest = rendered
-  _render(tmp_path, workers=2)
+  # Its subject is rendering, so it renders its own copy, with another worker count than
+  # the data stage's one per CPU.
+  out_dir, manifest = rendered
+  _render(tmp_path, workers=1 if (os.cpu_count() or 1) > 1 else 2)
   with open(tmp_path / minislakh.MANIFEST_NAME) as f:
     again = json.load(f)
   assert again["tracks"] == manifest["tracks"]
@@ -139,18 +147,22 @@ def test_same_seed_same_bytes_for_any_worker_count(rendered, tmp_path):
         assert a.read() == b.read(), f"{track['track']}/{stem} differs between runs"
 
 
-def test_second_call_uses_the_cache(rendered):
-  out_dir, _, manifest = rendered
+def test_second_call_uses_the_cache(rendered, mini_dataset, tmp_path):
+  _, manifest = rendered
+  # A copy, which also shows that a rendering moved elsewhere is still found complete.
+  out_dir = mini_dataset.copy_rendering_to(tmp_path)
   paths = [p for t in manifest["tracks"] for p in _stem_paths(out_dir, t).values()]
   mtimes = [os.stat(p).st_mtime_ns for p in paths]
   summary = _render(out_dir, workers=4)  # the worker count is not a setting
   assert summary["cached"]
   assert summary["num_tracks"] == NUM_PIECES
+  assert summary["tracks_per_split"] == {
+      s: sum(t["split"] == s for t in manifest["tracks"]) for s in minislakh.SPLITS}
   assert [os.stat(p).st_mtime_ns for p in paths] == mtimes
 
 
 def test_other_settings_into_a_rendered_dir_fail(rendered, tmp_path):
-  out_dir, _, _ = rendered
+  out_dir, _ = rendered  # Refused before anything is written into it.
   with pytest.raises(ValueError, match=r"seed=0, asked 1"):
     _render(out_dir, seed=1)
   (tmp_path / "stray.txt").write_text("not a data set")
@@ -189,7 +201,7 @@ def test_drum_part_follows_other_meters(numerator, denominator):
 def test_missing_tools_are_named(monkeypatch, tmp_path):
   with pytest.raises(FileNotFoundError, match="nothing.sf2"):
     minislakh.find_soundfont(str(tmp_path / "nothing.sf2"))
-  monkeypatch.setattr(minislakh.shutil, "which", lambda name: None)
+  monkeypatch.setenv("PATH", str(tmp_path))  # A PATH without fluidsynth on it.
   with pytest.raises(FileNotFoundError, match="bash setup.sh"):
     minislakh.check_fluidsynth()
 

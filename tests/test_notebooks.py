@@ -49,8 +49,12 @@ def kernel_env(tmp_path, monkeypatch):
 
 # About 1m40 s with a warm compilation cache, about 4 min cold (2 shared CPU cores).
 @pytest.mark.slow
-def test_notebooks_run_end_to_end(repo_root, kernel_env):
+def test_notebooks_run_end_to_end(repo_root, kernel_env, mini_dataset):
   paths = _notebooks(repo_root)
+  # The notebooks' OVERRIDES render the session's mini dataset (same settings): 01's data
+  # stage then reuses that rendering and only builds, as on a user's second run. Different
+  # settings would make that stage fail, naming them.
+  mini_dataset.copy_rendering_to(kernel_env)
   assert [os.path.basename(p) for p in paths] == [
       "01_data_and_vae_reconstruction.ipynb", "02_generation.ipynb"]
   timings = {}

@@ -55,8 +55,11 @@ def test_checkpoint_round_trip_with_input_position(tmp_path):
   manager = checkpointing.make_manager(str(tmp_path / "ckpt"))
   assert checkpointing.restore_latest(
       manager, checkpointing.abstract_with_shardings(state, shardings)) is None
-  checkpointing.save(manager, 3, state, {"epoch": 1, "batch_in_epoch": 7})
+  checkpointing.save(manager, 3, state, {"epoch": 1, "batch_in_epoch": 7},
+                     {"kind": "test", "config": {}})
   manager.wait_until_finished()
+  assert checkpointing.read_model_record(str(tmp_path / "ckpt"), 3) == {"kind": "test",
+                                                                         "config": {}}
   manager = checkpointing.make_manager(str(tmp_path / "ckpt"))
   restored, position, step = checkpointing.restore_latest(
       manager, checkpointing.abstract_with_shardings(state, shardings))

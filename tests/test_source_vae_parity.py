@@ -259,6 +259,6 @@ def test_reader_needs_generator_entry(tmp_path):
 def test_reader_rebuilds_strided_tensors():
   storage = np.arange(12, dtype=np.float32)
   # A transposed [3, 4] view of a [4, 3] tensor at offset 0: strides (1, 3).
-  tensor = imp._rebuild_tensor_v2(storage, 0, (3, 4), (1, 3))  # pylint: disable=protected-access
+  tensor = torch_checkpoint._rebuild_tensor_v2(storage, 0, (3, 4), (1, 3))  # pylint: disable=protected-access
   np.testing.assert_array_equal(tensor, np.arange(12, dtype=np.float32).reshape(4, 3).T)
   assert math.prod(tensor.shape) == 12

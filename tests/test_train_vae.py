@@ -9,7 +9,6 @@ import pytest
 from msldm_jax import checkpointing
 from msldm_jax import config_loading
 from msldm_jax.data import pipeline
-from msldm_jax.data import prepare
 from msldm_jax.parallel import mesh as mesh_lib
 from msldm_jax.training import loop
 from msldm_jax.training import train_vae
@@ -32,16 +31,9 @@ def _config(repo_root, tfds_dir, **train):
 
 
 @pytest.fixture(scope="module")
-def tfds_dir(tmp_path_factory, repo_root):
-  """The mini dataset itself: three short rendered pieces, built as the data mode does."""
-  workdir = tmp_path_factory.mktemp("data")
-  config = config_loading.load_config(os.path.join(repo_root, "configs", "demo.py") +
-                                      ":variant=tiny")
-  config.data.render.num_pieces = 3
-  config.data.render.max_seconds = 6.0
-  config.data.min_duration = 2.0
-  prepare.run(config, str(workdir))
-  return workdir / "tfds"
+def tfds_dir(mini_dataset):
+  """The mini dataset itself (conftest's, shared by the session): read, never written."""
+  return mini_dataset.tfds_dir
 
 
 def _batch(config, seed=0):
@@ -104,31 +96,41 @@ def test_resume_continues_the_same_run(repo_root, tmp_path, tfds_dir):
   _params_close(states[0][0].generator, states[1][0].generator, rtol=1e-6, atol=1e-7)
 
 
-def test_non_finite_loss_stops_and_keeps_last_checkpoint(repo_root, tmp_path, tfds_dir,
-                                                          monkeypatch):
+class _PoisonedTrainer(train_vae.VAETrainer):
+  """A trainer whose input batch number `poisoned_batch` (counted from this run's start)
+  carries a NaN sample; the rest of the trainer is the real one."""
+
+  def __init__(self, *args, poisoned_batch, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.poisoned_batch = poisoned_batch
+
+  def train_inputs(self, position=None):
+    inputs, trainer = super().train_inputs(position), self
+
+    class Poisoned:
+
+      def __init__(self):
+        self.count = 0
+
+      def __next__(self):
+        batch = next(inputs)
+        self.count += 1
+        if self.count == trainer.poisoned_batch:
+          audio = np.asarray(batch[pipeline.AUDIO]).copy()
+          audio[0, 0] = np.nan
+          batch = dict(batch, **{
+              pipeline.AUDIO: mesh_lib.to_global_batch(audio, trainer.mesh)})
+        return batch
+
+      def state(self):
+        return inputs.state()
+
+    return Poisoned()
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(repo_root, tmp_path, tfds_dir):
   config = _config(repo_root, tfds_dir, num_steps=6, checkpoint_every=2, eval_every=100)
-  trainer = train_vae.VAETrainer(config, str(tmp_path))
-  real_inputs = trainer.train_inputs
-
-  class Poisoned:
-    """Step 3's batch carries a NaN sample."""
-
-    def __init__(self, position):
-      self.inner, self.count = real_inputs(position), 0
-
-    def __next__(self):
-      batch = next(self.inner)
-      self.count += 1
-      if self.count == 3:
-        audio = np.asarray(batch[pipeline.AUDIO]).copy()
-        audio[0, 0] = np.nan
-        batch = dict(batch, **{pipeline.AUDIO: mesh_lib.to_global_batch(audio, trainer.mesh)})
-      return batch
-
-    def state(self):
-      return self.inner.state()
-
-  monkeypatch.setattr(trainer, "train_inputs", Poisoned)
+  trainer = _PoisonedTrainer(config, str(tmp_path), poisoned_batch=3)
   with pytest.raises(FloatingPointError, match="step 3"):
     trainer.train()
   manager = checkpointing.make_manager(os.path.join(trainer.stage_dir, "checkpoints"))

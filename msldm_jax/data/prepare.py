@@ -16,7 +16,8 @@ from msldm_jax.data import build
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """The `--mode=data` stage: renders the mini dataset if the config asks for it, builds the dataset; returns its folder."""
+  """The `--mode=data` stage: renders the mini dataset if the config asks for it, builds the
+  dataset; returns its folder."""
   data = config.data
   if data.sample_rate != stems.SAMPLE_RATE:
     raise ValueError(f"config key data.sample_rate={data.sample_rate}: datasets are built at "

@@ -32,19 +32,9 @@ def is_silent(audio, threshold: float = SILENCE_THRESHOLD) -> np.ndarray:
   return np.linalg.norm(audio, axis=-1) / audio.shape[-1] < threshold
 
 
-def _as_pieces(audio, stem_names: Sequence[str]) -> np.ndarray:
-  audio = np.asarray(audio)
-  if audio.ndim == 2:
-    audio = audio[None]
-  if audio.ndim != 3 or audio.shape[1] != len(stem_names):
-    raise ValueError(f"multi-stem audio must be [pieces, {len(stem_names)} stems, samples] "
-                     f"for stems {tuple(stem_names)}; got shape {audio.shape}")
-  return audio
-
-
 def empty_stem_rates(audio, stem_names: Sequence[str] = stems.STEM_NAMES) -> dict[str, float]:
   """Share of silent stems: per stem name and over all stems ("all")."""
-  silent = is_silent(_as_pieces(audio, stem_names))
+  silent = is_silent(stems.as_pieces(audio, stem_names))
   rates = {name: float(silent[:, i].mean()) for i, name in enumerate(stem_names)}
   rates["all"] = float(silent.mean())
   return rates
@@ -85,7 +75,7 @@ def harmonic_chroma_agreement(audio, sample_rate: int = stems.SAMPLE_RATE,
   Pieces where a pair has no jointly non-silent frame do not count for that pair (NaN if
   none counts).
   """
-  audio = _as_pieces(audio, stem_names)
+  audio = stems.as_pieces(audio, stem_names)
   missing = [s for s in harmonic_stems if s not in stem_names]
   if missing:
     raise ValueError(f"harmonic stems {missing} are not among the stems {tuple(stem_names)}")
@@ -159,7 +149,7 @@ def drum_bass_onset_alignment(audio, sample_rate: int = stems.SAMPLE_RATE,
 
   Pieces whose bass or drums are silent are skipped (NaN if all are).
   """
-  audio = _as_pieces(audio, stem_names)
+  audio = stems.as_pieces(audio, stem_names)
   bass, drums = stem_names.index("bass"), stem_names.index("drums")
   values = []
   for piece in audio:
@@ -178,8 +168,8 @@ def reconstruction_quality(reconstructed, reference, sample_rate: int = stems.SA
   `{stem: {"si_sdr": ..., "mel_distance": ...}}` over pieces whose reference stem is not
   silent (SI-SDR of silence is meaningless); NaN for a stem silent in every piece.
   """
-  reconstructed = _as_pieces(reconstructed, stem_names)
-  reference = _as_pieces(reference, stem_names)
+  reconstructed = stems.as_pieces(reconstructed, stem_names)
+  reference = stems.as_pieces(reference, stem_names)
   if reconstructed.shape != reference.shape:
     raise ValueError(f"reconstructed {reconstructed.shape} and reference {reference.shape} "
                      "shapes differ")

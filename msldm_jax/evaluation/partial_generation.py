@@ -7,9 +7,10 @@ and the stems in S are generated. A run's audio is the chunk with S replaced by 
 generations, the given stems keeping their ORIGINAL waveforms, as `--mode=sample` writes a
 partial piece's mix.
 
-All 14·K pieces go through one compiled program (`generation_program.inpaint_batch`, which takes each
-piece's given stems as data), `batch_size` pieces per call; piece j of the run draws from
-fold_in(key(seed), j), j counting subsets in `tables.proper_subsets` order, then chunks.
+All 14·K pieces go through one compiled program (`generation_program.inpaint_batch`, which
+takes each piece's given stems as data), `batch_size` pieces per call; piece j of the run
+draws from fold_in(key(seed), j), j counting subsets in `tables.proper_subsets` order, then
+chunks.
 """
 
 from collections.abc import Sequence

@@ -40,14 +40,6 @@ def proper_subsets(stem_names: Sequence[str] = stems.STEM_NAMES) -> list[tuple[s
           for subset in itertools.combinations(stem_names, size)]
 
 
-def _as_pieces(audio, stem_names: Sequence[str], what: str) -> np.ndarray:
-  audio = np.asarray(audio, np.float32)
-  if audio.ndim != 3 or audio.shape[1] != len(stem_names):
-    raise ValueError(f"{what}: expected [pieces, {len(stem_names)} stems, samples] for "
-                     f"stems {tuple(stem_names)}; got shape {audio.shape}")
-  return audio
-
-
 def subset_sum(audio, subset: Sequence[str],
                stem_names: Sequence[str] = stems.STEM_NAMES) -> np.ndarray:
   """Sum of the stems in `subset`: `[pieces, stems, samples]` -> `[pieces, samples]`."""
@@ -73,8 +65,8 @@ def total_generation_scores(generated, reference, embed_fn: EmbedFn,
                             stem_names: Sequence[str] = stems.STEM_NAMES
                             ) -> dict[str, float]:
   """{'mixture': FD of the mixtures, stem: FD of that stem} for `[pieces, stems, samples]`."""
-  generated = _as_pieces(generated, stem_names, "generated")
-  reference = _as_pieces(reference, stem_names, "reference")
+  generated = stems.as_pieces(generated, stem_names, "generated", np.float32)
+  reference = stems.as_pieces(reference, stem_names, "reference", np.float32)
   scores = {MIXTURE: fad(generated.sum(axis=1), reference.sum(axis=1), embed_fn)}
   for i, name in enumerate(stem_names):
     scores[name] = fad(generated[:, i], reference[:, i], embed_fn)
@@ -97,16 +89,17 @@ def partial_generation_scores(generated: Union[np.ndarray, Mapping[str, np.ndarr
   plus the given ones) against the reference mixtures, MSDM's sub-FAD: how well the new
   stems fit the given ones in the final mix.
   """
-  reference = _as_pieces(reference, stem_names, "reference")
+  reference = stems.as_pieces(reference, stem_names, "reference", np.float32)
   scores = {}
   for subset in proper_subsets(stem_names):
     label = subset_label(subset)
     if isinstance(generated, Mapping):
       if label not in generated:
         raise KeyError(f"generated audio has no entry {label!r}; it has {sorted(generated)}")
-      audio = _as_pieces(generated[label], stem_names, f"generated[{label!r}]")
+      audio = stems.as_pieces(generated[label], stem_names, f"generated[{label!r}]",
+                              np.float32)
     else:
-      audio = _as_pieces(generated, stem_names, "generated")
+      audio = stems.as_pieces(generated, stem_names, "generated", np.float32)
     scored = stem_names if mixture else subset
     scores[label] = fad(subset_sum(audio, scored, stem_names),
                         subset_sum(reference, scored, stem_names), embed_fn)

@@ -100,7 +100,8 @@ def make_spec(config: ml_collections.ConfigDict, vae, denoiser,
   """The compiled program's static description from the config and the two modules."""
   name, settings = generation_program.sampler_settings(config.sample)
   num_samples = int(config.data.chunks.samples)
-  frames = generation_program.latent_frames(num_samples, vae, int(getattr(denoiser, "patch_size", 1)))
+  frames = generation_program.latent_frames(num_samples, vae,
+                                            int(getattr(denoiser, "patch_size", 1)))
   spec = generation_program.GenerationSpec(
       vae=vae, denoiser=denoiser, num_frames=frames, sampler_name=name,
       sampler_settings=tuple(sorted(settings.items())),
@@ -155,8 +156,8 @@ def generate_pieces(spec: generation_program.GenerationSpec, vae_params, denoise
     indices = piece_indices[start:start + batch_size]
     padded = indices + [indices[-1]] * (batch_size - len(indices))
     keys = generation_program.place_keys(generation_program.piece_keys(seed, padded), mesh)
-    latents, waveforms = generation_program.generate_batch(vae_params, denoiser_params, keys, x_known,
-                                                 spec=spec)
+    latents, waveforms = generation_program.generate_batch(vae_params, denoiser_params, keys,
+                                                           x_known, spec=spec)
     latents, waveforms = jax.device_get((latents, waveforms))
     for row, index in enumerate(indices):
       stems = {name: conditions.fit_to_length(waveforms[row, k], num_samples)

@@ -274,7 +274,7 @@ class DiT(nn.Module):
   adaLN modulation: a third of the parameters, but one row per example) and
   `__call__(x, c_noise, conditioning=...)`, which then skips that part. A sampler knows its
   noise levels in advance, so it computes all of them in one batched call (see
-  `generation/sampling.py`) instead of one matrix-vector product per evaluation.
+  `diffusion/generation_program.py`) instead of one matrix-vector product per evaluation.
   """
   width: int
   depth: int

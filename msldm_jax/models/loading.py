@@ -96,25 +96,26 @@ def denoiser_record(model_config: Mapping[str, Any], **extra) -> dict[str, Any]:
           **extra}
 
 
-def vae_from_config(values: Mapping[str, Any], source: str) -> source_vae.SourceVAE:
-  """A SourceVAE from a recorded config; unknown keys are an error naming `source`."""
-  config = source_vae.model_config("paper")
+def _fill(config: ml_collections.ConfigDict, values: Mapping[str, Any], source: str,
+          what: str) -> ml_collections.ConfigDict:
+  """`config` with a recorded config's values; a key it does not have is an error."""
   for key, value in values.items():
     if key not in config:
-      raise ValueError(f"{source}: unknown SourceVAE config key {key!r} (keys: "
+      raise ValueError(f"{source}: unknown {what} config key {key!r} (keys: "
                        f"{', '.join(sorted(config))})")
     config[key] = tuple(value) if isinstance(value, list) else value
-  return source_vae.SourceVAE.from_config(config)
+  return config
+
+
+def vae_from_config(values: Mapping[str, Any], source: str) -> source_vae.SourceVAE:
+  """A SourceVAE from a recorded config; unknown keys are an error naming `source`."""
+  return source_vae.SourceVAE.from_config(
+      _fill(source_vae.model_config("paper"), values, source, "SourceVAE"))
 
 
 def denoiser_from_config(values: Mapping[str, Any], source: str) -> dit.DiT:
-  config = dit.model_config("tiny")
-  for key, value in values.items():
-    if key not in config:
-      raise ValueError(f"{source}: unknown DiT config key {key!r} (keys: "
-                       f"{', '.join(sorted(config))})")
-    config[key] = value
-  return dit.build_model(config)
+  """A DiT from a recorded config; unknown keys are an error naming `source`."""
+  return dit.build_model(_fill(dit.model_config("tiny"), values, source, "DiT"))
 
 
 def denoiser_abstract_params(model: dit.DiT):
@@ -297,8 +298,3 @@ def check_same_vae(vae: Loaded, expected: Mapping[str, Any] | None, *, what: str
         f"{expected.get('checkpoint_dir')} (step {expected.get('step')}, params sha256 "
         f"{expected['params_sha256']}): latents of two VAEs must not mix, nor be decoded by "
         "another VAE; point config.ldm.vae_checkpoint at that VAE")
-
-
-def vae_model_config(vae: source_vae.SourceVAE) -> ml_collections.ConfigDict:
-  """The loaded VAE's settings as a ConfigDict (what `SourceVAE.from_config` takes)."""
-  return ml_collections.ConfigDict(vae_config_dict(vae))
