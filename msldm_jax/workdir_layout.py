@@ -19,8 +19,6 @@ import os
 
 import ml_collections
 
-from msldm_jax.data import build
-
 MINISLAKH = "minislakh"
 TFDS = "tfds"
 VAE = "vae"
@@ -29,6 +27,11 @@ LDM = "ldm"
 SAMPLES = "samples"
 EVALUATION = "evaluation"
 STAGE_MARKERS = "stages"
+
+# A built dataset: DATA_DIR/NAME/DATASET_VERSION (TFDS's layout), NAME by default the
+# source layout's.
+DATASET_VERSION = "1.0.0"
+DEFAULT_DATASET_NAMES = {"stems": "stems", "slakh_raw": "slakh2100"}
 
 # Inside a trainer's folder (vae/, ldm/).
 CHECKPOINTS = "checkpoints"
@@ -44,10 +47,19 @@ def tfds_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   return config.data.tfds_dir or os.path.join(workdir, TFDS)
 
 
+def dataset_path(data_dir: str, name: str) -> str:
+  """The folder a dataset build writes (and tfds.builder_from_directory reads)."""
+  return os.path.join(os.path.abspath(os.fspath(data_dir)), name, DATASET_VERSION)
+
+
 def dataset_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """The built dataset's folder (for tfds.builder_from_directory); a pure function of both."""
-  name = config.data.name or build.get_layout(config.data.layout).default_dataset_name
-  return build.dataset_path(tfds_dir(config, workdir), name)
+  """The built dataset's folder for a config; a pure function of both."""
+  layout = config.data.layout
+  if not config.data.name and layout not in DEFAULT_DATASET_NAMES:
+    raise ValueError(f"config key data.layout={layout!r}: expected one of "
+                     f"{', '.join(DEFAULT_DATASET_NAMES)}")
+  name = config.data.name or DEFAULT_DATASET_NAMES[layout]
+  return dataset_path(tfds_dir(config, workdir), name)
 
 
 def trainer_dir(workdir: str, stage: str) -> str:

@@ -140,7 +140,7 @@ def stems_built(stems_source, tmp_path_factory):
 
 def test_stems_splits_order_and_loading(stems_built):
   path, _, _, data_dir = stems_built
-  assert path == build.dataset_path(data_dir, "stems_test")
+  assert path == workdir_layout.dataset_path(data_dir, "stems_test")
   assert path.endswith(os.path.join("stems_test", "1.0.0"))
   builder = tfds.builder_from_directory(path)
   assert set(builder.info.splits.keys()) == {"train", "validation", "test"}
@@ -361,7 +361,7 @@ def test_no_usable_track_is_an_error(tmp_path):
   with pytest.raises(build.NoUsableTrackError, match=f"no usable track in {source}"):
     build.build_dataset("stems", str(source), str(data_dir), min_duration=MIN_S,
                         max_duration=MAX_S)
-  assert not os.path.exists(build.dataset_path(str(data_dir), "stems"))
+  assert not os.path.exists(workdir_layout.dataset_path(str(data_dir), "stems"))
   empty = tmp_path / "empty"
   empty.mkdir()
   with pytest.raises(build.NoUsableTrackError, match=f"{empty}: it has none of the split"):
@@ -434,6 +434,6 @@ def test_cli(tmp_path, repo_root):
       cwd=repo_root, capture_output=True, text=True, timeout=120,
       env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
   assert result.returncode == 0, result.stderr[-3000:]
-  examples = _examples(build.dataset_path(str(data_dir), "cli_test"), "test")
+  examples = _examples(workdir_layout.dataset_path(str(data_dir), "cli_test"), "test")
   np.testing.assert_array_equal(examples["Track00001"]["audio"],
                                 np.stack([written[name] for name in stems.STEM_NAMES]))

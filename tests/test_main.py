@@ -5,6 +5,7 @@ import sys
 
 import tensorflow_datasets as tfds
 
+from msldm_jax import workdir_layout
 from msldm_jax.data import build
 
 
@@ -23,7 +24,7 @@ def test_data_mode_builds_the_mini_dataset_then_reuses_it(repo_root, tmp_path, m
   assert all("mini Slakh already rendered" in log for log in logs)
   assert "Building dataset" in logs[0] and "Building dataset" not in logs[1]
   assert "Reusing the dataset" in logs[1]
-  dataset_dir = build.dataset_path(str(tmp_path / "tfds"), "minislakh")
+  dataset_dir = workdir_layout.dataset_path(str(tmp_path / "tfds"), "minislakh")
   builder = tfds.builder_from_directory(dataset_dir)
   counts = {split: info.num_examples for split, info in builder.info.splits.items()}
   assert counts == {"train": 1, "validation": 1, "test": 1}

@@ -59,11 +59,11 @@ import tensorflow_datasets as tfds
 import tqdm
 
 from msldm_jax import stems
+from msldm_jax import workdir_layout
 from msldm_jax.data import audio_files
 from msldm_jax.data import track_features
 from msldm_jax.data import slakh_raw
 
-DATASET_VERSION = "1.0.0"
 REPORT_FILE = "build_report.json"
 # Below one 16-bit step (3.05e-5), so only digital silence: a stem whose peak is at or under it
 # is "not present", and a track where every stem is gets skipped.
@@ -102,12 +102,14 @@ class Layout:
 
 LAYOUTS = {
     "stems": Layout(
-        name="stems", default_dataset_name="stems", source_rate=stems.SAMPLE_RATE,
+        name="stems", default_dataset_name=workdir_layout.DEFAULT_DATASET_NAMES["stems"],
+        source_rate=stems.SAMPLE_RATE,
         # MSDM's files were written at one length per track: any difference is a defect.
         length_tolerance=0, plan=plan_stems_track,
         description="SPLIT/TRACK/{bass,drums,guitar,piano}.wav at 22050 Hz mono"),
     "slakh_raw": Layout(
-        name="slakh_raw", default_dataset_name="slakh2100", source_rate=slakh_raw.SOURCE_RATE,
+        name="slakh_raw", default_dataset_name=workdir_layout.DEFAULT_DATASET_NAMES["slakh_raw"],
+        source_rate=slakh_raw.SOURCE_RATE,
         # The stems of one Slakh track share one length; 1 sample at 22050 Hz absorbs the
         # ceil() of resampling a length one 44.1 kHz sample off (or a stem at another rate).
         length_tolerance=1, plan=slakh_raw.plan_track,
@@ -230,11 +232,6 @@ class BuildReport:
     return "\n".join(lines)
 
 
-def dataset_path(data_dir: str, name: str) -> str:
-  """The folder `build_dataset` writes (and tfds.builder_from_directory reads)."""
-  return os.path.join(os.path.abspath(os.fspath(data_dir)), name, DATASET_VERSION)
-
-
 def read_build_report(dataset_dir: str) -> BuildReport:
   path = os.path.join(dataset_dir, REPORT_FILE)
   if not os.path.isfile(path):
@@ -253,11 +250,12 @@ class StemTracksBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
   """One builder class for every stem dataset; the dataset's name is a constructor argument.
 
   Not registered with TFDS (the name varies): the built dataset is read back with
-  `tfds.builder_from_directory(build.dataset_path(data_dir, name))`.
+  `tfds.builder_from_directory(workdir_layout.dataset_path(data_dir, name))`.
   """
 
-  VERSION = tfds.core.Version(DATASET_VERSION)
-  RELEASE_NOTES = {DATASET_VERSION: "Whole tracks, four stems stem-major, float32 at 22050 Hz."}
+  VERSION = tfds.core.Version(workdir_layout.DATASET_VERSION)
+  RELEASE_NOTES = {
+      workdir_layout.DATASET_VERSION: "Whole tracks, four stems stem-major, float32 at 22050 Hz."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Pass the source folder as the manual dir. It holds train/, validation/ and test/ (any may be
   absent), each with one folder per track, in the layout given to the builder:
@@ -420,7 +418,7 @@ def build_dataset(layout: str, source_dir: str, data_dir: str, name: str | None 
     raise NoUsableTrackError(
         f"no usable track in {source_dir}: it has none of the split folders "
         f"{', '.join(track_features.SPLITS)}")
-  path = dataset_path(data_dir, name)
+  path = workdir_layout.dataset_path(data_dir, name)
   if os.path.isfile(os.path.join(path, "dataset_info.json")):
     _check_reused(path, layout, source_dir, min_duration, max_duration)
     return path

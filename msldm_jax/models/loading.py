@@ -208,6 +208,13 @@ def _read_record(directory: str, step: int, kind: str) -> dict:
   return record
 
 
+def _restore_field(directory: str, step: int, field: str, abstract_params, replicated):
+  """One field of a trainer's state (e.g. "ema_params"), replicated, and nothing else."""
+  abstract = {field: jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract_params)}
+  return checkpointing.restore_subtree(directory, step, abstract)[field]
+
+
 def _replicated(mesh):
   return mesh_lib.replicated(mesh or mesh_lib.make_mesh())
 
@@ -239,10 +246,8 @@ def load_vae(path: str, *, mesh=None) -> Loaded:
   directory, step = found
   record = _read_record(directory, step, VAE_KIND)
   model = vae_from_config(record["config"], f"{directory} step {step}")
-  abstract = {"generator": jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-      source_vae.abstract_params(model))}
-  params = checkpointing.restore_subtree(directory, step, abstract)["generator"]
+  params = _restore_field(directory, step, "generator", source_vae.abstract_params(model),
+                          replicated)
   identity = {"checkpoint_dir": directory, "format": FORMAT_VAE_STAGE, "step": int(step),
               "params_sha256": params_sha256(params)}
   return Loaded(model, params, identity)
@@ -268,10 +273,7 @@ def load_denoiser(path: str, *, use_ema: bool = True, mesh=None) -> Loaded:
   model = denoiser_from_config(record["config"], f"{directory} step {step}")
   field = "ema_params" if use_ema else "params"
   replicated = _replicated(mesh)
-  abstract = {field: jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-      denoiser_abstract_params(model))}
-  params = checkpointing.restore_subtree(directory, step, abstract)[field]
+  params = _restore_field(directory, step, field, denoiser_abstract_params(model), replicated)
   identity = {"checkpoint_dir": directory, "format": FORMAT_LDM_STAGE, "step": int(step),
               "use_ema": bool(use_ema), "params_sha256": params_sha256(params)}
   if "latents" in record:
