@@ -6,6 +6,7 @@ A rename within one folder is atomic on POSIX, so a run killed mid-write leaves 
 
 import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -16,10 +17,33 @@ def _tmp_name(path: str) -> str:
   return f"{path}.tmp-{os.getpid()}"
 
 
+def strict_json(value):
+  """Non-finite floats (a sampler's s_tmax = inf, a NaN score) as strings: strict JSON has
+  none, and other readers than Python's reject `NaN`/`Infinity`."""
+  if isinstance(value, (float, np.floating)) and not np.isfinite(value):
+    return str(float(value))
+  if isinstance(value, Mapping):
+    return {k: strict_json(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [strict_json(v) for v in value]
+  return value
+
+
+def json_default(value):
+  """numpy scalars and arrays as their Python values."""
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  return str(value)
+
+
 def write_json_atomic(path: str, value: Any, *, sort_keys: bool = False):
+  """Strict JSON (`strict_json`), replaced whole."""
   tmp = _tmp_name(path)
   with open(tmp, "w") as f:
-    json.dump(value, f, indent=1, sort_keys=sort_keys)
+    json.dump(strict_json(value), f, indent=1, sort_keys=sort_keys, default=json_default,
+              allow_nan=False)
     f.write("\n")
     f.flush()
     os.fsync(f.fileno())

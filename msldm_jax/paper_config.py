@@ -158,20 +158,36 @@ def sample_config() -> ml_collections.ConfigDict:
 
 
 def evaluate_config() -> ml_collections.ConfigDict:
-  """Evaluation (reference §9): FAD of generated pieces against real chunks of a split."""
+  """Evaluation (reference §9): distances of generated pieces to real chunks of a split."""
   return ml_collections.ConfigDict(dict(
       # The paper reports FAD on the test split.
       reference_split="test",
-      # Sizes are ours (the release has no evaluation code).
+      # Sizes are ours (the release has no evaluation code). The reference set is the whole
+      # split, or a seeded random sample of this many chunks (never the first N in order).
       max_reference_chunks=256,
-      # Partial generation (14 subsets of stems, each generated given the others): the first
-      # this many reference chunks give the stems, one piece per chunk and subset
+      # Partial generation (14 subsets of stems, each generated given the others): this many
+      # seeded random reference chunks give the stems, one piece per chunk and subset
       # (14 × partial_chunks pieces in all); 0 skips the partial table.
       partial_chunks=16,
+      # MSDM scores partial generations against the whole reference set, conditioning
+      # chunks included; True leaves those chunks out (named in the table).
+      partial_disjoint_reference=False,
+      # The embedding every distance is computed on: "musicnn" (the shipped MSD musicnn's
+      # penultimate layer; `pip install --no-deps musicnn==0.1.0`, done by setup.sh),
+      # "vggish" (needs vggish_weights) or "statistics" (log-mel/MFCC/chroma, no weights).
+      embedding="musicnn",
+      musicnn_model="MSD_musicnn",
       # Path of the VGGish weights (the PyTorch port's state dict, see
-      # msldm_jax/evaluation/vggish.py) for FAD; empty: the download-free statistics embedding.
+      # msldm_jax/evaluation/vggish.py) and its PCA, for embedding="vggish".
       vggish_weights="",
       vggish_pca="",
+      # Bootstrap draws (pieces resampled) for every score's 95 % interval and floor.
+      bootstrap_samples=200,
+      # Seeds the reference sample, the conditioning chunks, the floor's halves and the
+      # bootstrap.
+      seed=0,
+      # A stem is empty when this share of its 1 s windows is silent (1.0: all of them).
+      empty_share=1.0,
   ))
 
 

@@ -5,6 +5,7 @@ imports jax.
 """
 
 import os
+import tempfile
 
 # Tests run small shapes a few times each, so XLA:CPU's compile time dominates their cost:
 # skipping LLVM's expensive optimisation passes cuts it severalfold without changing results.
@@ -13,6 +14,14 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_backend_optimization_level=0"
                            " --xla_llvm_disable_expensive_passes=true").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Many tests compile the same programs (the tiny VAE's train step, encoder and decoder, the
+# tiny DiT's step) in other trainer instances or other processes (the command-line tests'
+# subprocesses inherit this environment). One compilation cache for the whole test run,
+# shared by pytest-xdist's workers (same PYTEST_XDIST_TESTRUNUID), compiles each once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(),
+    f"msldm_jax-test-compilation-cache-{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import dataclasses  # noqa: E402

@@ -27,12 +27,34 @@ def test_silence_rule_exact_at_threshold():
 
 
 def test_empty_stem_rates():
-  audio = np.zeros((2, 4, 1000), np.float32)
+  audio = np.zeros((2, 4, 3000), np.float32)
   audio[0, 0] = 0.1
   audio[1, 0] = 0.1
   audio[1, 2] = 0.1
-  rates = mm.empty_stem_rates(audio)
+  rates = mm.empty_stem_rates(audio, sample_rate=1000)
   assert rates == {"bass": 0.0, "drums": 1.0, "guitar": 0.5, "piano": 1.0, "all": 5 / 8}
+
+
+def test_empty_stems_judged_per_window_not_per_chunk():
+  rate, seconds = 1000, 15
+  quiet = np.zeros((1, 4, rate * seconds), np.float32)
+  # One audible second in fifteen: the whole-chunk norm / N is 15x smaller than the second's
+  # own, under the threshold, but the stem plays.
+  level = 4 * mm.SILENCE_THRESHOLD * np.sqrt(rate)
+  quiet[0, :, 2 * rate:3 * rate] = level
+  assert mm.is_silent(quiet[0]).all()
+  assert not mm.empty_stems(quiet, sample_rate=rate).any()
+  # With a share: a stem silent in 14 of 15 windows is empty when 90 % suffices.
+  assert mm.empty_stems(quiet, sample_rate=rate, empty_share=0.9).all()
+  with pytest.raises(ValueError, match="shorter than one"):
+    mm.empty_stems(quiet[..., :10], sample_rate=rate)
+
+
+def test_levels_db():
+  audio = np.stack([np.full(100, 0.5), np.zeros(100)])
+  levels = mm.levels_db(audio)
+  assert levels[0] == pytest.approx(20 * np.log10(0.5))
+  assert levels[1] == -np.inf
 
 
 def test_chroma_agreement_identical_and_orthogonal():

@@ -1,14 +1,18 @@
-"""FAD tables on synthetic pieces: known ordering, 14 partial rows, files written."""
+"""Distance tables on synthetic pieces: known ordering, 14 partial rows, files written."""
 
 import csv
 
 import numpy as np
 import pytest
 
+from msldm_jax.evaluation import distance_scores
 from msldm_jax.evaluation import tables
 
+KAD, FD = distance_scores.KAD, distance_scores.FD
+PROTOCOL = distance_scores.Protocol(bootstrap_samples=50)
 
-def _embed(waveform):
+
+def _embed_one(waveform):
   # A cheap stand-in embedding: per 0.1 s window, log energy in 4 coarse FFT bands + mean.
   windows = np.asarray(waveform).reshape(-1, 200)
   spectrum = np.abs(np.fft.rfft(windows, axis=-1)) ** 2
@@ -17,15 +21,27 @@ def _embed(waveform):
   return np.concatenate([bands, windows.mean(-1, keepdims=True)], axis=-1)
 
 
+_embed = tables.per_waveform(_embed_one)
+
+
 @pytest.fixture(scope="module")
 def audio():
   rng = np.random.default_rng(0)
   t = np.arange(2000) / 2000.0
   pieces = []
-  for _ in range(6):
+  for _ in range(8):
     freqs = rng.uniform([20, 100, 300, 600], [40, 150, 400, 800])
     pieces.append(np.stack([np.sin(2 * np.pi * f * t + rng.uniform(0, 6)) for f in freqs]))
   return np.asarray(pieces, np.float32)
+
+
+def _real(audio):
+  # Another draw of the same distribution of pieces.
+  rng = np.random.default_rng(10)
+  t = np.arange(audio.shape[-1]) / 2000.0
+  return np.asarray([np.stack([np.sin(2 * np.pi * f * t + rng.uniform(0, 6)) for f in
+                               rng.uniform([20, 100, 300, 600], [40, 150, 400, 800])])
+                     for _ in range(len(audio))], np.float32)
 
 
 def test_proper_subsets():
@@ -35,61 +51,77 @@ def test_proper_subsets():
 
 
 def test_total_generation_ordering(audio):
-  same = tables.total_generation_scores(audio, audio, _embed)
+  same = tables.total_generation_scores(_real(audio), audio, _embed, PROTOCOL)
   assert set(same) == {"mixture", "bass", "drums", "guitar", "piano"}
-  assert all(v == pytest.approx(0.0, abs=1e-6) for v in same.values())
   noise = np.random.default_rng(1).normal(size=audio.shape).astype(np.float32)
-  far = tables.total_generation_scores(noise, audio, _embed)
-  assert all(v > 1.0 for v in far.values())
+  far = tables.total_generation_scores(noise, audio, _embed, PROTOCOL)
+  for row in same:
+    # Noise is clearly worse than another sample of the real distribution, whose interval
+    # reaches down to the floor's.
+    assert far[row][KAD].low > same[row][KAD].high
+    assert same[row][KAD].low <= same[row][KAD].floor_high
+    # 8 pieces × 10 windows = 80 windows against 5 dimensions: FD is computed.
+    assert far[row][FD].value > same[row][FD].value
+    assert far[row][KAD].generated_windows == 80
+
+
+def test_embedding_shape_errors(audio):
+  with pytest.raises(ValueError, match=r"expected \[pieces, windows, d\]"):
+    tables.total_generation_scores(audio, audio, lambda w: np.zeros((len(w), 3)), PROTOCOL)
+  with pytest.raises(ValueError, match="shorter than one window"):
+    tables.total_generation_scores(audio, audio, lambda w: np.zeros((len(w), 0, 3)),
+                                   PROTOCOL)
 
 
 def test_partial_generation_rows_and_mapping(audio, tmp_path):
-  scores = tables.partial_generation_scores(audio, audio, _embed)
+  real = _real(audio)
+  scores = tables.partial_generation_scores(real, audio, _embed, PROTOCOL)
   assert len(scores) == 14 and "bass+drums+guitar" in scores
-  assert all(v == pytest.approx(0.0, abs=1e-6) for v in scores.values())
   noise = np.random.default_rng(2).normal(size=audio.shape).astype(np.float32)
-  per_run = {label: audio for label in scores}
+  per_run = {label: real for label in scores}
   per_run["bass"] = noise
-  mixed = tables.partial_generation_scores(per_run, audio, _embed)
-  assert mixed["bass"] > 1.0 and mixed["drums"] == pytest.approx(0.0, abs=1e-6)
+  mixed = tables.partial_generation_scores(per_run, audio, _embed, PROTOCOL)
+  assert mixed["bass"][KAD].low > mixed["drums"][KAD].high
+  assert mixed["drums"][KAD] == scores["drums"][KAD]
   del per_run["piano"]
   with pytest.raises(KeyError, match="piano"):
-    tables.partial_generation_scores(per_run, audio, _embed)
+    tables.partial_generation_scores(per_run, audio, _embed, PROTOCOL)
 
-  paths = tables.write_score_table(str(tmp_path), "partial", mixed, "FD (test)")
+  table = {label: {"generated stems": s} for label, s in mixed.items()}
+  paths = tables.write_distance_table(str(tmp_path), "partial", table, "test-embedding",
+                                      notes=["a note"])
   with open(paths["csv"]) as f:
     rows = list(csv.reader(f))
-  assert rows[0] == ["stems", "FD (test)"] and len(rows) == 15
-  assert "| bass+drums | " in open(paths["md"]).read()
+  assert rows[0][:4] == ["stems", "column", "measure", "value"]
+  assert len(rows) == 1 + 14 * 2  # a row per subset and measure
+  markdown = open(paths["md"]).read()
+  assert "Embedding: test-embedding" in markdown and "a note" in markdown
+  assert "| bass+drums | " in markdown and "floor" in markdown
+  assert f"{mixed['bass'][KAD].value:.2f} [" in markdown
   assert open(paths["png"], "rb").read(4) == b"\x89PNG"
 
 
-def test_partial_mixture_scores_include_the_given_stems(audio, tmp_path):
+def test_partial_mixture_scores_include_the_given_stems(audio):
+  real = _real(audio)
   noise = np.random.default_rng(3).normal(size=audio.shape).astype(np.float32)
-  # A run whose generated bass is noise: the bass row is far in both forms.
-  per_run = {tables.subset_label(s): audio for s in tables.proper_subsets()}
-  bad_bass = audio.copy()
-  bad_bass[:, 0] = noise[:, 0]
-  per_run["bass"] = bad_bass
-  subsets = tables.partial_generation_scores(per_run, audio, _embed)
-  mixtures = tables.partial_generation_scores(per_run, audio, _embed, mixture=True)
-  assert subsets["bass"] > 1.0 and mixtures["bass"] > 0.01
-  assert mixtures["drums"] == pytest.approx(0.0, abs=1e-6)
-  # Scoring the mixture: a run that swapped the given stems for noise is penalised even
-  # though its generated stem (drums) is perfect, which the subset form cannot see.
+  per_run = {tables.subset_label(s): real for s in tables.proper_subsets()}
+  # A run that swapped the given stems for noise: its generated stem (drums) is perfect,
+  # which the subset form sees, but the mixture form penalises the run.
   bad_given = noise.copy()
-  bad_given[:, 1] = audio[:, 1]
+  bad_given[:, 1] = real[:, 1]
   per_run["drums"] = bad_given
-  assert tables.partial_generation_scores(per_run, audio, _embed)["drums"] == pytest.approx(
-      0.0, abs=1e-6)
-  assert tables.partial_generation_scores(per_run, audio, _embed, mixture=True)["drums"] > 1.0
+  subsets = tables.partial_generation_scores(per_run, audio, _embed, PROTOCOL)
+  mixtures = tables.partial_generation_scores(per_run, audio, _embed, PROTOCOL, mixture=True)
+  assert subsets["drums"][KAD] == tables.partial_generation_scores(
+      real, audio, _embed, PROTOCOL)["drums"][KAD]
+  assert mixtures["drums"][KAD].low > mixtures["bass"][KAD].high
 
-  table = {label: {"mixture": mixtures[label], "generated stems": subsets[label]}
-           for label in subsets}
-  paths = tables.write_score_table(str(tmp_path), "partial", table, "FD (test)")
-  with open(paths["csv"]) as f:
-    rows = list(csv.reader(f))
-  assert rows[0] == ["stems", "mixture (FD (test))", "generated stems (FD (test))"]
-  assert len(rows) == 15 and float(rows[1][2]) == pytest.approx(subsets["bass"])
-  with pytest.raises(ValueError, match="columns"):
-    tables.write_score_table(str(tmp_path), "bad", {"a": {"x": 1.0}, "b": {"y": 2.0}}, "FD")
+
+def test_refused_fd_is_written_as_such(audio, tmp_path):
+  # 3 pieces × 1 window of a 5-dimensional embedding: FD refused, KAD reported.
+  one_window = tables.per_waveform(lambda w: _embed_one(w)[:1])
+  scores = tables.total_generation_scores(audio[:3], audio, one_window, PROTOCOL)
+  assert scores["mixture"][FD].value is None and scores["mixture"][KAD].value is not None
+  paths = tables.write_distance_table(str(tmp_path), "total",
+                                      {r: {"": s} for r, s in scores.items()}, "e")
+  assert "refused: 3 windows < 5 dimensions" in open(paths["md"]).read()

@@ -20,6 +20,8 @@ from msldm_jax.losses import vae_losses
 SILENCE_THRESHOLD = 1.5e-5
 HARMONIC_STEMS = ("bass", "guitar", "piano")
 ONSET_TOLERANCE_SECONDS = 0.05
+# Emptiness is judged per window of this length (the training data's VAE window, 1 s).
+EMPTY_WINDOW_SECONDS = 1.0
 
 
 def is_silent(audio, threshold: float = SILENCE_THRESHOLD) -> np.ndarray:
@@ -32,12 +34,53 @@ def is_silent(audio, threshold: float = SILENCE_THRESHOLD) -> np.ndarray:
   return np.linalg.norm(audio, axis=-1) / audio.shape[-1] < threshold
 
 
-def empty_stem_rates(audio, stem_names: Sequence[str] = stems.STEM_NAMES) -> dict[str, float]:
-  """Share of silent stems: per stem name and over all stems ("all")."""
-  silent = is_silent(stems.as_pieces(audio, stem_names))
-  rates = {name: float(silent[:, i].mean()) for i, name in enumerate(stem_names)}
-  rates["all"] = float(silent.mean())
+def silent_windows(audio, sample_rate: int = stems.SAMPLE_RATE,
+                   window_seconds: float = EMPTY_WINDOW_SECONDS) -> np.ndarray:
+  """bool `[..., windows]`: the silence rule on each whole `window_seconds` window.
+
+  The rule is the training data's (per window of the length it was made for), so a quiet
+  but playing stem is not judged empty by the norm of a whole 14.86 s chunk, which divides
+  by N and so flags anything quiet over a long span.
+  """
+  audio = np.asarray(audio, np.float32)
+  window = int(round(window_seconds * sample_rate))
+  count = audio.shape[-1] // window
+  if count == 0:
+    raise ValueError(f"audio of {audio.shape[-1]} samples is shorter than one "
+                     f"{window_seconds} s window at {sample_rate} Hz")
+  windows = audio[..., :count * window].reshape(audio.shape[:-1] + (count, window))
+  return is_silent(windows)
+
+
+def empty_stems(audio, stem_names: Sequence[str] = stems.STEM_NAMES, *,
+                sample_rate: int = stems.SAMPLE_RATE,
+                window_seconds: float = EMPTY_WINDOW_SECONDS,
+                empty_share: float = 1.0) -> np.ndarray:
+  """bool `[pieces, stems]`: a stem is empty when at least `empty_share` of its windows are
+  silent (1.0: all of them)."""
+  if not 0.0 < empty_share <= 1.0:
+    raise ValueError(f"empty_share must be in (0, 1]; got {empty_share}")
+  silent = silent_windows(stems.as_pieces(audio, stem_names), sample_rate, window_seconds)
+  return silent.mean(axis=-1) >= empty_share - 1e-9
+
+
+def empty_stem_rates(audio, stem_names: Sequence[str] = stems.STEM_NAMES, *,
+                     sample_rate: int = stems.SAMPLE_RATE,
+                     window_seconds: float = EMPTY_WINDOW_SECONDS,
+                     empty_share: float = 1.0) -> dict[str, float]:
+  """Share of empty stems (`empty_stems`): per stem name and over all stems ("all")."""
+  empty = empty_stems(audio, stem_names, sample_rate=sample_rate,
+                      window_seconds=window_seconds, empty_share=empty_share)
+  rates = {name: float(empty[:, i].mean()) for i, name in enumerate(stem_names)}
+  rates["all"] = float(empty.mean())
   return rates
+
+
+def levels_db(audio) -> np.ndarray:
+  """RMS level in dB full scale `[...]` of each signal `audio[..., :]` (−inf for zeros)."""
+  audio = np.asarray(audio, np.float64)
+  with np.errstate(divide="ignore"):
+    return 20.0 * np.log10(np.sqrt(np.mean(audio * audio, axis=-1)))
 
 
 def _frame_silence(signal: np.ndarray, n_fft: int, hop_length: int) -> np.ndarray:

@@ -1,22 +1,34 @@
 """The `--mode=evaluate` stage: generated pieces against real chunks, as tables and plots.
 
 Reads the total-generation pieces of the sample stage (`piece.json` mode 'total') and the
-same number of real four-stem chunks (or up to `evaluate.max_reference_chunks`) from
-`evaluate.reference_split` of the built dataset, then writes into WORKDIR/evaluation:
+real four-stem chunks of `evaluate.reference_split` of the built dataset (all of them, or a
+seeded random sample of `evaluate.max_reference_chunks`, never the first N in track order),
+then writes into WORKDIR/evaluation:
 
-  total_generation.{md,csv,png}   Fréchet distance of the mixture and of each stem
-  partial_generation.{md,csv,png} for each of the 14 proper subsets of stems, generated
-                                  given the others (`evaluate.partial_chunks` real chunks
-                                  of the split as the given stems): the distance of the
-                                  whole mixture (MSDM's sub-FAD) and of the generated stems
-                                  alone; partial/<subset>/ holds the first such piece
-  music_measures.{md,csv}         empty-stem rate and cross-stem coherence, generated vs real
+  total_generation.{md,csv,png}   KAD and FD of the mixture and of each stem, each with a
+                                  bootstrap 95 % interval and its floor (two halves of the
+                                  real set), and the windows counted on each side
+  partial_generation.{md,csv,png} for each of the 14 proper subsets of stems, generated given
+                                  the others (the given stems from `evaluate.partial_chunks`
+                                  seeded random real chunks, as MSDM does): the whole
+                                  mixture (MSDM's sub-FAD) and the generated stems alone;
+                                  `evaluate.partial_disjoint_reference` leaves those chunks
+                                  out of the reference (named in the table); partial/<subset>/
+                                  holds the first such piece
+  music_measures.{md,csv}         empty-stem rate (per 1 s window, the data's silence rule)
+                                  and cross-stem coherence, generated vs real
+  levels.{md,csv}                 each stem's level (dB RMS), generated vs the real spread
+  instrument_tags.{md,csv}        how often musicnn's MTT tagger ranks a guitar, piano or
+                                  drums stem's own instrument first; real stems: the ceiling
   vae_reconstruction.{md,csv}     SI-SDR and multi-scale mel distance per stem (frozen VAE)
   metrics.json                    everything above, with the embedding that scored it
 
-The embedding is VGGish when `evaluate.vggish_weights` names the weights file (FAD as in the
-literature), else the download-free log-mel/MFCC/chroma statistics, whose scores are
-labelled as such so that nobody mistakes them for VGGish FAD.
+The embedding (`evaluate.embedding`): "musicnn" (default: the penultimate layer of the
+shipped MSD musicnn, `musicnn.py`), "vggish" (FAD as in the literature, when
+`evaluate.vggish_weights` names the weights), or "statistics" (log-mel/MFCC/chroma
+statistics, no weights). Every table names it. Generated pieces with non-finite samples are
+left out of every score and counted in the tables' notes; silent ones are scored (and show
+as empty stems).
 """
 
 import functools
@@ -30,11 +42,15 @@ import ml_collections
 import numpy as np
 import soundfile as sf
 
+from msldm_jax import atomic_files
 from msldm_jax import stems as stems_lib
 from msldm_jax import workdir_layout
 from msldm_jax.data import input_iterator
 from msldm_jax.data import pipeline
+from msldm_jax.evaluation import distance_scores
+from msldm_jax.evaluation import instrument_tags
 from msldm_jax.evaluation import music_metrics
+from msldm_jax.evaluation import musicnn
 from msldm_jax.evaluation import partial_generation
 from msldm_jax.evaluation import statistics_embedding
 from msldm_jax.evaluation import tables
@@ -68,45 +84,111 @@ def read_total_generation(samples_dir: str) -> np.ndarray:
 
 
 def read_reference_chunks(config: ml_collections.ConfigDict, workdir: str, split: str,
-                          max_chunks: int) -> np.ndarray:
-  """Real four-stem chunks `[chunks, stems, samples]`, the first `max_chunks` in track order."""
+                          max_chunks: int, seed: int) -> tuple[np.ndarray, int]:
+  """(chunks `[n, stems, samples]`, chunks in the split): every chunk of the split, or a
+  seeded uniform sample of `max_chunks` of them in split order.
+
+  A reservoir sample over the stream: memory holds `max_chunks` chunks, not the split.
+  """
   dataset_dir = workdir_layout.dataset_dir(config, workdir)
   dataset_fn = functools.partial(
       pipeline.diffusion_chunks, dataset_dir, split,
       data_config=config.data, batch_size=1, train=False)
-  chunks = []
+  rng = np.random.default_rng([seed, max_chunks])
+  reservoir, positions, seen = [], [], 0
   for batch in input_iterator.InputIterator(dataset_fn, num_epochs=1):
-    chunks.extend(np.asarray(batch[pipeline.AUDIO])[np.asarray(batch[pipeline.VALID])])
-    if len(chunks) >= max_chunks:
-      break
-  if not chunks:
+    for chunk in np.asarray(batch[pipeline.AUDIO])[np.asarray(batch[pipeline.VALID])]:
+      if len(reservoir) < max_chunks:
+        reservoir.append(chunk)
+        positions.append(seen)
+      else:
+        slot = rng.integers(0, seen + 1)
+        if slot < max_chunks:
+          reservoir[slot], positions[slot] = chunk, seen
+      seen += 1
+  if not reservoir:
     raise ValueError(f"split {split!r} of {dataset_dir} has no "
                      f"chunk of {config.data.chunks.samples} samples")
-  return np.stack(chunks[:max_chunks])
+  order = np.argsort(positions)
+  return np.stack([reservoir[i] for i in order]), seen
 
 
-def _embedding(evaluate_config):
-  """(embed_fn, score label)."""
-  if evaluate_config.vggish_weights:
+def _embedding(evaluate_config, sample_rate: int):
+  """(batched embed_fn, the embedding's name for tables)."""
+  kind = evaluate_config.embedding
+  if kind == "musicnn":
+    model = musicnn.load(evaluate_config.musicnn_model)
+    return (functools.partial(musicnn.embed_batch, model, sample_rate=sample_rate),
+            musicnn.EMBEDDING_NAMES[evaluate_config.musicnn_model])
+  if kind == "vggish":
+    if not evaluate_config.vggish_weights:
+      raise ValueError("evaluate.embedding='vggish' needs evaluate.vggish_weights (the "
+                       "weights file; see msldm_jax/evaluation/vggish.py)")
     from msldm_jax.evaluation import vggish  # pylint: disable=g-import-not-at-top
     variables = vggish.load_vggish_params(evaluate_config.vggish_weights)
     pca = (vggish.load_pca_params(evaluate_config.vggish_pca)
            if evaluate_config.vggish_pca else None)
-    return (functools.partial(vggish.embed, variables, sample_rate=stems_lib.SAMPLE_RATE,
-                              pca=pca), vggish.SCORE_LABEL)
-  return functools.partial(statistics_embedding.embed, sample_rate=stems_lib.SAMPLE_RATE), \
-      statistics_embedding.SCORE_LABEL
+    return (tables.per_waveform(functools.partial(vggish.embed, variables,
+                                                  sample_rate=sample_rate, pca=pca)),
+            vggish.EMBEDDING_NAME)
+  if kind == "statistics":
+    return (tables.per_waveform(functools.partial(statistics_embedding.embed,
+                                                  sample_rate=sample_rate)),
+            statistics_embedding.EMBEDDING_NAME)
+  raise ValueError(f"evaluate.embedding={kind!r}: expected 'musicnn', 'vggish' or "
+                   "'statistics'")
 
 
-def music_measures(audio: np.ndarray) -> dict[str, float]:
-  """Empty-stem rate and cross-stem coherence of a set `[pieces, stems, samples]`."""
-  rates = music_metrics.empty_stem_rates(audio)
+def _protocol(evaluate_config) -> distance_scores.Protocol:
+  return distance_scores.Protocol(bootstrap_samples=int(evaluate_config.bootstrap_samples),
+                                  seed=int(evaluate_config.seed))
+
+
+def finite_pieces(audio: np.ndarray, what: str) -> tuple[np.ndarray, list[str]]:
+  """(the pieces whose samples are all finite, notes saying how many were left out)."""
+  finite = np.isfinite(audio).reshape(len(audio), -1).all(axis=1)
+  if finite.all():
+    return audio, []
+  note = (f"{int((~finite).sum())} of {len(audio)} {what} have non-finite (NaN/inf) samples "
+          "and are left out of every score.")
+  logging.warning(note)
+  if finite.sum() < 2:
+    raise ValueError(f"{note} Fewer than 2 remain: nothing to score.")
+  return audio[finite], [note]
+
+
+def music_measures(audio: np.ndarray, empty_share: float) -> dict[str, float]:
+  """Empty-stem rate (per 1 s window) and cross-stem coherence of `[pieces, stems, samples]`."""
+  rates = music_metrics.empty_stem_rates(audio, empty_share=empty_share)
   measures = {f"empty stem rate ({name})": float(value) for name, value in rates.items()}
   measures["harmonic chroma agreement"] = float(
       music_metrics.harmonic_chroma_agreement(audio, stems_lib.SAMPLE_RATE)["mean"])
   measures["drum-bass onset F-measure"] = float(
       music_metrics.drum_bass_onset_alignment(audio, stems_lib.SAMPLE_RATE))
   return measures
+
+
+def level_table(generated: np.ndarray, reference: np.ndarray, audible_generated: np.ndarray,
+                audible_reference: np.ndarray) -> dict[str, dict[str, float]]:
+  """Per stem: the generated stems' median level and the real stems' 5th/50th/95th
+  percentiles (dB RMS, audible stems only), and the share of generated levels in that range."""
+  generated_db, reference_db = music_metrics.levels_db(generated), music_metrics.levels_db(
+      reference)
+  rows = {}
+  for i, name in enumerate(stems_lib.STEM_NAMES):
+    gen = generated_db[audible_generated[:, i], i]
+    real = reference_db[audible_reference[:, i], i]
+    p5, p50, p95 = (np.percentile(real, [5, 50, 95]) if real.size
+                    else (float("nan"),) * 3)
+    rows[name] = {
+        "generated median dB": float(np.median(gen)) if gen.size else float("nan"),
+        "real 5th pct dB": float(p5), "real median dB": float(p50),
+        "real 95th pct dB": float(p95),
+        "generated within real 5-95 %": (float(np.mean((gen >= p5) & (gen <= p95)))
+                                         if gen.size and real.size else float("nan")),
+        "audible generated": float(gen.size), "audible real": float(real.size),
+    }
+  return rows
 
 
 @functools.partial(jax.jit, static_argnames=("vae",))
@@ -128,25 +210,46 @@ def vae_reconstruction(vae: loading.Loaded, reference: np.ndarray) -> dict[str, 
 
 def partial_generation_table(config: ml_collections.ConfigDict, vae: loading.Loaded,
                              denoiser: loading.Loaded, reference: np.ndarray, embed_fn,
-                             score_label: str, out_dir: str) -> dict[str, dict[str, float]]:
-  """Runs the 14 partial generations on the first `evaluate.partial_chunks` reference
-  chunks, scores them against all of `reference`, writes the table and one piece per subset.
-  """
-  num_chunks = min(int(config.evaluate.partial_chunks), len(reference))
+                             embedding: str, out_dir: str) -> tuple[dict, dict]:
+  """Runs the 14 partial generations given `evaluate.partial_chunks` seeded random reference
+  chunks, scores them, writes the table and one piece per subset; returns (scores, protocol
+  facts)."""
+  evaluate_config = config.evaluate
+  num_chunks = min(int(evaluate_config.partial_chunks), len(reference))
+  chosen = np.sort(np.random.default_rng([int(evaluate_config.seed), num_chunks]).choice(
+      len(reference), num_chunks, replace=False))
+  disjoint = bool(evaluate_config.partial_disjoint_reference)
+  scored_against = (np.delete(reference, chosen, axis=0) if disjoint else reference)
   spec = generation_stage.make_spec(config, vae.module, denoiser.module)
   runs = partial_generation.partial_generation_runs(
-      spec, vae.params, denoiser.params, reference[:num_chunks],
+      spec, vae.params, denoiser.params, reference[chosen],
       seed=int(config.sample.seed), batch_size=int(config.sample.batch_size))
+  notes = []
+  for label in list(runs):
+    runs[label], dropped = finite_pieces(runs[label], f"pieces of the {label} run")
+    notes += dropped
+  protocol = _protocol(evaluate_config)
   try:
-    mixtures = tables.partial_generation_scores(runs, reference, embed_fn, mixture=True)
-    generated = tables.partial_generation_scores(runs, reference, embed_fn)
+    mixtures = tables.partial_generation_scores(runs, scored_against, embed_fn, protocol,
+                                                mixture=True)
+    generated = tables.partial_generation_scores(runs, scored_against, embed_fn, protocol)
   except ValueError as error:
     raise ValueError(f"partial-generation table: {error} (config.evaluate.partial_chunks="
-                     f"{num_chunks} chunks of {reference.shape[-1]} samples; raise it)") from error
+                     f"{num_chunks} chunks of {reference.shape[-1]} samples against "
+                     f"{len(scored_against)} reference chunks)") from error
   table = {label: {"mixture": mixtures[label], "generated stems": generated[label]}
            for label in runs}
-  tables.write_score_table(out_dir, "partial_generation", table, score_label,
-                           row_label="generated stems")
+  facts = dict(partial_chunks=num_chunks, conditioning_chunks=[int(i) for i in chosen],
+               disjoint_reference=disjoint, reference_chunks=len(scored_against))
+  tables.write_distance_table(
+      out_dir, "partial_generation", table, embedding, row_label="generated stems",
+      notes=[f"Given stems from {num_chunks} seeded random real chunks of the "
+             f"{evaluate_config.reference_split!r} split (MSDM's protocol); the mixture "
+             "column scores given + generated stems against real mixtures. Reference: "
+             + (f"the other {len(scored_against)} chunks (disjoint: conditioning chunks "
+                "left out)." if disjoint else
+                f"all {len(scored_against)} chunks, the conditioning ones included "
+                "(evaluate.partial_disjoint_reference=False).")] + notes)
   sample_rate = int(config.data.sample_rate)
   for label, audio in runs.items():
     outputs.write_piece(
@@ -154,56 +257,97 @@ def partial_generation_table(config: ml_collections.ConfigDict, vae: loading.Loa
         {name: audio[0, s] for s, name in enumerate(stems_lib.STEM_NAMES)}, sample_rate,
         dict(mode="partial", generated=label.split("+"),
              given=[n for n in stems_lib.STEM_NAMES if n not in label.split("+")],
-             conditioning=f"reference chunk 0 of split {config.evaluate.reference_split!r}",
+             conditioning=(f"reference chunk {int(chosen[0])} of split "
+                           f"{evaluate_config.reference_split!r}"),
              seed=int(config.sample.seed),
              checkpoints=generation_stage.checkpoint_identities(vae, denoiser)),
         title=f"evaluation: {label} generated given the others")
-  return table
+  return table, facts
+
+
+def _tagger(sample_rate: int):
+  tagger = musicnn.load(musicnn.TAGGER)
+  return lambda waveforms: (musicnn.tag_batch(tagger, waveforms, sample_rate),
+                            musicnn.LABELS[musicnn.TAGGER])
+
+
+def _as_json(scores):
+  return {row: {column: {m: s.as_dict() for m, s in measures.items()}
+                for column, measures in columns.items()} for row, columns in scores.items()}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """The `--mode=evaluate` stage; returns the metrics it wrote to metrics.json."""
   evaluate_config = config.evaluate
+  sample_rate = stems_lib.SAMPLE_RATE
   out_dir = workdir_layout.evaluation_dir(workdir)
   os.makedirs(out_dir, exist_ok=True)
   generated = read_total_generation(workdir_layout.samples_dir(config, workdir))
-  reference = read_reference_chunks(config, workdir, evaluate_config.reference_split,
-                                    int(evaluate_config.max_reference_chunks))
+  reference, split_chunks = read_reference_chunks(
+      config, workdir, evaluate_config.reference_split,
+      int(evaluate_config.max_reference_chunks), int(evaluate_config.seed))
   samples = min(generated.shape[-1], reference.shape[-1])
   generated, reference = generated[..., :samples], reference[..., :samples]
-  logging.info("Evaluating %d generated pieces against %d real chunks (%s split).",
-               len(generated), len(reference), evaluate_config.reference_split)
+  generated, notes = finite_pieces(generated, "generated pieces")
+  reference_note = (f"Reference: {len(reference)} of the {split_chunks} chunks of the "
+                    f"{evaluate_config.reference_split!r} split"
+                    + (" (all)." if len(reference) == split_chunks else
+                       f" (a seeded random sample, seed {int(evaluate_config.seed)})."))
+  logging.info("Evaluating %d generated pieces against %d real chunks. %s", len(generated),
+               len(reference), reference_note)
 
-  embed_fn, score_label = _embedding(evaluate_config)
-  total = tables.total_generation_scores(generated, reference, embed_fn)
-  tables.write_score_table(out_dir, "total_generation", total, score_label)
+  embed_fn, embedding = _embedding(evaluate_config, sample_rate)
+  protocol = _protocol(evaluate_config)
+  total = tables.total_generation_scores(generated, reference, embed_fn, protocol)
+  tables.write_distance_table(out_dir, "total_generation",
+                              {row: {"": scores} for row, scores in total.items()}, embedding,
+                              notes=[f"{len(generated)} generated pieces. {reference_note}"]
+                              + notes)
 
   # The VAE whose latents the diffusion model learned: it decoded the pieces, and its
   # reconstructions bound what generation can reach.
   vae, denoiser = generation_stage.load_models(config, workdir)
-  partial = {}
+  partial, partial_facts = {}, {}
   if int(evaluate_config.partial_chunks) > 0:
-    partial = partial_generation_table(config, vae, denoiser, reference, embed_fn,
-                                       score_label, out_dir)
+    partial, partial_facts = partial_generation_table(config, vae, denoiser, reference,
+                                                      embed_fn, embedding, out_dir)
 
-  generated_measures, real_measures = music_measures(generated), music_measures(reference)
+  empty_share = float(evaluate_config.empty_share)
+  generated_measures = music_measures(generated, empty_share)
+  real_measures = music_measures(reference, empty_share)
   tables.write_table(out_dir, "music_measures",
                      {k: {"generated": generated_measures[k], "real": real_measures[k]}
                       for k in generated_measures}, row_label="measure")
+
+  audible_generated = ~music_metrics.empty_stems(generated, empty_share=empty_share)
+  audible_reference = ~music_metrics.empty_stems(reference, empty_share=empty_share)
+  levels = level_table(generated, reference, audible_generated, audible_reference)
+  tables.write_table(out_dir, "levels", levels, row_label="stem")
+
+  tag_fn = _tagger(sample_rate)
+  recognised = {"generated": instrument_tags.recognition(generated, tag_fn, audible_generated),
+                "real": instrument_tags.recognition(reference, tag_fn, audible_reference)}
+  tables.write_table(out_dir, "instrument_tags",
+                     {stem: {f"{side} {k}": float(recognised[side][stem][k])
+                             for side in recognised for k in ("recognised", "stems")}
+                      for stem in instrument_tags.STEM_TAGS}, row_label="stem")
 
   reconstruction = vae_reconstruction(vae, reference)
   tables.write_table(out_dir, "vae_reconstruction",
                      {stem: dict(sorted(scores.items()))
                       for stem, scores in reconstruction.items()}, row_label="measure")
 
-  metrics = dict(score_label=score_label, num_generated=len(generated),
-                 num_reference=len(reference), total_generation=total,
-                 partial_generation=partial,
-                 partial_chunks=min(int(evaluate_config.partial_chunks), len(reference)),
+  metrics = dict(embedding=embedding, num_generated=len(generated),
+                 num_reference=len(reference), reference_split_chunks=split_chunks,
+                 notes=notes, protocol=dict(bootstrap_samples=protocol.bootstrap_samples,
+                                            confidence=protocol.confidence,
+                                            seed=protocol.seed),
+                 total_generation=_as_json({r: {"": s} for r, s in total.items()}),
+                 partial_generation=_as_json(partial), partial=partial_facts,
                  music_measures=dict(generated=generated_measures, real=real_measures),
+                 levels=levels, instrument_tags=recognised,
                  vae_reconstruction=reconstruction,
                  checkpoints=generation_stage.checkpoint_identities(vae, denoiser))
-  with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-    json.dump(metrics, f, indent=2)
+  atomic_files.write_json_atomic(os.path.join(out_dir, "metrics.json"), metrics)
   logging.info("Evaluation written to %s", out_dir)
   return metrics

@@ -1,9 +1,9 @@
 """A download-free audio embedding: per-window statistics of log-mel, MFCC and chroma.
 
-This is NOT VGGish, and a Fréchet distance over it is not FAD: score labels carry
-`SCORE_LABEL` so that nobody compares these numbers with published FAD values. It exists so
-that the evaluation runs (and is tested) without a weights file; `vggish.py` gives the real
-FAD when the user supplies the VGGish weights.
+This is NOT a learned embedding, and a distance over it is not FAD: tables name it
+(`EMBEDDING_NAME`) so that nobody compares these numbers with published values. It exists
+for tests and for clips shorter than musicnn's 3 s patch (`musicnn.py` is the default;
+`vggish.py` gives FAD when the user supplies the VGGish weights).
 
 Per non-overlapping 1 s window, over its STFT frames (`spectral.stft`, centred Hann):
 - log-mel: log(mel + 1e-5) of 64 Slaney mel bands (`spectral.mel_spectrogram`), mean and std;
@@ -22,7 +22,6 @@ from msldm_jax import stems
 from msldm_jax.audio import spectral
 
 EMBEDDING_NAME = "stats-logmel-mfcc-chroma"
-SCORE_LABEL = "FD (log-mel/MFCC/chroma statistics)"
 N_FFT = 2048
 HOP_LENGTH = 512
 N_MELS = 64

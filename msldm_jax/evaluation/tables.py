@@ -1,14 +1,16 @@
-"""The paper's FAD tables for a set of generated pieces against a reference set.
+"""The paper's distance tables for a set of generated pieces against a reference set.
 
-Total generation: the Fréchet distance of the mixtures, and of each stem on its own.
+Total generation: the distance of the mixtures, and of each stem on its own.
 Partial generation ("sub-FAD"): for every non-empty proper subset S of the stems (14 for four
 stems), the distance between the sums of the stems in S, generated vs reference. Each subset
 may come from its own generation run (S generated given the other stems), so the generated
 audio can be one array for all subsets or one per subset.
 
-Embeddings come from any `embed_fn(waveform [samples]) -> [n_windows, d]` (VGGish for FAD,
-or `features.embed`); the windows of all pieces are pooled before the Gaussian fit. Tables
-are written as markdown, CSV and a bar plot, labelled with the embedding's score label.
+Embeddings come from any batched `embed_fn(pieces [n, samples]) -> [n, windows, d]` (musicnn
+by default, VGGish, or the statistics embedding; `per_waveform` batches a one-piece
+function). Every score is KAD and FD with a bootstrap interval and a floor
+(`distance_scores`). Tables are written as markdown, CSV and a plot with the intervals,
+labelled with the embedding that scored them.
 """
 
 import csv
@@ -21,10 +23,11 @@ import numpy as np
 
 from msldm_jax import plotting  # noqa: F401  (selects the non-interactive matplotlib backend)
 from msldm_jax import stems
-from msldm_jax.evaluation import frechet
+from msldm_jax.evaluation import distance_scores
 
 import matplotlib.pyplot as plt  # noqa: E402  (after plotting set the backend)
 
+# Pieces `[n, samples]` -> embeddings `[n, windows, d]`.
 EmbedFn = Callable[[np.ndarray], np.ndarray]
 MIXTURE = "mixture"
 
@@ -51,34 +54,50 @@ def subset_sum(audio, subset: Sequence[str],
 
 
 def embed_pieces(waveforms, embed_fn: EmbedFn) -> np.ndarray:
-  """Embeddings of every piece `[pieces, samples]`, pooled: `[sum of windows, d]`."""
-  return np.concatenate([np.asarray(embed_fn(w)) for w in np.asarray(waveforms)])
+  """Embeddings `[pieces, windows, d]` of pieces `[pieces, samples]` (one call, batched)."""
+  waveforms = np.asarray(waveforms, np.float32)
+  embeddings = np.asarray(embed_fn(waveforms))
+  if embeddings.ndim != 3 or embeddings.shape[0] != waveforms.shape[0]:
+    raise ValueError(f"embedding of {waveforms.shape[0]} pieces gave shape {embeddings.shape}; "
+                     "expected [pieces, windows, d]")
+  if embeddings.shape[1] == 0:
+    raise ValueError(f"pieces of {waveforms.shape[-1]} samples are shorter than one window "
+                     "of the embedding")
+  return embeddings
 
 
-def fad(generated_waveforms, reference_waveforms, embed_fn: EmbedFn) -> float:
-  """Fréchet distance of the pooled embeddings of two sets of pieces `[pieces, samples]`."""
-  return frechet.embedding_distance(embed_pieces(generated_waveforms, embed_fn),
-                                    embed_pieces(reference_waveforms, embed_fn))
+def per_waveform(embed_one: Callable[[np.ndarray], np.ndarray]) -> EmbedFn:
+  """A batched EmbedFn from `embed_one(waveform [samples]) -> [windows, d]`."""
+  return lambda waveforms: np.stack([np.asarray(embed_one(w)) for w in waveforms])
+
+
+Scores = dict[str, distance_scores.Score]
 
 
 def total_generation_scores(generated, reference, embed_fn: EmbedFn,
+                            protocol: distance_scores.Protocol = distance_scores.Protocol(),
                             stem_names: Sequence[str] = stems.STEM_NAMES
-                            ) -> dict[str, float]:
-  """{'mixture': FD of the mixtures, stem: FD of that stem} for `[pieces, stems, samples]`."""
+                            ) -> dict[str, Scores]:
+  """{'mixture': scores of the mixtures, stem: scores of that stem} for
+  `[pieces, stems, samples]`, each {measure: Score} (value, interval, floor)."""
   generated = stems.as_pieces(generated, stem_names, "generated", np.float32)
   reference = stems.as_pieces(reference, stem_names, "reference", np.float32)
-  scores = {MIXTURE: fad(generated.sum(axis=1), reference.sum(axis=1), embed_fn)}
+  scores = {MIXTURE: distance_scores.score(embed_pieces(generated.sum(axis=1), embed_fn),
+                                           embed_pieces(reference.sum(axis=1), embed_fn),
+                                           protocol)}
   for i, name in enumerate(stem_names):
-    scores[name] = fad(generated[:, i], reference[:, i], embed_fn)
-  logging.info("Total generation scores: %s", scores)
+    scores[name] = distance_scores.score(embed_pieces(generated[:, i], embed_fn),
+                                         embed_pieces(reference[:, i], embed_fn), protocol)
+  logging.info("Total generation: %s", _summary(scores))
   return scores
 
 
 def partial_generation_scores(generated: Union[np.ndarray, Mapping[str, np.ndarray]],
                               reference, embed_fn: EmbedFn,
+                              protocol: distance_scores.Protocol = distance_scores.Protocol(),
                               stem_names: Sequence[str] = stems.STEM_NAMES, *,
-                              mixture: bool = False) -> dict[str, float]:
-  """{'bass+drums': FD, ...} for every proper subset S of the stems.
+                              mixture: bool = False) -> dict[str, Scores]:
+  """{'bass+drums': {measure: Score}, ...} for every proper subset S of the stems.
 
   `generated` is `[pieces, stems, samples]` used for every subset, or a mapping from
   `subset_label(S)` to the audio of the run that generated S given the other stems (every
@@ -90,6 +109,7 @@ def partial_generation_scores(generated: Union[np.ndarray, Mapping[str, np.ndarr
   stems fit the given ones in the final mix.
   """
   reference = stems.as_pieces(reference, stem_names, "reference", np.float32)
+  reference_embeddings = {}
   scores = {}
   for subset in proper_subsets(stem_names):
     label = subset_label(subset)
@@ -100,12 +120,20 @@ def partial_generation_scores(generated: Union[np.ndarray, Mapping[str, np.ndarr
                               np.float32)
     else:
       audio = stems.as_pieces(generated, stem_names, "generated", np.float32)
-    scored = stem_names if mixture else subset
-    scores[label] = fad(subset_sum(audio, scored, stem_names),
-                        subset_sum(reference, scored, stem_names), embed_fn)
-  logging.info("Partial generation scores (%s): %s", "mixtures" if mixture else "subsets",
-               scores)
+    scored = tuple(stem_names) if mixture else subset
+    if scored not in reference_embeddings:
+      reference_embeddings[scored] = embed_pieces(subset_sum(reference, scored, stem_names),
+                                                  embed_fn)
+    scores[label] = distance_scores.score(
+        embed_pieces(subset_sum(audio, scored, stem_names), embed_fn),
+        reference_embeddings[scored], protocol)
+  logging.info("Partial generation (%s): %s", "mixtures" if mixture else "subsets",
+               _summary(scores))
   return scores
+
+
+def _summary(scores: Mapping[str, Scores]) -> dict[str, dict[str, str]]:
+  return {row: {m: s.cell() for m, s in values.items()} for row, values in scores.items()}
 
 
 def write_table(directory: str, name: str, rows: Mapping[str, Mapping[str, float]],
@@ -158,15 +186,86 @@ def _bar_plot(path: str, title: str, rows: Mapping[str, Mapping[str, float]],
   plt.close(fig)
 
 
-def write_score_table(directory: str, name: str,
-                      scores: Mapping[str, Union[float, Mapping[str, float]]],
-                      score_label: str, row_label: str = "stems") -> dict[str, str]:
-  """Writes `<name>.md`, `<name>.csv` and `<name>.png` (bar plot); returns their paths.
+def write_distance_table(directory: str, name: str,
+                         scores: Mapping[str, Mapping[str, Scores]], embedding: str,
+                         row_label: str = "stems", notes: Sequence[str] = ()) -> dict[str, str]:
+  """Writes `<name>.md`, `<name>.csv` and `<name>.png` of distance scores; returns the paths.
 
-  `scores` maps rows to a score (one column, headed `score_label`) or to {column: score}
-  (one column per key, every row with the same keys; headed '<column> (<score_label>)').
+  `scores` maps rows to {column: {measure: Score}} (a column is e.g. 'mixture' or 'generated
+  stems'; one column for total generation). The markdown shows each measure as
+  'value [95 % interval]' next to its floor (two halves of the real set), with the windows
+  counted on each side; the CSV has every number in its own column; the plot draws each
+  column's KAD with its interval and the floor as a band, so that a reader sees at a glance
+  whether a difference is real.
   """
-  rows = {row: ({f"{c} ({score_label})": v for c, v in value.items()}
-                if isinstance(value, Mapping) else {score_label: value})
-          for row, value in scores.items()}
-  return write_table(directory, name, rows, row_label, plot_label=score_label)
+  rows = {row: dict(columns) for row, columns in scores.items()}
+  first = next(iter(rows.values()))
+  columns = list(first)
+  measures = list(next(iter(first.values())))
+  os.makedirs(directory, exist_ok=True)
+  paths = {ext: os.path.join(directory, f"{name}.{ext}") for ext in ("md", "csv", "png")}
+  with open(paths["md"], "w") as f:
+    f.write(f"Embedding: {embedding}. Each score: value [bootstrap 95 % interval over pieces];"
+            " floor: the same distance between two disjoint halves of the real set (what a "
+            "perfect model gets at this sample size).\n\n")
+    for note in notes:
+      f.write(f"{note}\n\n")
+    header = [row_label]
+    for column in columns:
+      for measure in measures:
+        prefix = f"{column}: " if len(columns) > 1 else ""
+        header += [f"{prefix}{measure}", f"{prefix}{measure} floor"]
+    header.append("windows (generated / real)")
+    f.write("| " + " | ".join(header) + " |\n|---|" + "---:|" * (len(header) - 1) + "\n")
+    for row, values in rows.items():
+      cells = [row]
+      for column in columns:
+        for measure in measures:
+          cells += [values[column][measure].cell(), values[column][measure].floor_cell()]
+      some = values[columns[0]][measures[0]]
+      cells.append(f"{some.generated_windows} / {some.reference_windows}")
+      f.write("| " + " | ".join(cells) + " |\n")
+  fields = ("value", "low", "high", "floor", "floor_low", "floor_high", "generated_windows",
+            "reference_windows", "note")
+  with open(paths["csv"], "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow([row_label, "column", "measure", *fields])
+    for row, values in rows.items():
+      for column in columns:
+        for measure in measures:
+          record = values[column][measure].as_dict()
+          writer.writerow([row, column, measure, *(record[k] for k in fields)])
+  _interval_plot(paths["png"], f"{name} ({embedding})", rows, columns, measures[0])
+  logging.info("Wrote %s table to %s", name, paths["md"])
+  return paths
+
+
+def _interval_plot(path: str, title: str, rows, columns: Sequence[str], measure: str):
+  fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(rows) * len(columns) + 1.5), 3.5))
+  width = 0.8 / len(columns)
+  positions = np.arange(len(rows))
+  for i, column in enumerate(columns):
+    x = positions + (i - (len(columns) - 1) / 2) * width
+    found = [(xi, values[column][measure]) for xi, values in zip(x, rows.values())
+             if values[column][measure].value is not None]
+    if found:
+      xs, scores = zip(*found)
+      ax.bar(xs, [s.value for s in scores], width, label=column,
+             yerr=[[s.value - s.low for s in scores], [s.high - s.value for s in scores]],
+             capsize=2)
+    for xi, values in zip(x, rows.values()):
+      score = values[column][measure]
+      if score.floor is not None:
+        ax.fill_between([xi - width / 2, xi + width / 2], score.floor_low, score.floor_high,
+                        color="grey", alpha=0.4, linewidth=0)
+  ax.axhline(0.0, color="black", linewidth=0.5)
+  ax.set_xticks(positions)
+  ax.set_xticklabels(list(rows), rotation=45, ha="right")
+  ax.set_ylabel(f"{measure} (grey: floor)")
+  ax.set_title(title)
+  ax.grid(axis="y", alpha=0.3)
+  if len(columns) > 1:
+    ax.legend(fontsize="small")
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+  plt.close(fig)

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from msldm_jax.audio import resampling
 from msldm_jax.audio import spectral
 from msldm_jax.models import torch_checkpoint
 
@@ -48,7 +49,6 @@ EMBEDDING_SIZE = 128
 QUANTIZE_MIN_VAL = -2.0
 QUANTIZE_MAX_VAL = 2.0
 EMBEDDING_NAME = "vggish"
-SCORE_LABEL = "FAD (VGGish)"
 
 CONV_CHANNELS = (64, 128, 256, 256, 512, 512)
 FC_FEATURES = (4096, 4096, EMBEDDING_SIZE)
@@ -98,22 +98,9 @@ def log_mel(waveform_16k) -> np.ndarray:
   return np.asarray(jnp.log(mel + LOG_OFFSET))
 
 
-def _to_mono_16k(waveform, sample_rate: int) -> np.ndarray:
-  waveform = np.asarray(waveform, np.float32)
-  if waveform.ndim == 2:  # [channels, samples], time last as everywhere in the project.
-    waveform = waveform.mean(axis=0)
-  if waveform.ndim != 1:
-    raise ValueError(f"VGGish takes [samples] or [channels, samples]; got {waveform.shape}")
-  if int(sample_rate) != SAMPLE_RATE:
-    import librosa  # Imported here: librosa pulls in numba, slow to import.
-    waveform = librosa.resample(waveform, orig_sr=int(sample_rate), target_sr=SAMPLE_RATE,
-                                res_type="soxr_hq").astype(np.float32)
-  return waveform
-
-
 def waveform_to_examples(waveform, sample_rate: int) -> np.ndarray:
   """Log-mel examples `[n_examples, 96, 64]`; the trailing partial 0.96 s is dropped."""
-  logmel = log_mel(_to_mono_16k(waveform, sample_rate))
+  logmel = log_mel(resampling.to_mono(waveform, sample_rate, SAMPLE_RATE, user="VGGish"))
   count = logmel.shape[0] // NUM_FRAMES
   return logmel[:count * NUM_FRAMES].reshape(count, NUM_FRAMES, NUM_MEL_BINS)
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
+from msldm_jax import atomic_files
 from msldm_jax import plotting
 from msldm_jax import stems as stems_lib
 
@@ -90,25 +91,6 @@ def write_piece(directory: str, stems: Mapping[str, np.ndarray], sample_rate: in
       exceeds_full_scale=mix_peak > 1.0,
   )
   with open(os.path.join(directory, "piece.json"), "w") as f:
-    json.dump(_strict_json(record), f, indent=2, sort_keys=True, default=_json_default,
-              allow_nan=False)
+    json.dump(atomic_files.strict_json(record), f, indent=2, sort_keys=True,
+              default=atomic_files.json_default, allow_nan=False)
   return record
-
-
-def _strict_json(value):
-  """Non-finite floats (e.g. the sampler's s_tmax = inf) as strings: strict JSON has none."""
-  if isinstance(value, float) and not np.isfinite(value):
-    return str(value)
-  if isinstance(value, Mapping):
-    return {k: _strict_json(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_strict_json(v) for v in value]
-  return value
-
-
-def _json_default(value):
-  if isinstance(value, np.generic):
-    return value.item()
-  if isinstance(value, np.ndarray):
-    return value.tolist()
-  return str(value)
