@@ -73,6 +73,8 @@ def test_imported_release_vae_through_every_stage(tmp_path):
             f"--config.ldm.vae_checkpoint={imported}", f"--config.data.tfds_dir={tfds_dir}",
             # 72 latent frames: chunks just over the evaluation embedding's 1 s window.
             f"--config.data.chunks.samples={320 * 72 - 8}",
+            # 0.52 s chunks: shorter than musicnn's 3 s patch, so the 1 s-window statistics.
+            "--config.evaluate.embedding=statistics",
             "--config.ldm.train.num_steps=4", "--config.ldm.train.sample_every=4"]
   for mode in ("encode_latents", "train_ldm", "sample", "evaluate"):
     _cli(*common, f"--mode={mode}")

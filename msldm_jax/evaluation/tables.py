@@ -257,7 +257,7 @@ def _interval_plot(path: str, title: str, rows, columns: Sequence[str], measure:
       score = values[column][measure]
       if score.floor is not None:
         ax.fill_between([xi - width / 2, xi + width / 2], score.floor_low, score.floor_high,
-                        color="grey", alpha=0.4, linewidth=0)
+                        color="grey", alpha=0.6, linewidth=0, zorder=3)
   ax.axhline(0.0, color="black", linewidth=0.5)
   ax.set_xticks(positions)
   ax.set_xticklabels(list(rows), rotation=45, ha="right")

@@ -1,7 +1,7 @@
 r"""musicnn embedding time for one piece: four stems and their mixture, after compilation.
 
-  python benchmarks/musicnn.py                    # MSD_musicnn, 5 timed repetitions
-  python benchmarks/musicnn.py --model=MTT_musicnn --repeats=9
+  python benchmarks/musicnn_embedding.py                    # MSD_musicnn, 5 timed repetitions
+  python benchmarks/musicnn_embedding.py --model=MTT_musicnn --repeats=9
 
 What is timed: `musicnn.embed_batch(loaded, signals [5, 655360], 44100)` on one 14.86 s
 piece (655 360 samples at 44.1 kHz: the paper's chunk) as the evaluation embeds it, four
@@ -19,21 +19,15 @@ command and the commit.
 import os
 import platform
 import statistics
-import sys
 import time
 
 from absl import app
 from absl import flags
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Python puts this script's folder first on sys.path, where this file would shadow the
-# installed `musicnn` package that holds the checkpoints: the repository root replaces it.
-sys.path[0] = REPO_ROOT
+import jax
+import numpy as np
 
-import jax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top
-
-from msldm_jax.evaluation import musicnn  # noqa: E402  pylint: disable=g-import-not-at-top
+from msldm_jax.evaluation import musicnn
 
 _MODEL = flags.DEFINE_enum("model", musicnn.DEFAULT_EMBEDDING, list(musicnn.MODELS),
                            "Which musicnn checkpoint.")
