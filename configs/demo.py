@@ -57,12 +57,12 @@ OVERRIDES = dict(
         optimizer=dict(learning_rate=1e-3),
         # 8 windows, not 28: CPU time per step.
         batch_size=8,
-        # 24 steps: a smoke run of the GAN recipe, not a trained codec. On a 2-core AMD EPYC a
+        # 16 steps: a smoke run of the GAN recipe, not a trained codec. On a 2-core AMD EPYC a
         # step takes ~4.5 s and compiling it ~150 s, so this stage is ~4 of the main job's 15
         # minutes; configs/slakh.py (and the study) train it for real. No validation pass
         # (its compile alone costs ~25 s): the evaluate stage measures the frozen VAE's
         # reconstructions of the test split.
-        train=dict(num_steps=24, log_every=8, eval_every=0, checkpoint_every=24,
+        train=dict(num_steps=16, log_every=8, eval_every=0, checkpoint_every=16,
                    keep_checkpoints=2, eval_batches=2),
     ),
     ldm=dict(
@@ -72,13 +72,13 @@ OVERRIDES = dict(
         # 700 steps need a higher rate than the paper's 2e-5; the warmup keeps the first
         # steps at that rate stable.
         optimizer=dict(learning_rate=5e-4, warmup_steps=100),
-        # An EMA horizon of ~200 steps, which a run of 600 steps fills.
+        # An EMA horizon of ~200 steps, which a run of 500 steps fills.
         ema_decay=0.995,
         # 8 chunks, not 16: CPU time per step.
         batch_size=8,
-        # 600 steps of the tiny DiT at ~4.5 steps/s (2-core AMD EPYC): under 3 of the main
+        # 500 steps of the tiny DiT at ~4.5 steps/s (2-core AMD EPYC): under 3 of the main
         # job's 15 minutes, with one logged sample at the end.
-        train=dict(num_steps=600, sample_every=600, checkpoint_every=300,
+        train=dict(num_steps=500, sample_every=500, checkpoint_every=250,
                    keep_checkpoints=2, sample_steps=32),
     ),
     sample=dict(

@@ -125,3 +125,15 @@ def test_refused_fd_is_written_as_such(audio, tmp_path):
   paths = tables.write_distance_table(str(tmp_path), "total",
                                       {r: {"": s} for r, s in scores.items()}, "e")
   assert "refused: 3 windows < 5 dimensions" in open(paths["md"]).read()
+
+
+def test_plot_takes_intervals_that_miss_the_value(tmp_path):
+  # A skewed bootstrap can put the value outside its percentile interval; NaN bounds when
+  # no draw was defined. The table and plot are still written.
+  skewed = distance_scores.Score(KAD, 5.0, 6.0, 9.0, 0.0, -1.0, 1.0, 2, 2)
+  undefined = distance_scores.Score(KAD, 5.0, float("nan"), float("nan"), None, None, None,
+                                    2, 2)
+  paths = tables.write_distance_table(str(tmp_path), "t", {"a": {"": {KAD: skewed}},
+                                                           "b": {"": {KAD: undefined}}}, "e")
+  assert open(paths["png"], "rb").read(4) == b"\x89PNG"
+  assert "5.00 [6.00, 9.00]" in open(paths["md"]).read()

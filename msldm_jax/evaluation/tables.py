@@ -137,10 +137,9 @@ def _summary(scores: Mapping[str, Scores]) -> dict[str, dict[str, str]]:
 
 
 def write_table(directory: str, name: str, rows: Mapping[str, Mapping[str, float]],
-                row_label: str, plot_label: str | None = None) -> dict[str, str]:
+                row_label: str) -> dict[str, str]:
   """Writes `<name>.md` and `<name>.csv` of {row: {column: value}} (every row with the same
-  columns, in the first row's order), and `<name>.png`, a grouped bar plot with y-axis
-  `plot_label`, when that is given; returns the paths written."""
+  columns, in the first row's order); returns the paths written."""
   rows = {row: dict(values) for row, values in rows.items()}
   columns = list(next(iter(rows.values()))) if rows else []
   for row, values in rows.items():
@@ -159,31 +158,8 @@ def write_table(directory: str, name: str, rows: Mapping[str, Mapping[str, float
     writer.writerow([row_label] + columns)
     for row, values in rows.items():
       writer.writerow([row] + [repr(float(values[c])) for c in columns])
-  if plot_label is not None:
-    paths["png"] = os.path.join(directory, f"{name}.png")
-    _bar_plot(paths["png"], name, rows, columns, plot_label)
   logging.info("Wrote %s table to %s", name, paths["md"])
   return paths
-
-
-def _bar_plot(path: str, title: str, rows: Mapping[str, Mapping[str, float]],
-              columns: Sequence[str], ylabel: str):
-  fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(rows) * len(columns) + 1.5), 3.5))
-  width = 0.8 / len(columns)
-  positions = np.arange(len(rows))
-  for i, column in enumerate(columns):
-    ax.bar(positions + (i - (len(columns) - 1) / 2) * width,
-           [values[column] for values in rows.values()], width, label=column)
-  ax.set_xticks(positions)
-  ax.set_xticklabels(list(rows), rotation=45, ha="right")
-  ax.set_ylabel(ylabel)
-  ax.set_title(title)
-  ax.grid(axis="y", alpha=0.3)
-  if len(columns) > 1:
-    ax.legend(fontsize="small")
-  fig.tight_layout()
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
 
 
 def write_distance_table(directory: str, name: str,
@@ -250,8 +226,11 @@ def _interval_plot(path: str, title: str, rows, columns: Sequence[str], measure:
              if values[column][measure].value is not None]
     if found:
       xs, scores = zip(*found)
-      ax.bar(xs, [s.value for s in scores], width, label=column,
-             yerr=[[s.value - s.low for s in scores], [s.high - s.value for s in scores]],
+      # A percentile interval need not contain the value (a skewed bootstrap, few pieces),
+      # and all draws may be undefined (NaN): such bars get no error line on that side.
+      below = np.nan_to_num([max(s.value - s.low, 0.0) for s in scores])
+      above = np.nan_to_num([max(s.high - s.value, 0.0) for s in scores])
+      ax.bar(xs, [s.value for s in scores], width, label=column, yerr=[below, above],
              capsize=2)
     for xi, values in zip(x, rows.values()):
       score = values[column][measure]
