@@ -22,12 +22,10 @@ import dataclasses
 import math
 import os
 
-import librosa
 import numpy as np
 import soundfile as sf
 
-# librosa's resampler: soxr 'HQ', band-limited; the output length is ceil(n * target / source).
-RESAMPLER = "soxr_hq"
+from msldm_jax.audio import resampling
 
 
 class BadAudioError(Exception):
@@ -150,6 +148,7 @@ def read_mono(path_or_info: str | AudioInfo, sample_rate: int) -> np.ndarray:
   # Averaging, not summing, keeps a mono signal duplicated on both channels unchanged.
   mono = audio[:, 0] if audio.shape[1] == 1 else audio.mean(axis=1, dtype=np.float32)
   if info.sample_rate != sample_rate:
-    mono = librosa.resample(mono, orig_sr=info.sample_rate, target_sr=sample_rate,
-                            res_type=RESAMPLER)
+    # soxr 'HQ', band-limited, as every resampling in the project; the output length is
+    # ceil(n * target / source) (`resampled_length`).
+    mono = resampling.resample(mono, info.sample_rate, sample_rate)
   return np.ascontiguousarray(mono, dtype=np.float32)
