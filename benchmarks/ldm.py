@@ -1,9 +1,10 @@
-r"""Latent diffusion speed: the DiT's training throughput, and generation against the release.
+r"""Latent diffusion speed: training throughput, generation against the release, the U-Nets.
 
 Run from the repository root (the reference environment: tests/reference/install_reference_env.sh):
   python -m benchmarks.ldm --reference_python=.venv-reference/bin/python
   python -m benchmarks.ldm --skip_reference --rounds=1          # ours only
   python -m benchmarks.ldm ... --decode_stems=4 --full_sampling   # the exact paths (minutes)
+  python -m benchmarks.ldm --skip_train --skip_generation --unet   # (c) only
 
 (a) Training. Throughput (examples/s) of the diffusion trainer's real step on CPU
 (`train_ldm.train_step` compiled by `training/loop.CompiledStep`, as `--mode=train_ldm` runs
@@ -42,6 +43,18 @@ codebases generate). A 150-step run is then EXTRAPOLATED: 150 × (sampler time p
 program end to end in every round (`generation_program.generate_batch`: 150 steps and the
 decoding in one compiled call).
 
+(c) The release's U-Net (`--unet`; `--skip_train --skip_generation` runs it alone): per size
+(--unet_sizes, default the release's MSLDM and MSLDM-Large), ours (`models/unet1d.py`,
+jitted, parameters as an argument) against audio-diffusion-pytorch 0.0.43's UNet1d of the
+same settings (benchmarks/ldm_reference.py unet_bench, torch CPU), all float32 on joint
+latents [batch, 320, 1024]: the network's forward F(c_in·x, c_noise) at batch 1 and 4
+(torch.inference_mode), and a training step at batch 2: ours the trainer's compiled step
+(EDM loss, backward, AdamW, clipping, EMA update, σ-bucket metrics), the package's the EDM
+loss, backward and Adam (the release's optimiser). Then our DiT `base` (float32) the same
+way: the two backbones at equal parameters (372.8 M against 364.4 M). One untimed call per
+row first (our compilation), then --unet_repeats timed calls; the best counts, with the CPU
+time of that call.
+
 Shared machines: other processes compete for the cores, so each measurement is repeated
 (--rounds, ours and the release interleaved) and the minimum is kept; the load average is
 printed next to each round. Each measurement also records the process's CPU time (user +
@@ -67,8 +80,10 @@ from msldm_jax.diffusion import edm
 from msldm_jax.diffusion import generation_program
 from msldm_jax.diffusion import samplers
 from msldm_jax.latents import store
+from msldm_jax.models import denoisers
 from msldm_jax.models import dit
 from msldm_jax.models import source_vae
+from msldm_jax.models import unet1d
 from msldm_jax.parallel import mesh as mesh_lib
 from msldm_jax.training import loop
 from msldm_jax.training import train_ldm
@@ -97,6 +112,12 @@ _REFERENCE_PYTHON = flags.DEFINE_string(
     "reference_python", "", "Interpreter of the reference environment (default: "
     "$MSLDM_REFERENCE_PYTHON, else .venv-reference/bin/python).")
 _SKIP_REFERENCE = flags.DEFINE_bool("skip_reference", False, "Time ours only.")
+_SKIP_GENERATION = flags.DEFINE_bool("skip_generation", False, "Skip (b).")
+_UNET = flags.DEFINE_bool("unet", False, "(c) The release's U-Net, ours against the "
+                          "package's, and our DiT base at equal parameters.")
+_UNET_SIZES = flags.DEFINE_list("unet_sizes", ["release", "large"], "(c) U-Net presets.")
+_UNET_REPEATS = flags.DEFINE_integer("unet_repeats", 3, "(c) Timed calls per row (best "
+                                     "counts), after one untimed (compiling) call.")
 
 NUM_STEPS = 150  # The release's sampler (reference §6).
 FRAMES = 1024  # 327672 samples, 14.86 s at 22050 Hz.
@@ -137,16 +158,25 @@ def bench_train() -> dict:
   """The diffusion trainer's own compiled step (`train_ldm.train_step` through
   `loop.CompiledStep`): EDM loss, AdamW with clipping, the EMA update and the σ-bucket
   metrics, the state donated, at the paper config's optimiser settings."""
-  ldm_config = paper_config.get_paper_config("base").ldm
   model_config = dit.model_config(
       "base", width=_TRAIN_WIDTH.value, depth=_TRAIN_DEPTH.value, num_heads=_TRAIN_HEADS.value,
       patch_size=16, in_channels=NUM_STEMS * 80, dtype=_TRAIN_DTYPE.value)
+  result = time_train_step(denoisers.DIT, model_config, _TRAIN_BATCH.value,
+                           _TRAIN_STEPS.value, _TRAIN_REPEATS.value, "(a)")
+  return dict(result, width=_TRAIN_WIDTH.value, dtype=_TRAIN_DTYPE.value,
+              depth=_TRAIN_DEPTH.value, heads=_TRAIN_HEADS.value)
+
+
+def time_train_step(kind: str, model_config, batch_size: int, steps: int, repeats: int,
+                    label: str) -> dict:
+  """Times the trainer's compiled step for denoiser `kind` with `model_config`."""
+  ldm_config = paper_config.get_paper_config("base").ldm
+  ldm_config.denoiser = kind
   spec = train_ldm.make_train_spec(ldm_config, model_config)
   mesh = mesh_lib.make_mesh()
   compiled = loop.CompiledStep(
-      functools.partial(train_ldm.init_state, spec, num_frames=spec.model.patch_size),
+      functools.partial(train_ldm.init_state, spec, num_frames=spec.model.frame_multiple),
       functools.partial(train_ldm.train_step, spec=spec, seed=0), mesh, "replicate")
-  batch_size = _TRAIN_BATCH.value
   latents = 0.5 * np.random.default_rng(0).standard_normal(
       (batch_size, NUM_STEMS, 80, FRAMES)).astype(np.float32)
   batch = mesh_lib.to_global_batch({store.LATENTS: latents}, mesh)
@@ -157,23 +187,112 @@ def bench_train() -> dict:
   state, metrics = compiled.step(state, batch)
   jax.block_until_ready(metrics)
   compile_seconds = time.perf_counter() - start
-  step_times = []
-  for repeat in range(_TRAIN_REPEATS.value):
-    start = time.perf_counter()
-    for _ in range(_TRAIN_STEPS.value):
+  step_times, step_cpu = [], []
+  for repeat in range(repeats):
+    start, cpu = time.perf_counter(), time.process_time()
+    for _ in range(steps):
       state, metrics = compiled.step(state, batch)
     jax.block_until_ready(metrics)
-    step_times.append((time.perf_counter() - start) / _TRAIN_STEPS.value)
-    print(f"  (a) repeat {repeat}: {step_times[-1]:.3f} s/step ({_load()})", flush=True)
+    step_times.append((time.perf_counter() - start) / steps)
+    step_cpu.append((time.process_time() - cpu) / steps)
+    print(f"  {label} repeat {repeat}: {step_times[-1]:.3f} s/step ({_load()})", flush=True)
   loss = float(metrics["loss"])
   if not np.isfinite(loss):
     raise FloatingPointError(f"non-finite training loss {loss}")
   best = min(step_times)
-  return dict(num_params=int(num_params), batch=batch_size, width=_TRAIN_WIDTH.value,
-              dtype=_TRAIN_DTYPE.value,
-              depth=_TRAIN_DEPTH.value, heads=_TRAIN_HEADS.value,
-              compile_seconds=compile_seconds, step_times=step_times,
-              examples_per_second=batch_size / best)
+  return dict(num_params=int(num_params), batch=batch_size, compile_seconds=compile_seconds,
+              step_times=step_times, step_cpu=step_cpu, examples_per_second=batch_size / best)
+
+
+# -- (c) the release's U-Net: ours against the package's, and against our DiT -----------------
+
+UNET_BATCHES = (1, 4)
+UNET_TRAIN_BATCH = 2
+
+
+def _best(times):
+  """(best wall, CPU of that call) of [(wall, cpu), ...]."""
+  return min(times)
+
+
+def forward_times(model, batches, repeats) -> dict:
+  """Our network's forward F(c_in·x, c_noise) in float32, jitted with the parameters as an
+  argument: {batch: [(wall, cpu), ...]} after one untimed (compiling) call per batch."""
+  x = jnp.zeros((1, model.in_channels, model.frame_multiple))
+  init = jax.jit(model.init, compiler_options={"xla_backend_optimization_level": 0})
+  params = init(jax.random.key(0), x, jnp.zeros((1,)))
+  apply = jax.jit(model.apply)
+  out = {}
+  for batch in batches:
+    x = jax.random.normal(jax.random.key(batch), (batch, model.in_channels, FRAMES))
+    c_noise = jnp.full((batch,), np.log(0.5) / 4)
+    jax.block_until_ready(apply(params, x, c_noise))
+    out[batch] = [_timed(apply, params, x, c_noise) for _ in range(repeats)]
+    print(f"  (c) forward batch {batch}: {_best(out[batch])[0]:.2f} s ({_load()})", flush=True)
+  return out
+
+
+def release_unet_bench(config, repeats) -> dict:
+  """The package's UNet1d of the same settings, in the reference environment."""
+  return _run_json([_reference_python(), "benchmarks/ldm_reference.py", "unet_bench",
+                    json.dumps(unet1d.package_kwargs(config)),
+                    f"--batches={','.join(str(b) for b in UNET_BATCHES)}",
+                    f"--train_batch={UNET_TRAIN_BATCH}", f"--repeats={repeats}",
+                    f"--threads={_threads()}", f"--frames={FRAMES}"])
+
+
+def bench_unet() -> dict:
+  """(c): per U-Net size, ours and the package's forward at batch 1 and 4 and training step
+  at batch 2, all float32; then our DiT base (float32) the same way, at equal parameters."""
+  repeats = _UNET_REPEATS.value
+  rows = {}
+  for size in _UNET_SIZES.value:
+    config = unet1d.model_config(size, in_channels=NUM_STEMS * 80)
+    model = unet1d.build_model(config)
+    print(f"(c) U-Net {size}: ours", flush=True)
+    ours = dict(forward=forward_times(model, UNET_BATCHES, repeats),
+                train=time_train_step(denoisers.UNET, config, UNET_TRAIN_BATCH, 1, repeats,
+                                      "(c)"))
+    theirs = None
+    if not _SKIP_REFERENCE.value:
+      print(f"(c) U-Net {size}: the package's", flush=True)
+      theirs = release_unet_bench(config, repeats)
+    rows[f"unet_{size}"] = dict(ours=ours, theirs=theirs,
+                                num_params=unet1d.count_params(model))
+  config = dit.model_config("base", in_channels=NUM_STEMS * 80, dtype="float32")
+  model = dit.build_model(config)
+  print("(c) DiT base (float32): ours", flush=True)
+  rows["dit_base"] = dict(
+      ours=dict(forward=forward_times(model, UNET_BATCHES, repeats),
+                train=time_train_step(denoisers.DIT, config, UNET_TRAIN_BATCH, 1, repeats,
+                                      "(c)")),
+      theirs=None, num_params=dit.count_params(config))
+  return rows
+
+
+def print_unet_summary(rows):
+  print("\n(c) float32, best of the timed calls: wall s (CPU s of that call)")
+  print("| network | parameters | what | ours | package's UNet1d | speed-up wall | "
+        "speed-up CPU |")
+  print("|---|---|---|---|---|---|---|")
+  for name, row in rows.items():
+    ours, theirs = row["ours"], row["theirs"]
+    cases = [(f"forward, batch {b}", _best(ours["forward"][b]),
+              _best(list(zip(theirs["forward"][str(b)]["wall"],
+                             theirs["forward"][str(b)]["cpu"]))) if theirs else None)
+             for b in UNET_BATCHES]
+    train = ours["train"]
+    ours_train = min(zip(train["step_times"], train["step_cpu"]))
+    theirs_train = (min(zip(theirs["train"]["wall"], theirs["train"]["cpu"]))
+                    if theirs else None)
+    cases.append((f"training step, batch {UNET_TRAIN_BATCH}", ours_train, theirs_train))
+    for what, (wall, cpu), other in cases:
+      if other:
+        print(f"| {name} | {row['num_params']:,} | {what} | {wall:.2f} ({cpu:.2f}) | "
+              f"{other[0]:.2f} ({other[1]:.2f}) | {other[0] / wall:.2f}× | "
+              f"{other[1] / cpu:.2f}× |")
+      else:
+        print(f"| {name} | {row['num_params']:,} | {what} | {wall:.2f} ({cpu:.2f}) | – | – | – |")
 
 
 # -- (b) generation: ours ----------------------------------------------------------------------
@@ -457,14 +576,19 @@ def main(argv):
   machine = dict(cpu=_cpu_model(), cores=len(os.sched_getaffinity(0)), jax=jax.__version__,
                  date=time.strftime("%Y-%m-%d %H:%M"), threads=_threads())
   print(f"machine: {machine}", flush=True)
-  train = None
+  train = generation = unet = None
   if not _SKIP_TRAIN.value:
     print("(a) DiT train-step throughput", flush=True)
     train = bench_train()
-  print("(b) generation of one piece", flush=True)
-  generation = bench_generation()
-  _print_summary(machine, train, generation)
-  print("\n" + json.dumps(dict(machine=machine, train=train, generation=generation)))
+  if not _SKIP_GENERATION.value:
+    print("(b) generation of one piece", flush=True)
+    generation = bench_generation()
+    _print_summary(machine, train, generation)
+  if _UNET.value:
+    unet = bench_unet()
+    print_unet_summary(unet)
+  print("\n" + json.dumps(dict(machine=machine, train=train, generation=generation,
+                               unet=unet)))
 
 
 if __name__ == "__main__":

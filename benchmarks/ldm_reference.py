@@ -7,6 +7,11 @@
       `--evals` single denoiser evaluations D(x; σ) on one joint latent [1, 320, 1024], and
       `--steps` steps of the release notebook's Euler-churn loop (`generate_track`: churn
       noise, one evaluation, Euler update). Prints one JSON line.
+  python benchmarks/ldm_reference.py unet_bench KWARGS --batches=1,4 --train_batch=2
+      The U-Net of the constructor arguments KWARGS (JSON; the release's sizes come from
+      msldm_jax.models.unet1d.package_kwargs) in float32: forward passes at each batch and
+      training steps (EDM loss, backward, Adam), the side (c) of benchmarks/ldm.py compares
+      with ours. Prints one JSON line.
   python benchmarks/ldm_reference.py decoder --stems=1 --threads=2
       The release's SourceVAE decoder (tests/reference/dac_reference.py builds it from DAC's
       blocks: 1536 wide, strides 8·5·4·2, no final tanh; random weights) decoding `--stems`
@@ -121,6 +126,55 @@ def run_unet(evals, steps, threads, frames, bf16):
       python=platform.python_version())))
 
 
+def run_unet_bench(kwargs_json, batches, train_batch, repeats, threads, frames):
+  """The package's UNet1d with the given constructor arguments (tests/reference's, from
+  msldm_jax.models.unet1d.package_kwargs) in float32: forward passes at each batch size
+  under inference_mode, and training steps at `train_batch` (EDM loss on the network's
+  output as the release's Diffusion computes it, backward, torch.optim.Adam(2e-5,
+  (0.9, 0.99)) as its Lightning module configures). One untimed warm-up of each first."""
+  from audio_diffusion_pytorch.modules import UNet1d  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(threads)
+  torch.manual_seed(0)
+  kwargs = json.loads(kwargs_json)
+  net = UNet1d(**kwargs)
+  num_params = sum(p.numel() for p in net.parameters())
+  channels = kwargs["in_channels"]
+  forward = {}
+  net.eval()
+  with torch.inference_mode():
+    for batch in batches:
+      x = torch.randn(batch, channels, frames)
+      c_noise = torch.full((batch,), math.log(0.5) / 4)
+      net(x, c_noise)
+      forward[batch] = [_timed(net, x, c_noise) for _ in range(repeats)]
+  net.train()
+  optimizer = torch.optim.Adam(net.parameters(), lr=2e-5, betas=(0.9, 0.99))
+  x = 0.5 * torch.randn(train_batch, channels, frames)
+  sigmas = 3.0 * torch.rand(train_batch)
+  noise = torch.randn_like(x)
+
+  def step():
+    padded = sigmas[:, None, None]
+    c_skip = SIGMA_DATA**2 / (padded**2 + SIGMA_DATA**2)
+    c_out = padded * SIGMA_DATA / (padded**2 + SIGMA_DATA**2)**0.5
+    c_in = 1 / (padded**2 + SIGMA_DATA**2)**0.5
+    x_noisy = x + padded * noise
+    optimizer.zero_grad(set_to_none=True)
+    out = net(c_in * x_noisy, torch.log(sigmas) / 4)
+    loss = torch.mean((out - (x - c_skip * x_noisy) / c_out)**2)
+    loss.backward()
+    optimizer.step()
+
+  step()
+  train = [_timed(step) for _ in range(repeats)]
+  print(json.dumps(dict(
+      num_params=num_params, frames=frames, threads=torch.get_num_threads(),
+      forward={str(b): dict(wall=[w for w, _ in t], cpu=[c for _, c in t])
+               for b, t in forward.items()},
+      train=dict(batch=train_batch, wall=[w for w, _ in train], cpu=[c for _, c in train]),
+      torch_version=torch.__version__, python=platform.python_version())))
+
+
 def run_decoder(stems, threads, frames, bf16):
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests",
                                   "reference"))
@@ -158,8 +212,18 @@ def main():
   decoder.add_argument("--threads", type=int, default=os.cpu_count())
   decoder.add_argument("--frames", type=int, default=1024)
   decoder.add_argument("--bf16", action="store_true", help="under torch.autocast(cpu, bfloat16)")
+  unet_bench = commands.add_parser("unet_bench")
+  unet_bench.add_argument("kwargs", help="UNet1d constructor arguments as JSON")
+  unet_bench.add_argument("--batches", default="1,4")
+  unet_bench.add_argument("--train_batch", type=int, default=2)
+  unet_bench.add_argument("--repeats", type=int, default=3)
+  unet_bench.add_argument("--threads", type=int, default=os.cpu_count())
+  unet_bench.add_argument("--frames", type=int, default=1024)
   args = parser.parse_args()
-  if args.command == "unet":
+  if args.command == "unet_bench":
+    run_unet_bench(args.kwargs, [int(b) for b in args.batches.split(",")], args.train_batch,
+                   args.repeats, args.threads, args.frames)
+  elif args.command == "unet":
     run_unet(args.evals, args.steps, args.threads, args.frames, args.bf16)
   else:
     run_decoder(args.stems, args.threads, args.frames, args.bf16)

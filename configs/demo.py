@@ -69,6 +69,11 @@ OVERRIDES = dict(
         # The DiT's 'tiny' preset (dit.model_config("tiny")): width 64, depth 2, patch 4,
         # float32 (bfloat16 gains nothing on CPU).
         model=dict(width=64, depth=2, num_heads=4, patch_size=4, dtype="float32"),
+        # The release's U-Net (--config.ldm.denoiser=unet) at its 'tiny' preset
+        # (unet1d.model_config("tiny")): every kind of block, at a CPU size.
+        unet=dict(channels=32, patch_factor=4, multipliers=(1, 2, 1), factors=(1, 2),
+                  num_blocks=(1, 2), attentions=(False, True), attention_heads=2,
+                  attention_features=8),
         # 700 steps need a higher rate than the paper's 2e-5; the warmup keeps the first
         # steps at that rate stable.
         optimizer=dict(learning_rate=5e-4, warmup_steps=100),

@@ -57,6 +57,36 @@ def parse_arg(arg: str | None, **spec: Any) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(values)
 
 
+def update_known(config: ml_collections.ConfigDict, values: Mapping[str, Any], source: str,
+                 what: str = "") -> ml_collections.ConfigDict:
+  """Sets `config`'s keys from `values` (lists become tuples, as configs hold them); a key
+  `config` does not have is an error naming `source`, `what` config it is, and the keys."""
+  for key, value in values.items():
+    if key not in config:
+      raise ValueError(f"{source}: unknown {what + ' ' if what else ''}config key {key!r} "
+                       f"(keys: {', '.join(sorted(config))})")
+    config[key] = tuple(value) if isinstance(value, list) else value
+  return config
+
+
+def set_from_strings(config: ml_collections.ConfigDict, items, what: str
+                     ) -> ml_collections.ConfigDict:
+  """Sets `config`'s keys from 'KEY=VALUE' strings (a tool's repeated flag), each parsed to
+  the type of the key's current value; a tuple takes comma-separated elements."""
+  for item in items:
+    key, sep, text = item.partition("=")
+    if not sep or key not in config:
+      raise ValueError(f"{what}={item!r}: expected KEY=VALUE with KEY one of "
+                       f"{', '.join(sorted(config))}")
+    default = config[key]
+    if isinstance(default, tuple):
+      element = default[0] if default else 0
+      config[key] = tuple(_convert(key, v.strip(), element) for v in text.split(",") if v)
+    else:
+      config[key] = _convert(key, text, default)
+  return config
+
+
 def load_module(path: str):
   """The config script at `path` as a module (its `get_config` and whatever else it defines)."""
   if not os.path.isfile(path):

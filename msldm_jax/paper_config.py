@@ -17,6 +17,7 @@ from msldm_jax.diffusion import samplers
 from msldm_jax.losses import vae_losses
 from msldm_jax.models import dit
 from msldm_jax.models import source_vae
+from msldm_jax.models import unet1d
 
 # DiT sizes standing in for the release's U-Nets (reference §5): base ≈ its 364 M U-Net,
 # large ≈ its 441 M Large.
@@ -86,19 +87,32 @@ def vae_config() -> ml_collections.ConfigDict:
       # 0.999996**800k ≈ 0.04 of its initial value. Logging and evaluation cadence are ours.
       train=dict(num_steps=800_000, log_every=100, eval_every=5_000,
                  checkpoint_every=5_000, keep_checkpoints=3, eval_batches=16,
-                 eval_batch_size=8),
+                 eval_batch_size=8,
+                 # A time budget (0: none) that ends the run early at a log step, with a
+                 # checkpoint; clock "wall" or "cpu" (process CPU time). training/loop.py.
+                 max_seconds=0.0, budget_clock="wall"),
   ))
 
 
 def ldm_config(variant: str = "base") -> ml_collections.ConfigDict:
-  """The latent diffusion stage (reference §4-§5), a DiT in place of the release's U-Net."""
+  """The latent diffusion stage (reference §4-§5): a DiT in place of the release's U-Net by
+  default, the U-Net itself with denoiser='unet'."""
   return ml_collections.ConfigDict(dict(
       # bfloat16 compute (the release trains in bf16), float32 parameters.
       # in_channels 0: the latent store's stems × latent_dim (set by the diffusion trainer
       # from the latents it trains on; 4 × 80 = 320 at the paper's VAE).
       model=dit.model_config(variant, in_channels=0),
+      # The denoiser network: 'dit' (the settings above, the design card's choice) or 'unet'
+      # (the release's U-Net, models/unet1d.py, with the settings below); models/denoisers.py.
+      denoiser="dit",
+      # The release's U-Net at its MSLDM size ('large' for MSLDM-Large); in_channels as above.
+      unet=unet1d.model_config("release", in_channels=0),
       # Empty: the VAE stage's newest checkpoint in WORKDIR/vae/checkpoints.
       vae_checkpoint="",
+      # Empty: the diffusion stage's newest checkpoint in WORKDIR/ldm/checkpoints. Else a
+      # denoiser to sample and evaluate with, e.g. the release's, imported by
+      # python -m msldm_jax.tools.import_release.
+      denoiser_checkpoint="",
       # Empty: WORKDIR/latents.
       latents_dir="",
       # Chunks per encoding call of the frozen VAE (posterior means, reference §4).
@@ -124,7 +138,10 @@ def ldm_config(variant: str = "base") -> ml_collections.ConfigDict:
                  checkpoint_every=5_000, keep_checkpoints=3,
                  # Steps of the default sampler for the periodic training samples
                  # (sample_every=0 turns those off).
-                 sample_steps=50),
+                 sample_steps=50,
+                 # A time budget (0: none) that ends the run early at a log step, with a
+                 # checkpoint; clock "wall" or "cpu" (process CPU time). training/loop.py.
+                 max_seconds=0.0, budget_clock="wall"),
   ))
 
 

@@ -21,6 +21,7 @@ from msldm_jax.diffusion import generation_program
 from msldm_jax.diffusion import samplers
 from msldm_jax.models import dit
 from msldm_jax.models import source_vae
+from msldm_jax.models import unet1d
 from msldm_jax.training import train_ldm
 from msldm_jax.training import train_vae
 
@@ -159,7 +160,10 @@ def test_demo_differs_from_the_paper_only_by_its_override_list(repo_root):
       "vae.train.num_steps", "vae.train.log_every", "vae.train.eval_every",
       "vae.train.checkpoint_every", "vae.train.keep_checkpoints", "vae.train.eval_batches",
       "ldm.model.width", "ldm.model.depth", "ldm.model.num_heads", "ldm.model.patch_size",
-      "ldm.model.dtype", "ldm.optimizer.learning_rate", "ldm.optimizer.warmup_steps",
+      "ldm.model.dtype", "ldm.unet.channels", "ldm.unet.patch_factor", "ldm.unet.multipliers",
+      "ldm.unet.factors", "ldm.unet.num_blocks", "ldm.unet.attentions",
+      "ldm.unet.attention_heads", "ldm.unet.attention_features",
+      "ldm.optimizer.learning_rate", "ldm.optimizer.warmup_steps",
       "ldm.ema_decay", "ldm.batch_size", "ldm.train.num_steps", "ldm.train.sample_every",
       "ldm.train.checkpoint_every", "ldm.train.keep_checkpoints", "ldm.train.sample_steps",
       "sample.log_every_steps",
@@ -167,6 +171,10 @@ def test_demo_differs_from_the_paper_only_by_its_override_list(repo_root):
   # The demo's DiT is the 'tiny' preset; in_channels is set from the latents (below).
   expected = dit.model_config("tiny", in_channels=0).to_dict()
   assert demo.ldm.model.to_dict() == tiny.ldm.model.to_dict() == expected
+  # Its U-Net (ldm.denoiser=unet) is the U-Net's 'tiny' preset.
+  expected = unet1d.model_config("tiny", in_channels=0).to_dict()
+  assert demo.ldm.unet.to_dict() == tiny.ldm.unet.to_dict() == expected
+  assert demo.ldm.denoiser == "dit"
 
 
 @pytest.mark.parametrize("name,arg", [("demo.py", ""), ("demo.py", "variant=tiny"),
@@ -188,6 +196,23 @@ def test_slakh_options(repo_root):
   for bad in ("variant=huge", "layout=mp3", "sorce_dir=/x"):
     with pytest.raises(ValueError, match=bad.split("=")[-1] if "=" in bad else bad):
       _load(repo_root, "slakh.py", bad)
+
+
+def test_slakh_release_is_the_release_inference(repo_root):
+  """configs/slakh.py:release: the release's U-Net, sampler, partial generation, no EMA."""
+  paper = paper_config.get_paper_config()
+  for variant, unet_variant in (("base", "release"), ("large", "large")):
+    config = _load(repo_root, "slakh.py", f"release,variant={variant}")
+    assert config.ldm.denoiser == "unet"
+    expected = unet1d.model_config(unet_variant, in_channels=0, dtype="bfloat16").to_dict()
+    assert config.ldm.unet.to_dict() == expected
+  sample = config.sample
+  assert (sample.sampler, sample.num_steps, sample.sigma_max, sample.sigma_min, sample.rho,
+          sample.s_churn, sample.resample_steps, sample.use_ema) == (
+              "euler_churn", 150, 3.0, 0.01, 7.0, 20.0, 1, False)
+  assert config.ldm.ema_decay == 0.0
+  assert (config.ldm.optimizer.learning_rate, config.ldm.batch_size) == (
+      paper.ldm.optimizer.learning_rate, paper.ldm.batch_size)
 
 
 def test_slakh_reference_values(repo_root):

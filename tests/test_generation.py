@@ -252,7 +252,7 @@ def _write_checkpoints(workdir, models, config):
   manager = checkpointing.make_manager(
       workdir_layout.checkpoints_dir(workdir, workdir_layout.LDM))
   checkpointing.save(manager, 9, state, {},
-                     loading.denoiser_record(_denoiser_config(config), latents=latents))
+                     loading.denoiser_record("dit", _denoiser_config(config), latents=latents))
   manager.wait_until_finished()
   return vae_dir
 

@@ -67,7 +67,7 @@ def test_wrong_paths_are_one_clear_error(tmp_path, workdir):
   with pytest.raises(ValueError, match=f"no SourceVAE at {junk}.*found there: weights.bin"):
     loading.load_vae(str(junk))
   # A VAE checkpoint is not a diffusion checkpoint, and says so.
-  with pytest.raises(ValueError, match="holds a 'source_vae' network, not a 'dit'"):
+  with pytest.raises(ValueError, match="holds a 'source_vae' network, not 'dit' or 'unet'"):
     loading.load_denoiser(workdir[0] + "/vae")
   with pytest.raises(FileNotFoundError, match="no diffusion model checkpoint.*train_ldm"):
     loading.load_denoiser(str(junk))

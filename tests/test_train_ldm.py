@@ -96,8 +96,11 @@ def test_sigma_buckets_cover_every_sigma():
   assert train_ldm.SIGMA_BUCKET_NAMES[0] == "loss/sigma_bucket_0_0.01-0.0259"
 
 
-def test_sharded_step_equals_single_device_step_and_fsdp(tmp_path):
+@pytest.mark.parametrize("denoiser", ["dit", "unet"])
+def test_sharded_step_equals_single_device_step_and_fsdp(tmp_path, denoiser):
+  """Either denoiser (the DiT, the release's U-Net) through the same trainer."""
   config = make_config(tmp_path)
+  config.ldm.denoiser = denoiser
   reference = train_ldm.LDMTrainer(config, str(tmp_path))
   initial = jax.device_get(reference.initial_state())
   batch = _batch()
@@ -113,12 +116,19 @@ def test_sharded_step_equals_single_device_step_and_fsdp(tmp_path):
         jax.device_put(initial, trainer.compiled.state_shardings), batch)
     results.append((jax.device_get(state), jax.device_get(metrics)))
   (state_8, metrics_8), others = results[0], results[1:]
+  # Adam's first update is lr·g/(|g| + ε): ±lr wherever |g| ≫ ε = 1e-8, but where |g| is
+  # within a few ε of zero, the ~1e-10 summation-order noise of a split batch moves it by a
+  # visible fraction of lr. Of the U-Net's ~300 k first-step gradients a few are that small
+  # (one of 3072 entries of a conv weight off by 1.3e-5 at lr 2e-4); the loss and gradient
+  # norm above stay equal to 1e-5 all the same.
+  learning_rate = float(metrics_8["learning_rate"])
+  atol = 1e-6 if denoiser == "dit" else 0.25 * learning_rate
   for state, metrics in others:
     for name in metrics_8:
       np.testing.assert_allclose(metrics[name], metrics_8[name], rtol=1e-5, atol=1e-6,
                                  err_msg=name)
-    _assert_trees_close(state.params, state_8.params, rtol=1e-5, atol=1e-6)
-    _assert_trees_close(state.ema_params, state_8.ema_params, rtol=1e-5, atol=1e-6)
+    _assert_trees_close(state.params, state_8.params, rtol=1e-5, atol=atol)
+    _assert_trees_close(state.ema_params, state_8.ema_params, rtol=1e-5, atol=atol)
   # The step moved the parameters, and the EMA followed them by (1 - decay).
   assert int(state_8.step) == 1
   decay = config.ldm.ema_decay
@@ -194,6 +204,20 @@ def test_resume_continues_the_same_run(tmp_path):
   assert os.path.exists(os.path.join(straight, "ldm", train_ldm.LOSS_PLOT))
 
 
+@pytest.mark.parametrize("clock", ["wall", "cpu"])
+def test_time_budget_stops_at_a_log_step_with_a_checkpoint(tmp_path, clock):
+  config = make_config(tmp_path, num_steps=1000, checkpoint_every=500, log_every=3,
+                       max_seconds=1e-9, budget_clock=clock)
+  workdir = str(tmp_path / "run")
+  train_ldm.run(config, workdir)
+  # The clock starts after step 1 (compilation); step 3 is the first log step past it.
+  assert [s for s, _ in _losses(workdir)] == [3]
+  assert loading.load_denoiser(workdir).identity["step"] == 3
+  config.ldm.train.budget_clock = "sundial"
+  with pytest.raises(ValueError, match="budget_clock='sundial'"):
+    train_ldm.run(config, str(tmp_path / "other"))
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
   config = make_config(tmp_path, num_steps=8, checkpoint_every=4)
   workdir = str(tmp_path / "run")
@@ -213,14 +237,21 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
 
 
-def test_loss_goes_down_on_a_handful_of_latents(tmp_path):
+@pytest.mark.parametrize("denoiser", ["dit", "unet"])
+def test_loss_goes_down_on_a_handful_of_latents(tmp_path, denoiser):
   config = make_config(tmp_path, num_chunks=8, num_steps=50, checkpoint_every=50)
+  config.ldm.denoiser = denoiser
   metrics = train_ldm.run(config, str(tmp_path))
   losses = [loss for _, loss in _losses(str(tmp_path))]
   assert len(losses) == 50 and np.isfinite(metrics["loss"])
-  # About 1.05 -> 0.86 with the tiny config's seed; each mean is over 80 (σ, noise) draws.
+  # DiT about 1.05 -> 0.86 with the tiny config's seed; each mean is over 80 (σ, noise) draws.
   first, last = np.mean(losses[:10]), np.mean(losses[-10:])
   assert last < 0.9 * first, (first, last)
+  # The checkpoint names its network, and the loading layer rebuilds that one.
+  loaded = loading.load_denoiser(str(tmp_path))
+  assert type(loaded.module).__name__ == {"dit": "DiT", "unet": "UNet1d"}[denoiser]
+  x = jnp.asarray(synthetic_latents(1).reshape(1, -1, FRAMES))
+  assert np.isfinite(np.asarray(loaded.module.apply(loaded.params, x, jnp.zeros((1,))))).all()
 
 
 def test_latent_store_must_fit_the_model(tmp_path):

@@ -67,6 +67,7 @@ import soundfile as sf
 import tqdm
 
 from msldm_jax import atomic_files
+from msldm_jax import file_hashes
 from msldm_jax import stems
 from msldm_jax.data import drum_patterns
 
@@ -129,14 +130,6 @@ def _fluidsynth_version(executable: str) -> str:
                           check=False)
   match = re.search(r"FluidSynth executable version (\S+)", result.stdout)
   return match.group(1) if match else "unknown"
-
-
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -548,7 +541,7 @@ def render_dataset(out_dir: str, num_pieces: int = 0, seed: int = 0, max_seconds
   executable = check_fluidsynth()
   soundfont = find_soundfont(soundfont)
   settings = dict(renderer_version=RENDERER_VERSION, seed=int(seed), num_pieces=int(num_pieces),
-                  max_seconds=float(max_seconds), soundfont_sha256=_sha256(soundfont))
+                  max_seconds=float(max_seconds), soundfont_sha256=file_hashes.sha256(soundfont))
 
   out_dir = os.path.abspath(out_dir)
   manifest_path = os.path.join(out_dir, MANIFEST_NAME)

@@ -126,18 +126,19 @@ def sampler_settings(sample_config: Mapping[str, Any]) -> tuple[str, dict[str, A
   return name, settings
 
 
-def latent_frames(num_samples: int, vae: source_vae.SourceVAE, patch_size: int = 1,
+def latent_frames(num_samples: int, vae: source_vae.SourceVAE, frame_multiple: int = 1,
                   what: str = "config.data.chunks.samples") -> int:
-  """Latent frames of `num_samples` audio samples, checked against the denoiser's patch.
+  """Latent frames of `num_samples` audio samples, checked against the denoiser's
+  `frame_multiple` (the DiT's patch, the U-Net's patch times its down factors).
 
   Raises:
     ValueError naming `what` when the frames are not a whole number of patches, or when the
       VAE's decoding of them is shorter than the input (then pieces could not be that long).
   """
   frames = source_vae.encoded_length(num_samples, vae.encoder_strides)
-  if frames < 1 or frames % patch_size:
+  if frames < 1 or frames % frame_multiple:
     raise ValueError(f"{what}={num_samples} gives {frames} latent frames, not a positive "
-                     f"multiple of the denoiser's patch_size {patch_size}")
+                     f"multiple of the denoiser's frame_multiple {frame_multiple}")
   return frames
 
 

@@ -133,14 +133,44 @@ def _inject_known(x, inpaint: Inpaint, sigma, key):
   return jnp.where(inpaint.mask, inpaint.x_known + sigma * epsilon, x)
 
 
-def _run(step_fn, init_state, key, shape, sigmas, *, x_init, inpaint, progress, dtype):
+def _split_run_key(key, num_steps):
+  """(initial noise key, one key per step): how a sampler's key is used."""
+  init_key, steps_key = jax.random.split(key)
+  return init_key, jax.random.split(steps_key, num_steps)
+
+
+def _split_pass_key(key):
+  """(inpainting noise key, the step's own key) of one pass of a step."""
+  inject_key, step_key = jax.random.split(key)
+  return inject_key, step_key
+
+
+def drawn_noise(key: jax.Array, shape: Sequence[int], num_steps: int,
+                dtype=jnp.float32) -> dict[str, jax.Array]:
+  """The standard normal draws `euler_churn(…, key, shape, num_steps=…)` makes, one pass per
+  step: "init" (x = σ_max·init), "churn" [N, *shape] (step i's ε) and "inject" [N, *shape]
+  (step i's ε' for the known channels; drawn, and used only under inpainting).
+
+  For feeding another implementation the same noise (tests/test_unet1d_parity.py runs the
+  release's sampler on it and compares every step).
+  """
+  init_key, step_keys = _split_run_key(key, num_steps)
+  pass_keys = jax.vmap(_split_pass_key)(step_keys)
+  draw = jax.vmap(lambda k: jax.random.normal(k, tuple(shape), dtype))
+  return {"init": jax.random.normal(init_key, tuple(shape), dtype),
+          "churn": draw(pass_keys[1]), "inject": draw(pass_keys[0])}
+
+
+def _run(step_fn, init_state, key, shape, sigmas, *, x_init, inpaint, progress, dtype,
+         trajectory=False):
   """The shared driver: initial noise, a scan over steps, inpainting and resampling.
 
   `step_fn(x, i, key, state) -> (x_next, state_next)` takes x from sigmas[i] to sigmas[i+1];
   `state` carries what a multistep method remembers (fixed structure; () for none).
+  With `trajectory`, returns (samples, x after every step [N, *shape]).
   """
   num_steps = sigmas.shape[0] - 1
-  init_key, steps_key = jax.random.split(key)
+  init_key, step_keys = _split_run_key(key, num_steps)
   if x_init is None:
     if shape is None:
       raise ValueError("give the output shape or x_init")
@@ -159,7 +189,7 @@ def _run(step_fn, init_state, key, shape, sigmas, *, x_init, inpaint, progress, 
   state = init_state(x)
 
   def one_pass(x, i, key, state):
-    inject_key, step_key = jax.random.split(key)
+    inject_key, step_key = _split_pass_key(key)
     if inpaint is not None:
       x = _inject_known(x, inpaint, sigmas[i], inject_key)
     return step_fn(x, i, step_key, state)
@@ -185,13 +215,12 @@ def _run(step_fn, init_state, key, shape, sigmas, *, x_init, inpaint, progress, 
       x, new_state = jax.lax.fori_loop(0, resample_steps, resample_body, (x, state))
     if progress is not None:
       jax.debug.callback(lambda step: progress(int(step), num_steps), i + 1)
-    return (x, new_state), None
+    return (x, new_state), (x if trajectory else None)
 
-  step_keys = jax.random.split(steps_key, num_steps)
-  (x, _), _ = jax.lax.scan(scan_body, (x, state), (jnp.arange(num_steps), step_keys))
+  (x, _), xs = jax.lax.scan(scan_body, (x, state), (jnp.arange(num_steps), step_keys))
   if inpaint is not None:
     x = jnp.where(inpaint.mask, inpaint.x_known, x)
-  return x
+  return (x, xs) if trajectory else x
 
 
 def euler_churn(denoise_fn: DenoiseFn, key: jax.Array, shape: Sequence[int] | None, *,
@@ -199,7 +228,8 @@ def euler_churn(denoise_fn: DenoiseFn, key: jax.Array, shape: Sequence[int] | No
                 sigma_max: float = SIGMA_MAX, rho: float = RHO, s_churn: float = S_CHURN,
                 s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0,
                 x_init: jax.Array | None = None, inpaint: Inpaint | None = None,
-                progress: ProgressFn | None = None, dtype=jnp.float32) -> jax.Array:
+                progress: ProgressFn | None = None, dtype=jnp.float32,
+                trajectory: bool = False) -> jax.Array:
   """Euler with churn, the release's sampler (reference §6).
 
   Per step: σ̂ = σ_i(1 + γ); x̂ = x + √(σ̂² − σ_i²)·ε; d = (x̂ − D(x̂, σ̂))/σ̂;
@@ -217,9 +247,12 @@ def euler_churn(denoise_fn: DenoiseFn, key: jax.Array, shape: Sequence[int] | No
     inpaint: optional partial generation (see `Inpaint`).
     progress: optional host callback `progress(step, num_steps)` after each step.
     dtype: dtype of the sampler's state.
+    trajectory: also return x after every step, [N, *shape] (inpainted channels as the
+      sampler holds them: re-noised, not yet replaced by the known latents).
 
   Returns:
-    Samples of `shape`.
+    Samples of `shape` (with `trajectory`: (samples, trajectory)). The draws behind them:
+    `drawn_noise`.
   """
   sigmas = karras_sigmas(num_steps, sigma_min, sigma_max, rho)
 
@@ -231,7 +264,7 @@ def euler_churn(denoise_fn: DenoiseFn, key: jax.Array, shape: Sequence[int] | No
     return x_hat + (sigma_next - sigma_hat) * d, state
 
   return _run(step, lambda x: (), key, shape, sigmas, x_init=x_init,
-              inpaint=inpaint, progress=progress, dtype=dtype)
+              inpaint=inpaint, progress=progress, dtype=dtype, trajectory=trajectory)
 
 
 def heun(denoise_fn: DenoiseFn, key: jax.Array, shape: Sequence[int] | None, *,
@@ -239,7 +272,7 @@ def heun(denoise_fn: DenoiseFn, key: jax.Array, shape: Sequence[int] | None, *,
          rho: float = RHO, s_churn: float = 0.0, s_tmin: float = 0.0,
          s_tmax: float = math.inf, s_noise: float = 1.0, x_init: jax.Array | None = None,
          inpaint: Inpaint | None = None, progress: ProgressFn | None = None,
-         dtype=jnp.float32) -> jax.Array:
+         dtype=jnp.float32, trajectory: bool = False) -> jax.Array:
   """Heun's 2nd-order method, Karras et al. (2022) Algorithm 2, with optional churn.
 
   The step to σ = 0 is a plain Euler step (the correction would divide by σ = 0), so N steps
@@ -263,14 +296,14 @@ def heun(denoise_fn: DenoiseFn, key: jax.Array, shape: Sequence[int] | None, *,
     return jax.lax.cond(sigma_next > 0, correct, lambda: x_euler), state
 
   return _run(step, lambda x: (), key, shape, sigmas, x_init=x_init,
-              inpaint=inpaint, progress=progress, dtype=dtype)
+              inpaint=inpaint, progress=progress, dtype=dtype, trajectory=trajectory)
 
 
 def dpmpp_2m(denoise_fn: DenoiseFn, key: jax.Array, shape: Sequence[int] | None, *,
              num_steps: int = 25, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
              rho: float = RHO, x_init: jax.Array | None = None,
              inpaint: Inpaint | None = None, progress: ProgressFn | None = None,
-             dtype=jnp.float32) -> jax.Array:
+             dtype=jnp.float32, trajectory: bool = False) -> jax.Array:
   """DPM-Solver++(2M), the multistep data-prediction solver, for the VE/EDM ODE.
 
   With t = −ln σ and h = t_{i+1} − t_i, the exact solution of the probability-flow ODE
@@ -299,7 +332,7 @@ def dpmpp_2m(denoise_fn: DenoiseFn, key: jax.Array, shape: Sequence[int] | None,
     return ratio * x + (1.0 - ratio) * denoised_d, denoised
 
   return _run(step, jnp.zeros_like, key, shape, sigmas, x_init=x_init,
-              inpaint=inpaint, progress=progress, dtype=dtype)
+              inpaint=inpaint, progress=progress, dtype=dtype, trajectory=trajectory)
 
 
 SAMPLERS: dict[str, Callable[..., jax.Array]] = {
@@ -311,7 +344,7 @@ SAMPLERS: dict[str, Callable[..., jax.Array]] = {
 DEFAULT_SAMPLER = "euler_churn"
 
 # Keyword arguments of a sampler that say what one call samples, not how: not settings.
-_CALL_ARGUMENTS = frozenset({"x_init", "inpaint", "progress", "dtype"})
+_CALL_ARGUMENTS = frozenset({"x_init", "inpaint", "progress", "dtype", "trajectory"})
 
 
 def _signature_settings(function: Callable[..., jax.Array]) -> dict[str, Any]:

@@ -16,10 +16,14 @@ plus the generated ones; each of the `num_pieces` pieces is another draw given t
 
 Piece i uses the key fold_in(key(config.sample.seed), i): same seed, same pieces.
 Output: `config.sample.output_dir` (empty: WORKDIR/samples), laid out as in `outputs.py`.
-Checkpoints (`load_models`, through `models/loading.py`): the denoiser from WORKDIR
-(`load_denoiser`, EMA parameters when `config.sample.use_ema`); the SourceVAE from
-`config.ldm.vae_checkpoint`, else the VAE the denoiser's checkpoint records (the one whose
-latents it learned), else WORKDIR; its parameters' sha256 must equal the recorded one.
+Checkpoints (`load_models`, through `models/loading.py`): the denoiser from
+`config.ldm.denoiser_checkpoint` (e.g. the release's U-Net imported by
+`msldm_jax.tools.import_release`), else WORKDIR (`load_denoiser`, EMA parameters when
+`config.sample.use_ema`); the SourceVAE from `config.ldm.vae_checkpoint`, else the VAE the
+denoiser's checkpoint records (the one whose latents it learned), else WORKDIR; its
+parameters' sha256 must equal the recorded one. Only an imported denoiser may record no VAE
+(a release checkpoint imported without its SourceVAE): then config.ldm.vae_checkpoint must
+name one, and a warning says that nothing checks it is the right one.
 
 The functions below take the modules and parameters as arguments (`generate_pieces`,
 `generate_to_dir`), so tests and notebooks run generation without checkpoints.
@@ -100,8 +104,7 @@ def make_spec(config: ml_collections.ConfigDict, vae, denoiser,
   """The compiled program's static description from the config and the two modules."""
   name, settings = generation_program.sampler_settings(config.sample)
   num_samples = int(config.data.chunks.samples)
-  frames = generation_program.latent_frames(num_samples, vae,
-                                            int(getattr(denoiser, "patch_size", 1)))
+  frames = generation_program.latent_frames(num_samples, vae, int(denoiser.frame_multiple))
   spec = generation_program.GenerationSpec(
       vae=vae, denoiser=denoiser, num_frames=frames, sampler_name=name,
       sampler_settings=tuple(sorted(settings.items())),
@@ -244,13 +247,29 @@ def load_models(config: ml_collections.ConfigDict, workdir: str
   Raises:
     ValueError when the VAE is not the one the denoiser's checkpoint records.
   """
-  denoiser = loading.load_denoiser(workdir, use_ema=bool(config.sample.use_ema))
+  denoiser = loading.load_denoiser(config.ldm.get("denoiser_checkpoint") or workdir,
+                                   use_ema=bool(config.sample.use_ema))
   learned = denoiser.identity.get("latents", {})
+  what = f"the diffusion checkpoint {denoiser.identity['checkpoint_dir']}"
+  unrecorded_import = (denoiser.identity["format"] == loading.FORMAT_IMPORTED
+                       and not learned.get("vae"))
+  if unrecorded_import and not config.ldm.vae_checkpoint:
+    raise ValueError(f"{what} is an import that records no SourceVAE: set "
+                     "config.ldm.vae_checkpoint to the VAE whose latents it learned (or "
+                     "import both with python -m msldm_jax.tools.import_release --sourcevae)")
   vae_path = (config.ldm.vae_checkpoint or learned.get("vae", {}).get("checkpoint_dir")
               or workdir)
   vae = loading.load_vae(vae_path)
-  loading.check_same_vae(vae, learned.get("vae"),
-                         what=f"the diffusion checkpoint {denoiser.identity['checkpoint_dir']}")
+  recorded_sigma_data = denoiser.identity.get("sigma_data")
+  if recorded_sigma_data is not None and recorded_sigma_data != float(config.ldm.sigma_data):
+    raise ValueError(f"{what} was trained with sigma_data={recorded_sigma_data}, but config "
+                     f"key ldm.sigma_data={config.ldm.sigma_data}: the preconditioning must "
+                     "match the training's")
+  if unrecorded_import:
+    logging.warning("%s records no SourceVAE: decoding with %s, which nothing checks is the "
+                    "VAE whose latents it learned", what, vae.identity["checkpoint_dir"])
+  else:
+    loading.check_same_vae(vae, learned.get("vae"), what=what)
   channels = stems_lib.NUM_STEMS * vae.module.latent_dim
   if denoiser.module.in_channels != channels:
     raise ValueError(f"the denoiser {denoiser.identity['checkpoint_dir']} takes "

@@ -127,7 +127,8 @@ def conv_transpose_output_length(length: int, kernel_size: int, stride: int,
   return (length - 1) * stride - 2 * padding + kernel_size
 
 
-def _conv_transpose_polyphase(x: Array, weight_iok: Array, stride: int, padding: int) -> Array:
+def conv_transpose_polyphase(x: Array, weight_iok: Array, stride: int, padding: int,
+                             output_length: int | None = None) -> Array:
   """Transposed conv as ONE ordinary conv whose output channels are the `stride` phases.
 
   The full transposed output is y[q] = Σ_i x[i]·w[q − i·s] with q = m·s + r, so phase r of
@@ -135,6 +136,9 @@ def _conv_transpose_polyphase(x: Array, weight_iok: Array, stride: int, padding:
   convolution with J taps and s·out output channels computes every phase of every block;
   a reshape interleaves them; the PyTorch padding crops both ends. This never multiplies the
   zeros that an input-dilated convolution inserts (s× fewer FLOPs).
+
+  `output_length` (default (L − 1)·s − 2p + k) also serves PyTorch's output_padding: the
+  U-Net's upsampler asks for exactly s·L samples.
   """
   in_features, out_features, kernel_size = weight_iok.shape
   taps = -(-kernel_size // stride)
@@ -148,7 +152,8 @@ def _conv_transpose_polyphase(x: Array, weight_iok: Array, stride: int, padding:
       dimension_numbers=("NWC", "WIO", "NWC"))
   # [B, T + J − 1, s·out] → [B, (T + J − 1)·s, out]: phases interleave into time.
   full = blocks.reshape(blocks.shape[:-2] + (blocks.shape[-2] * stride, out_features))
-  out_length = conv_transpose_output_length(length, kernel_size, stride, padding)
+  out_length = output_length or conv_transpose_output_length(length, kernel_size, stride,
+                                                             padding)
   return lax.slice_in_dim(full, padding, padding + out_length, axis=-2)
 
 
@@ -165,7 +170,7 @@ def _conv_transpose_dilated(x: Array, weight_iok: Array, stride: int, padding: i
 class WNConvTranspose1d(nn.Module):
   """Weight-normalised ConvTranspose1d with bias, PyTorch semantics (NWC activations).
 
-  `implementation`: 'polyphase' (default, see `_conv_transpose_polyphase`) or 'dilated'
+  `implementation`: 'polyphase' (default, see `conv_transpose_polyphase`) or 'dilated'
   (XLA's input-dilated convolution; kept to measure against and to cross-check).
   """
   features: int
@@ -188,7 +193,7 @@ class WNConvTranspose1d(nn.Module):
     weight = weight_norm(weight_v, weight_g).astype(self.dtype)
     x = x.astype(self.dtype)
     if self.implementation == "polyphase":
-      y = _conv_transpose_polyphase(x, weight, self.stride, self.padding)
+      y = conv_transpose_polyphase(x, weight, self.stride, self.padding)
     elif self.implementation == "dilated":
       y = _conv_transpose_dilated(x, weight, self.stride, self.padding)
     else:

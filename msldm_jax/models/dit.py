@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from msldm_jax import config_loading
 from msldm_jax import joint_latent
 from msldm_jax import stems
 
@@ -72,12 +73,7 @@ def model_config(variant: str = "base", **overrides) -> ml_collections.ConfigDic
       noise_embed_scale=250.0,
       remat=False,
   ))
-  for key, value in overrides.items():
-    if key not in config:
-      raise ValueError(f"model_config({variant!r}): unknown key {key!r}; keys: "
-                       + ", ".join(sorted(config)))
-    config[key] = value
-  return config
+  return config_loading.update_known(config, overrides, f"dit.model_config({variant!r})")
 
 
 def build_model(config) -> "DiT":
@@ -287,6 +283,11 @@ class DiT(nn.Module):
   freq_dim: int = 256
   noise_embed_scale: float = 250.0
   remat: bool = False  # Recompute each block in the backward pass (activation memory).
+
+  @property
+  def frame_multiple(self) -> int:
+    """Latent frames must be a multiple of this (the denoisers' shared contract)."""
+    return self.patch_size
 
   def setup(self):
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)

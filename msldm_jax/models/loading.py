@@ -10,8 +10,12 @@ devices) and an identity, whose `params_sha256` names the parameters themselves.
   - the VAE trainer's checkpoint folder (WORKDIR/vae/checkpoints) or its stage folder
     (WORKDIR/vae): the newest checkpoint's generator;
   - a workdir (WORKDIR/vae/checkpoints inside).
-`load_denoiser(path)` takes the diffusion trainer's checkpoint folder, its stage folder
-(WORKDIR/ldm) or a workdir. Anything else is one error naming the path and what is there.
+`load_denoiser(path)` takes any of:
+  - an imported denoiser: DIR/params (orbax) + DIR/denoiser.json, as written by
+    `python -m msldm_jax.tools.import_release` (the release's U-Net; its SourceVAE, when
+    imported with it, in DIR/vae, which the identity's "latents" then names);
+  - the diffusion trainer's checkpoint folder, its stage folder (WORKDIR/ldm) or a workdir.
+Anything else is one error naming the path and what is there.
 
 Only the inference subtree is restored (`checkpointing.restore_subtree`): no optimiser,
 no discriminator is built or read.
@@ -31,23 +35,26 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from msldm_jax import checkpointing
+from msldm_jax import config_loading
 from msldm_jax import workdir_layout
-from msldm_jax.models import dit
+from msldm_jax.models import denoisers
 from msldm_jax.models import source_vae
 from msldm_jax.parallel import mesh as mesh_lib
 
-# Kinds of network a checkpoint's `model` record names.
+# Kinds of network a checkpoint's `model` record names (the denoisers': denoisers.KINDS).
 VAE_KIND = "source_vae"
-DENOISER_KIND = "dit"
 
-# An imported SourceVAE's files.
+# An imported network's files: its parameters, and a SourceVAE's config or a denoiser's
+# model record.
 IMPORTED_PARAMS = "params"
 IMPORTED_CONFIG = "model_config.json"
+IMPORTED_DENOISER = "denoiser.json"
+# Inside an imported denoiser's folder: the SourceVAE imported with it (its record names it
+# by this relative path).
+IMPORTED_VAE_DIR = "vae"
 
 FORMAT_VAE_STAGE = "vae_stage"
 FORMAT_IMPORTED = "imported"
@@ -90,80 +97,103 @@ def vae_record(model: source_vae.SourceVAE) -> dict[str, Any]:
   return {"kind": VAE_KIND, "config": vae_config_dict(model)}
 
 
-def denoiser_record(model_config: Mapping[str, Any], **extra) -> dict[str, Any]:
+def denoiser_record(kind: str, model_config: Mapping[str, Any], **extra) -> dict[str, Any]:
   """The `model` item of a diffusion trainer's checkpoint (plus e.g. the latents it learned)."""
-  return {"kind": DENOISER_KIND, "config": json.loads(json.dumps(dict(model_config))),
-          **extra}
-
-
-def _fill(config: ml_collections.ConfigDict, values: Mapping[str, Any], source: str,
-          what: str) -> ml_collections.ConfigDict:
-  """`config` with a recorded config's values; a key it does not have is an error."""
-  for key, value in values.items():
-    if key not in config:
-      raise ValueError(f"{source}: unknown {what} config key {key!r} (keys: "
-                       f"{', '.join(sorted(config))})")
-    config[key] = tuple(value) if isinstance(value, list) else value
-  return config
+  return json.loads(json.dumps(denoisers.record(kind, model_config, **extra)))
 
 
 def vae_from_config(values: Mapping[str, Any], source: str) -> source_vae.SourceVAE:
   """A SourceVAE from a recorded config; unknown keys are an error naming `source`."""
   return source_vae.SourceVAE.from_config(
-      _fill(source_vae.model_config("paper"), values, source, "SourceVAE"))
+      config_loading.update_known(source_vae.model_config("paper"), values, source,
+                                  "SourceVAE"))
 
 
-def denoiser_from_config(values: Mapping[str, Any], source: str) -> dit.DiT:
-  """A DiT from a recorded config; unknown keys are an error naming `source`."""
-  return dit.build_model(_fill(dit.model_config("tiny"), values, source, "DiT"))
+def denoiser_from_record(record: Mapping[str, Any], source: str) -> nn.Module:
+  """The denoiser a model record describes; an unknown kind or key names `source`."""
+  return denoisers.from_record(record.get("kind"), record["config"], source)
 
 
-def denoiser_abstract_params(model: dit.DiT):
-  """The DiT's parameter shapes (they do not depend on the number of frames)."""
-  x = jax.ShapeDtypeStruct((1, model.in_channels, model.patch_size), jnp.float32)
-  c_noise = jax.ShapeDtypeStruct((1,), jnp.float32)
-  abstract = jax.eval_shape(model.init, jax.random.key(0), x, c_noise)
-  # The trainer keeps float32 parameters whatever the compute dtype.
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32), abstract)
+# -- Imported networks (SourceVAE, denoiser) ------------------------------------------------
 
 
-# -- Imported SourceVAEs ---------------------------------------------------------------------
-
-
-def save_imported_vae(directory: str, variables, model: source_vae.SourceVAE):
-  """Writes DIR/params (orbax StandardCheckpointer) and DIR/model_config.json."""
+def _save_import(directory: str, variables, record_file: str, record: Mapping[str, Any]):
+  """Writes DIR/params (orbax StandardCheckpointer) and DIR/<record_file> (JSON)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.path.join(directory, IMPORTED_PARAMS), variables, force=True)
-  with open(os.path.join(directory, IMPORTED_CONFIG), "w") as f:
-    json.dump(vae_config_dict(model), f, indent=2)
+  with open(os.path.join(directory, record_file), "w") as f:
+    json.dump(json.loads(json.dumps(dict(record))), f, indent=2)
 
 
-def _is_imported(path: str) -> bool:
+def save_imported_vae(directory: str, variables, model: source_vae.SourceVAE):
+  """Writes DIR/params and DIR/model_config.json (the SourceVAE's settings)."""
+  _save_import(directory, variables, IMPORTED_CONFIG, vae_config_dict(model))
+
+
+def save_imported_denoiser(directory: str, variables, record: Mapping[str, Any]):
+  """Writes DIR/params and DIR/denoiser.json (`record`: the denoiser's kind and config, plus
+  where it came from). The importer writes into a temporary folder and renames it, so that
+  a failure leaves nothing."""
+  _save_import(directory, variables, IMPORTED_DENOISER, record)
+
+
+def _read_json(path: str) -> Any:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def _has_import(path: str, record_file: str) -> bool:
+  """Whether PATH is an import: params/ and its record file."""
   return (os.path.isdir(os.path.join(path, IMPORTED_PARAMS)) and
-          os.path.isfile(os.path.join(path, IMPORTED_CONFIG)))
+          os.path.isfile(os.path.join(path, record_file)))
+
+
+def _restore_import(path: str, abstract_params, replicated, what: str):
+  """PATH/params restored to `abstract_params`' shapes, replicated; a mismatch names `what`."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  abstract = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract_params)
+  with ocp.StandardCheckpointer() as checkpointer:
+    try:
+      return checkpointer.restore(os.path.join(path, IMPORTED_PARAMS), abstract)
+    except (ValueError, KeyError) as e:
+      raise ValueError(f"{path}: the parameters in {IMPORTED_PARAMS}/ do not fit {what}: "
+                       f"{e}") from e
+
+
+def _load_imported_denoiser(path: str, replicated) -> Loaded:
+  record_path = os.path.join(path, IMPORTED_DENOISER)
+  record = _read_json(record_path)
+  if "config" not in record:
+    raise ValueError(f"{record_path}: no 'config' (the denoiser's settings) in it")
+  model = denoiser_from_record(record, record_path)
+  params = _restore_import(path, denoisers.abstract_params(model), replicated,
+                           f"the {record['kind']} that {IMPORTED_DENOISER} describes")
+  identity = {"checkpoint_dir": path, "format": FORMAT_IMPORTED, "step": None,
+              "use_ema": False, "params_sha256": params_sha256(params),
+              "imported_from": record.get("imported_from", {})}
+  if "sigma_data" in record:
+    identity["sigma_data"] = float(record["sigma_data"])
+  vae = dict(record.get("latents", {}).get("vae") or {})
+  if vae:
+    # Recorded relative to the import, so that the folder can move.
+    vae["checkpoint_dir"] = os.path.join(path, vae.get("checkpoint_dir", IMPORTED_VAE_DIR))
+    identity["latents"] = {"vae": vae}
+  return Loaded(model, params, identity)
 
 
 def _load_imported_vae(path: str, replicated) -> Loaded:
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   config_path = os.path.join(path, IMPORTED_CONFIG)
-  try:
-    with open(config_path) as f:
-      values = json.load(f)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{config_path}: not valid JSON ({e})") from e
+  values = _read_json(config_path)
   model = vae_from_config(values, config_path)
-  abstract = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-      source_vae.abstract_params(model))
-  with ocp.StandardCheckpointer() as checkpointer:
-    try:
-      params = checkpointer.restore(os.path.join(path, IMPORTED_PARAMS), abstract)
-    except (ValueError, KeyError) as e:
-      raise ValueError(f"{path}: the parameters in {IMPORTED_PARAMS}/ do not fit the SourceVAE "
-                       f"that {IMPORTED_CONFIG} describes ({values}): {e}") from e
+  params = _restore_import(path, source_vae.abstract_params(model), replicated,
+                           f"the SourceVAE that {IMPORTED_CONFIG} describes ({values})")
   identity = {"checkpoint_dir": path, "format": FORMAT_IMPORTED, "step": None,
               "params_sha256": params_sha256(params)}
   return Loaded(model, params, identity)
@@ -196,15 +226,17 @@ def _find_checkpoints(path: str, stage: str) -> tuple[str, int] | None:
   return None
 
 
-def _read_record(directory: str, step: int, kind: str) -> dict:
+def _read_record(directory: str, step: int, kinds: str | tuple[str, ...]) -> dict:
   try:
     record = checkpointing.read_model_record(directory, step)
   except (FileNotFoundError, ValueError, KeyError) as e:
     raise ValueError(f"{directory} step {step}: no model record in the checkpoint (was it "
                      f"written by an older version of msldm_jax?): {e}") from e
-  if record.get("kind") != kind:
-    raise ValueError(f"{directory} step {step} holds a {record.get('kind')!r} network, not a "
-                     f"{kind!r}: point at the other stage's checkpoints")
+  kinds = (kinds,) if isinstance(kinds, str) else kinds
+  if record.get("kind") not in kinds:
+    raise ValueError(f"{directory} step {step} holds a {record.get('kind')!r} network, not "
+                     f"{' or '.join(repr(k) for k in kinds)}: point at the other stage's "
+                     "checkpoints")
   return record
 
 
@@ -234,7 +266,7 @@ def load_vae(path: str, *, mesh=None) -> Loaded:
     raise FileNotFoundError(f"no SourceVAE at {path}: the path does not exist (run "
                             "--mode=train_vae, or import published weights with "
                             "python -m msldm_jax.tools.import_sourcevae)")
-  if _is_imported(path):
+  if _has_import(path, IMPORTED_CONFIG):
     return _load_imported_vae(path, replicated)
   found = _find_checkpoints(path, workdir_layout.VAE)
   if found is None:
@@ -254,14 +286,19 @@ def load_vae(path: str, *, mesh=None) -> Loaded:
 
 
 def load_denoiser(path: str, *, use_ema: bool = True, mesh=None) -> Loaded:
-  """The diffusion network at PATH (the trainer's checkpoints, its folder, or a workdir).
+  """The diffusion network at PATH (an import, the trainer's checkpoints, its folder, or a
+  workdir).
 
   The identity's "latents" holds what the run learned: latents_dir, shape, and "vae" (the
-  identity of the VAE that encoded them: decode its samples with that VAE only).
+  identity of the VAE that encoded them: decode its samples with that VAE only). An import
+  has no "latents" (nothing records which VAE's latents it learned) and no EMA: use_ema is
+  ignored for it.
   """
   if not path:
     raise ValueError("load_denoiser: empty path")
   path = os.path.abspath(path)
+  if _has_import(path, IMPORTED_DENOISER):
+    return _load_imported_denoiser(path, _replicated(mesh))
   found = _find_checkpoints(path, workdir_layout.LDM)
   if found is None:
     raise FileNotFoundError(
@@ -269,11 +306,11 @@ def load_denoiser(path: str, *, use_ema: bool = True, mesh=None) -> Loaded:
         f"{workdir_layout.LDM}/{workdir_layout.CHECKPOINTS}/ below it): run --mode=train_ldm "
         f"first; found there: {_describe(path)}")
   directory, step = found
-  record = _read_record(directory, step, DENOISER_KIND)
-  model = denoiser_from_config(record["config"], f"{directory} step {step}")
+  record = _read_record(directory, step, denoisers.KINDS)
+  model = denoiser_from_record(record, f"{directory} step {step}")
   field = "ema_params" if use_ema else "params"
   replicated = _replicated(mesh)
-  params = _restore_field(directory, step, field, denoiser_abstract_params(model), replicated)
+  params = _restore_field(directory, step, field, denoisers.abstract_params(model), replicated)
   identity = {"checkpoint_dir": directory, "format": FORMAT_LDM_STAGE, "step": int(step),
               "use_ema": bool(use_ema), "params_sha256": params_sha256(params)}
   if "latents" in record:

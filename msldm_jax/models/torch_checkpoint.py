@@ -70,18 +70,61 @@ _ALLOWED_GLOBALS.update({("torch", name): _StorageType(name) for name in _STORAG
 _ALLOWED_GLOBALS[("torch.storage", "UntypedStorage")] = _StorageType("UntypedStorage")
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-  """Rebuilds only dicts, OrderedDicts, plain values and tensors (as numpy arrays)."""
+class Opaque:
+  """Stands in for an object of a class that is not admitted (e.g. the σ distribution a
+  Lightning checkpoint's hyper_parameters hold): it keeps the class's name, the arguments
+  and the state the pickle gives it, and runs none of that class's code."""
+  qualified_name = "?"
 
-  def __init__(self, file, load_storage: Callable[[str, np.dtype, int], np.ndarray], source):
+  # __new__, not __init__: pickle makes most objects with cls.__new__(cls, *args) alone.
+  def __new__(cls, *args, **kwargs):
+    self = super().__new__(cls)
+    self.args, self.kwargs, self.state = args, kwargs, None
+    self.items, self.elements = {}, []
+    return self
+
+  def __init__(self, *args, **kwargs):
+    del args, kwargs  # Kept by __new__.
+
+  def __setstate__(self, state):
+    self.state = state
+
+  # A subclass of dict or list (e.g. Lightning's AttributeDict) is pickled as the class plus
+  # its items or elements.
+  def __setitem__(self, key, value):
+    self.items[key] = value
+
+  def append(self, value):
+    self.elements.append(value)
+
+  def extend(self, values):
+    self.elements.extend(values)
+
+  def __repr__(self):
+    return f"<opaque {self.qualified_name}>"
+
+
+def _opaque_class(module, name):
+  return type(name, (Opaque,), {"qualified_name": f"{module}.{name}"})
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+  """Rebuilds only dicts, OrderedDicts, plain values and tensors (as numpy arrays); with
+  `opaque`, objects of any other class become inert `Opaque` placeholders."""
+
+  def __init__(self, file, load_storage: Callable[[str, np.dtype, int], np.ndarray], source,
+               opaque: bool = False):
     super().__init__(file)
     self._load_storage = load_storage
     self._source = source
+    self._opaque = opaque
 
   def find_class(self, module, name):
     try:
       return _ALLOWED_GLOBALS[(module, name)]
     except KeyError:
+      if self._opaque:
+        return _opaque_class(module, name)
       raise pickle.UnpicklingError(
           f"{self._source}: refusing to load {module}.{name}: only state dicts of tensors "
           "can be read without torch") from None
@@ -95,8 +138,13 @@ class _RestrictedUnpickler(pickle.Unpickler):
     return self._load_storage(str(key), storage_type.dtype, int(numel))
 
 
-def read_torch_checkpoint(path: str) -> Any:
-  """Reads a `torch.save` zip checkpoint without torch; tensors come back as numpy arrays."""
+def read_torch_checkpoint(path: str, opaque: bool = False) -> Any:
+  """Reads a `torch.save` zip checkpoint without torch; tensors come back as numpy arrays.
+
+  `opaque`: objects of classes other than the containers and tensors (a PyTorch Lightning
+  checkpoint's hyper-parameters and callback states, for two) become `Opaque` placeholders
+  instead of an error. Tensors are read as always.
+  """
   if not zipfile.is_zipfile(path):
     raise ValueError(f"{path}: not a zip-format PyTorch checkpoint (the legacy pre-1.6 "
                      "format is not supported; re-save it with a recent torch)")
@@ -123,6 +171,6 @@ def read_torch_checkpoint(path: str) -> Any:
       return cache[key]
 
     with archive.open(pickles[0]) as f:
-      return _RestrictedUnpickler(f, load_storage, path).load()
+      return _RestrictedUnpickler(f, load_storage, path, opaque).load()
 
 

@@ -12,6 +12,7 @@ itself is `models/source_vae_import.py`.
 from absl import app
 from absl import flags
 
+from msldm_jax import config_loading
 from msldm_jax.models import source_vae
 from msldm_jax.models import source_vae_import
 
@@ -31,18 +32,10 @@ _OVERRIDES = flags.DEFINE_multi_string(
 
 def _model_config():
   config = source_vae.model_config(_VARIANT.value)
-  for item in _OVERRIDES.value:
-    key, sep, text = item.partition("=")
-    if not sep or key not in config:
-      raise app.UsageError(f"--model={item!r}: expected KEY=VALUE with KEY one of "
-                           f"{', '.join(sorted(config))}")
-    default = config[key]
-    if isinstance(default, tuple):
-      config[key] = tuple(int(v) for v in text.split(",") if v)
-    elif isinstance(default, bool):
-      config[key] = text.lower() in ("1", "true", "yes")
-    else:
-      config[key] = type(default)(text)
+  try:
+    config_loading.set_from_strings(config, _OVERRIDES.value, "--model")
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   config.per_source = _PER_SOURCE.value or len(_TORCH_CHECKPOINT.value) > 1
   return config
 

@@ -18,6 +18,13 @@ the rest, identically for the SourceVAE and the diffusion model:
      run after the step's checkpoint;
   4. asynchronous saves are waited for, also when the loop fails.
 
+A time budget (`max_seconds` > 0 in the train config) ends a run early, with a checkpoint, at
+the first log step past it: for comparing networks or recipes on equal time. The clock
+(`budget_clock`) starts once the first step has run (compilation is not counted): "wall" is
+elapsed time; "cpu" is this process's CPU time, which moves far less with other processes'
+load on a shared machine. A resumed run gets a fresh budget. With several processes the
+decision is process 0's, broadcast, so that every host stops at the same step.
+
 metrics.jsonl holds one JSON line per log step (and one per hook result), truncated to the
 restored step on resume: the lines of an interrupted run past its checkpoint are redone, so
 the file of a resumed run equals that of an uninterrupted one.
@@ -25,9 +32,11 @@ the file of a resumed run equals that of an uninterrupted one.
 
 import json
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
+from absl import logging
 import jax
 import ml_collections
 import numpy as np
@@ -144,9 +153,35 @@ def train(trainer: Trainer) -> dict[str, float]:
     manager.wait_until_finished()
 
 
+BUDGET_CLOCKS = {"wall": time.monotonic, "cpu": time.process_time}
+
+
+class Budget:
+  """Whether `max_seconds` of `clock` have passed since `start()` (never, for 0)."""
+
+  def __init__(self, max_seconds: float, clock: str):
+    if clock not in BUDGET_CLOCKS:
+      raise ValueError(f"train config budget_clock={clock!r}: one of "
+                       f"{', '.join(BUDGET_CLOCKS)}")
+    self.max_seconds, self._clock, self._started = float(max_seconds), BUDGET_CLOCKS[clock], None
+
+  def start(self):
+    self._started = self._clock()
+
+  def spent(self) -> bool:
+    if self.max_seconds <= 0 or self._started is None:
+      return False
+    spent = self._clock() - self._started >= self.max_seconds
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      spent = bool(multihost_utils.broadcast_one_to_all(np.asarray(spent)))
+    return spent
+
+
 def _loop(trainer: Trainer, manager) -> dict[str, float]:
   config = trainer.train_config
   num_steps = int(config.num_steps)
+  budget = Budget(float(config.get("max_seconds", 0.0)), str(config.get("budget_clock", "wall")))
   restored = checkpointing.restore_latest(manager, trainer.compiled.abstract_state)
   if restored is None:
     state, position, start = trainer.initial_state(), None, 0
@@ -181,12 +216,19 @@ def _loop(trainer: Trainer, manager) -> dict[str, float]:
     batch = next(inputs)
     state, metrics = trainer.compiled.step(state, batch)
     pending.append((step, metrics))
+    if step == start + 1 and budget.max_seconds > 0:
+      jax.block_until_ready(metrics)  # The budget's clock starts after compilation.
+      budget.start()
     if due is not None:  # One step late: this step is already queued behind the fetch.
       flush(due)
       due = None
+    stop = step % log_every == 0 and budget.spent()
+    if stop:
+      logging.info("%s: time budget of %.0f s spent at step %d (of %d): stopping",
+                   trainer.name, budget.max_seconds, step, num_steps)
     if step % log_every == 0 or step == num_steps:
       due = step
-    if step % checkpoint_every == 0 or step == num_steps:
+    if step % checkpoint_every == 0 or step == num_steps or stop:
       # Checked before saving: a non-finite step never reaches a checkpoint.
       flush(step)
       due = None
@@ -196,6 +238,8 @@ def _loop(trainer: Trainer, manager) -> dict[str, float]:
       writer.scalars(step, hooked)
       log.append({"step": step, **hooked})
       last = {**last, **hooked}
+    if stop:
+      break
   if pending:
     flush(pending[-1][0])
   writer.flush()

@@ -2,10 +2,11 @@ r"""Stage three: the latent diffusion model (`--mode=train_ldm`), reference §5.
 
   python -m msldm_jax.main --config=configs/demo.py --workdir=runs/demo --mode=train_ldm
 
-A diffusion transformer (`models/dit.py`) learns the joint latents of the latent store
-(`latents/store.py`, made by `--mode=encode_latents`) under EDM preconditioning
-(`diffusion/edm.py`) with σ_data = `config.ldm.sigma_data`. Each step is one pure, jitted
-function with the whole state donated:
+A denoiser network (`config.ldm.denoiser`: the diffusion transformer `models/dit.py`, or the
+release's U-Net `models/unet1d.py`; see `models/denoisers.py`) learns the joint latents of
+the latent store (`latents/store.py`, made by `--mode=encode_latents`) under EDM
+preconditioning (`diffusion/edm.py`) with σ_data = `config.ldm.sigma_data`. Each step is one
+pure, jitted function with the whole state donated:
   1. σ per example from `edm.sample_sigma` (Uniform(0, sigma_max_train] with a floor, the
      release's choice, or log-normal by config) and standard normal noise, both from the key
      fold_in(key(seed), step), so a resumed run draws what the uninterrupted one drew;
@@ -15,10 +16,11 @@ function with the whole state donated:
 Latents are used as stored (the reference does no normalisation); the manifest's per-channel
 statistics are there for inspection.
 
-Precision: parameters, EMA and optimizer state in float32; the DiT computes in
-`config.ldm.model.dtype` (bfloat16 for the paper sizes), the loss in float32.
+Precision: parameters, EMA and optimizer state in float32; the network computes in
+its settings' `dtype` (bfloat16 for the paper sizes), the loss in float32.
 
-The network's input width: `config.ldm.model.in_channels` = 0 takes the latent store's
+The network's input width: its settings' `in_channels` (`ldm.model.in_channels` for the DiT,
+`ldm.unet.in_channels` for the U-Net) = 0 takes the latent store's
 stems × latent_dim (so a run on an imported 80-channel VAE's latents needs no override); a
 non-zero value must equal it.
 
@@ -27,7 +29,7 @@ Parallelism: one mesh, batches split over its data axis; the state is replicated
 and metrics are `training/loop.py`'s, shared with the VAE trainer.
 
 Outputs in WORKDIR/ldm: checkpoints/ (orbax: state, input position, and the model record:
-the DiT's config and the latents and VAE it learned; training resumes from the newest),
+the network's kind and config and the latents and VAE it learned; training resumes from the newest),
 logs/ (TensorBoard: loss, loss per σ bucket, gradient norm, learning rate, steps/s, periodic
 samples as audio and spectrograms), metrics.jsonl (one line per log step, kept consistent
 across resumes), loss.png (at the end), latents.json (the latent store and VAE this run
@@ -63,7 +65,7 @@ from msldm_jax.diffusion import edm
 from msldm_jax.diffusion import generation_program
 from msldm_jax.diffusion import samplers
 from msldm_jax.latents import store
-from msldm_jax.models import dit
+from msldm_jax.models import denoisers
 from msldm_jax.models import loading
 from msldm_jax.parallel import mesh as mesh_lib
 from msldm_jax.training import loop
@@ -86,7 +88,7 @@ _SAMPLE_STREAM = 0x5A4D
 @flax.struct.dataclass
 class LDMTrainState:
   step: jax.Array
-  params: Any      # the DiT's variables, {'params': ...}, float32
+  params: Any      # the denoiser's variables, {'params': ...}, float32
   ema_params: Any  # their exponential moving average, float32
   opt_state: Any
 
@@ -94,7 +96,7 @@ class LDMTrainState:
 @dataclasses.dataclass(frozen=True)
 class LDMTrainSpec:
   """The static half of training: the network, optimizer and diffusion settings."""
-  model: dit.DiT
+  model: Any  # The denoiser network (models/denoisers.py).
   tx: optax.GradientTransformation
   learning_rate: optax.Schedule
   sigma_data: float
@@ -118,8 +120,10 @@ def learning_rate_schedule(learning_rate: float, warmup_steps: int) -> optax.Sch
 
 def make_train_spec(ldm_config: ml_collections.ConfigDict,
                     model_config: ml_collections.ConfigDict | None = None) -> LDMTrainSpec:
-  """The network (from `model_config`, default `ldm_config.model`), optimiser and settings."""
-  model_config = ldm_config.model if model_config is None else model_config
+  """The network (from `model_config`, default the settings `ldm_config` selects), optimiser
+  and settings."""
+  kind, selected = denoisers.selected(ldm_config)
+  model_config = selected if model_config is None else model_config
   optim = ldm_config.optimizer
   learning_rate = learning_rate_schedule(float(optim.learning_rate), optim.warmup_steps)
   tx = optax.chain(
@@ -128,7 +132,7 @@ def make_train_spec(ldm_config: ml_collections.ConfigDict,
   if not 0.0 <= ldm_config.ema_decay < 1.0:
     raise ValueError(f"config key ldm.ema_decay={ldm_config.ema_decay} must be in [0, 1)")
   return LDMTrainSpec(
-      model=dit.build_model(model_config), tx=tx, learning_rate=learning_rate,
+      model=denoisers.build(kind, model_config), tx=tx, learning_rate=learning_rate,
       sigma_data=float(ldm_config.sigma_data),
       sigma_distribution=str(ldm_config.sigma_distribution),
       sigma_max_train=float(ldm_config.sigma_max_train), p_mean=float(ldm_config.p_mean),
@@ -136,7 +140,7 @@ def make_train_spec(ldm_config: ml_collections.ConfigDict,
 
 
 def init_state(spec: LDMTrainSpec, rng: jax.Array, num_frames: int) -> LDMTrainState:
-  """Fresh parameters (the DiT's shapes do not depend on num_frames), EMA = parameters."""
+  """Fresh parameters (the denoisers' shapes do not depend on num_frames), EMA = parameters."""
   model = spec.model
   x = jnp.zeros((1, model.in_channels, num_frames), jnp.float32)
   params = model.init(rng, x, jnp.zeros((1,), jnp.float32))
@@ -193,24 +197,29 @@ def train_step(state: LDMTrainState, batch, *, spec: LDMTrainSpec, seed: int):
   return new_state, metrics
 
 
-def model_config_for_latents(model_config: ml_collections.ConfigDict, manifest: dict,
+def model_config_for_latents(ldm_config: ml_collections.ConfigDict, manifest: dict,
                              latents_dir: str) -> ml_collections.ConfigDict:
-  """`model_config` with in_channels resolved from (and checked against) the latent store."""
+  """The selected denoiser's settings with in_channels resolved from (and checked against)
+  the latent store."""
+  kind, selected = denoisers.selected(ldm_config)
+  key = denoisers.config_key(kind)
   num_stems, latent_dim, frames = manifest["shape"]
   channels = num_stems * latent_dim
-  config = ml_collections.ConfigDict(model_config.to_dict())
+  config = ml_collections.ConfigDict(selected.to_dict())
   if int(config.in_channels) == 0:
     config.in_channels = channels
   elif int(config.in_channels) != channels:
     raise ValueError(
-        f"config key ldm.model.in_channels={config.in_channels}, but the latent store at "
+        f"config key {key}.in_channels={config.in_channels}, but the latent store at "
         f"{latents_dir} holds {num_stems} stems x {latent_dim} channels = {channels} (set it "
         "to 0 to take the store's)")
-  if frames % int(config.patch_size):
+  multiple = denoisers.build(kind, config).frame_multiple
+  if frames % multiple:
     raise ValueError(
         f"the latent store at {latents_dir} has {frames} frames per chunk, not a multiple of "
-        f"config key ldm.model.patch_size={config.patch_size}: choose data.chunks.samples so "
-        "that it is")
+        f"{multiple}, which the {kind} of config key {key} needs (the DiT's patch_size, the "
+        "U-Net's patch_factor times its down factors): choose data.chunks.samples so that it "
+        "is")
   return config
 
 
@@ -232,11 +241,12 @@ class LDMTrainer:
     self.stage_dir = workdir_layout.trainer_dir(workdir, workdir_layout.LDM)
     self.latents_dir = workdir_layout.latents_dir(config, workdir)
     self.manifest = store.load_manifest(self.latents_dir)
-    self.model_config = model_config_for_latents(self.ldm_config.model, self.manifest,
+    self.denoiser_kind, _ = denoisers.selected(self.ldm_config)
+    self.model_config = model_config_for_latents(self.ldm_config, self.manifest,
                                                  self.latents_dir)
     self.spec = make_train_spec(self.ldm_config, self.model_config)
     self.compiled = loop.CompiledStep(
-        functools.partial(init_state, self.spec, num_frames=self.spec.model.patch_size),
+        functools.partial(init_state, self.spec, num_frames=self.spec.model.frame_multiple),
         functools.partial(train_step, spec=self.spec, seed=int(self.ldm_config.seed)),
         self.mesh, self.ldm_config.sharding)
     self._buckets = _BucketMeans()
@@ -251,7 +261,8 @@ class LDMTrainer:
             "shape": manifest["shape"]}
 
   def model_record(self) -> dict:
-    return loading.denoiser_record(self.model_config, latents=self.latents_record())
+    return loading.denoiser_record(self.denoiser_kind, self.model_config,
+                                   latents=self.latents_record())
 
   def train_inputs(self, position=None) -> input_iterator.InputIterator:
     dataset_fn = functools.partial(

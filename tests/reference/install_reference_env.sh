@@ -49,6 +49,6 @@ layers, model = dac_reference.load_dac()
 print(f"reference env ready: torch {torch.__version__}, "
       f"dac blocks from {model.__file__}")
 PY
-# The release's denoiser for benchmarks/ldm.py (UNet1d; its modules import only torch, einops,
-# einops_exts): no deps, so nothing pulls another torch.
+# The release's denoiser for tests/test_unet1d_parity.py and benchmarks/ldm.py (UNet1d; its
+# modules import only torch, einops, einops_exts): no deps, so nothing pulls another torch.
 "${PIP[@]}" install -q --no-deps "audio-diffusion-pytorch==0.0.43" "einops-exts==0.0.4"
