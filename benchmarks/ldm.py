@@ -116,6 +116,7 @@ _SKIP_GENERATION = flags.DEFINE_bool("skip_generation", False, "Skip (b).")
 _UNET = flags.DEFINE_bool("unet", False, "(c) The release's U-Net, ours against the "
                           "package's, and our DiT base at equal parameters.")
 _UNET_SIZES = flags.DEFINE_list("unet_sizes", ["release", "large"], "(c) U-Net presets.")
+_UNET_DIT = flags.DEFINE_bool("unet_dit", True, "(c) Also our DiT base at equal parameters.")
 _UNET_REPEATS = flags.DEFINE_integer("unet_repeats", 3, "(c) Timed calls per row (best "
                                      "counts), after one untimed (compiling) call.")
 
@@ -259,6 +260,11 @@ def bench_unet() -> dict:
       theirs = release_unet_bench(config, repeats)
     rows[f"unet_{size}"] = dict(ours=ours, theirs=theirs,
                                 num_params=unet1d.count_params(model))
+    # Each row as soon as it is measured: a long run that dies (e.g. out of memory at the
+    # next size) keeps what it measured.
+    print(json.dumps({f"unet_{size}": rows[f"unet_{size}"]}), flush=True)
+  if not _UNET_DIT.value:
+    return rows
   config = dit.model_config("base", in_channels=NUM_STEMS * 80, dtype="float32")
   model = dit.build_model(config)
   print("(c) DiT base (float32): ours", flush=True)

@@ -228,6 +228,7 @@ def test_import_refuses_what_is_not_the_release(release_files, tmp_path):
 # -- End to end: the import through `python -m msldm_jax.main` ---------------------------------
 
 
+@pytest.mark.slow
 def test_sample_and_evaluate_with_the_imported_release(imported, release_files, tmp_path):
   """README "The authors' model": import, then --mode=sample (and evaluate) with
   --config.ldm.denoiser_checkpoint. The sampled latents of piece 0 equal the release's own
