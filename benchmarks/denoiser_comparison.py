@@ -39,8 +39,8 @@ from msldm_jax import config_loading
 from msldm_jax import main as main_lib
 from msldm_jax import stems
 from msldm_jax import workdir_layout
+from msldm_jax.latents import store
 from msldm_jax.models import denoisers
-from msldm_jax.models import source_vae
 from msldm_jax.training import loop
 from msldm_jax.training import train_ldm
 
@@ -89,17 +89,17 @@ def network_config(name: str, workdir: str, budget: float, clock: str):
   return config
 
 
-def size_and_flops(config, frames: int):
-  """(parameters, FLOPs of one denoiser evaluation at batch 1) by XLA's cost analysis."""
-  kind, settings = denoisers.selected(config.ldm)
-  settings = config_loading.override(
-      type(settings)(settings.to_dict()),
-      {"in_channels": stems.NUM_STEMS * int(config.vae.model.latent_dim)}, "comparison")
-  model = denoisers.build(kind, settings)
+def size_and_flops(config):
+  """(parameters, FLOPs of one denoiser evaluation at batch 1 on one chunk's latents) by
+  XLA's cost analysis, for the network the trainer builds on the shared latent store."""
+  manifest = store.load_manifest(config.ldm.latents_dir)
+  settings = train_ldm.model_config_for_latents(config.ldm, manifest, config.ldm.latents_dir)
+  model = denoisers.build(denoisers.selected(config.ldm)[0], settings)
   abstract = denoisers.abstract_params(model)
-  params = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract)
-  x, c_noise = jnp.zeros((1, model.in_channels, frames)), jnp.zeros((1,))
-  cost = jax.jit(model.apply).lower(params, x, c_noise).compile().cost_analysis()
+  frames = manifest["shape"][-1]
+  x = jax.ShapeDtypeStruct((1, model.in_channels, frames), jnp.float32)
+  c_noise = jax.ShapeDtypeStruct((1,), jnp.float32)
+  cost = jax.jit(model.apply).lower(abstract, x, c_noise).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   count = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract))
   return count, float(cost["flops"])
@@ -248,13 +248,11 @@ def main(argv):
     main_lib.run(mode, shared, workdir)
     os.makedirs(os.path.dirname(marker), exist_ok=True)
     open(marker, "w").close()
-  frames = source_vae.encoded_length(int(shared.data.chunks.samples),
-                                     shared.vae.model.encoder_strides)
   results = {}
   for name in _NETWORKS.value:
     config = network_config(name, workdir, _BUDGET.value, _CLOCK.value)
     run_dir = os.path.join(workdir, name)
-    params, flops = size_and_flops(config, frames)
+    params, flops = size_and_flops(config)
     logging.info("%s: %d parameters, %.3f GFLOP per evaluation", name, params, flops / 1e9)
     for mode in ("train_ldm", "sample", "evaluate"):
       marker = os.path.join(run_dir, f"{mode}.done")

@@ -403,8 +403,9 @@ def _run_json(command) -> dict:
 
 
 def release_unet(bf16: bool = False) -> dict:
+  kwargs = unet1d.package_kwargs(unet1d.model_config("release", in_channels=320))
   return _run_json([_reference_python(), "benchmarks/ldm_reference.py", "unet",
-                    f"--evals={_EVALS.value}", f"--steps={_SAMPLER_STEPS.value}",
+                    json.dumps(kwargs), f"--evals={_EVALS.value}", f"--steps={_SAMPLER_STEPS.value}",
                     f"--threads={_threads()}", f"--frames={FRAMES}"]
                    + (["--bf16"] if bf16 else []))
 

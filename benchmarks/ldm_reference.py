@@ -1,12 +1,12 @@
 """PyTorch side of benchmarks/ldm.py: the release's denoiser. Runs in the REFERENCE venv.
 
-  python benchmarks/ldm_reference.py unet --evals=3 --steps=3 --threads=2
-      Builds audio-diffusion-pytorch 0.0.43's UNet1d with the MSLDM release's settings
-      (random weights, float32, eval mode; `--bf16` runs it under CPU autocast to
-      bfloat16), then under torch.inference_mode times
-      `--evals` single denoiser evaluations D(x; σ) on one joint latent [1, 320, 1024], and
-      `--steps` steps of the release notebook's Euler-churn loop (`generate_track`: churn
-      noise, one evaluation, Euler update). Prints one JSON line.
+  python benchmarks/ldm_reference.py unet KWARGS --evals=3 --steps=3 --threads=2
+      Builds audio-diffusion-pytorch 0.0.43's UNet1d with the constructor arguments KWARGS
+      (JSON; benchmarks/ldm.py passes the release's), random weights, float32, eval mode
+      (`--bf16` runs it under CPU autocast to bfloat16), then under torch.inference_mode
+      times `--evals` single denoiser evaluations D(x; σ) on one joint latent
+      [1, 320, 1024], and `--steps` steps of the release notebook's Euler-churn loop
+      (`generate_track`: churn noise, one evaluation, Euler update). Prints one JSON line.
   python benchmarks/ldm_reference.py unet_bench KWARGS --batches=1,4 --train_batch=2
       The U-Net of the constructor arguments KWARGS (JSON; the release's sizes come from
       msldm_jax.models.unet1d.package_kwargs) in float32: forward passes at each batch and
@@ -27,9 +27,10 @@ reference interpreter and parses its output. Install: tests/reference/install_re
 imports only torch, einops and einops_exts; its other declared dependency,
 data-science-types, is type stubs).
 
-The settings are the release's (XZWY/MSLDM): `msldm/exp/train_msldm.yaml` (model section)
-over the defaults of `msldm/main/model.py:get_default_model_kwargs` (which supplies
-use_context_time=True); 364.4 M parameters. The preconditioning is the release's
+The U-Net's settings come from the caller: benchmarks/ldm.py passes
+`msldm_jax.models.unet1d.package_kwargs` of the `release` preset (XZWY/MSLDM's
+`msldm/exp/train_msldm.yaml` model section over `msldm/main/model.py:get_default_model_kwargs`;
+364.4 M parameters), the one place those numbers are written. The preconditioning is the release's
 EDM form with σ_data = 0.4 and no clamping of the denoised latent (reference §5).
 """
 
@@ -43,26 +44,6 @@ import time
 
 import torch
 
-RELEASE_UNET_KWARGS = dict(
-    in_channels=320,
-    channels=512,
-    patch_factor=16,
-    patch_blocks=1,
-    resnet_groups=8,
-    kernel_multiplier_downsample=2,
-    kernel_sizes_init=[1, 3, 7],
-    multipliers=[1, 2, 2, 2, 1, 1, 1],
-    factors=[1, 1, 2, 1, 1, 2],
-    num_blocks=[2, 2, 2, 2, 2, 4],
-    attentions=[False, True, True, True, True, True],
-    attention_heads=12,
-    attention_features=64,
-    attention_multiplier=2,
-    use_nearest_upsample=False,
-    use_skip_scale=True,
-    use_attention_bottleneck=True,
-    use_context_time=True,
-)
 SIGMA_DATA = 0.4
 
 
@@ -102,14 +83,15 @@ def _timed(fn, *args):
   return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def run_unet(evals, steps, threads, frames, bf16):
+def run_unet(kwargs_json, evals, steps, threads, frames, bf16):
   from audio_diffusion_pytorch.modules import UNet1d  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(threads)
   torch.manual_seed(0)
-  net = UNet1d(**RELEASE_UNET_KWARGS).eval()
+  kwargs = json.loads(kwargs_json)
+  net = UNet1d(**kwargs).eval()
   num_params = sum(p.numel() for p in net.parameters())
   denoise_fn = make_denoise_fn(net)
-  x = 3.0 * torch.randn(1, RELEASE_UNET_KWARGS["in_channels"], frames)
+  x = 3.0 * torch.randn(1, kwargs["in_channels"], frames)
   # bf16: torch's CPU autocast (bfloat16 matmuls and convolutions through oneDNN, which
   # uses the CPU's bf16 units where it has them), the release's mixed-precision path.
   autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
@@ -202,6 +184,7 @@ def main():
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   commands = parser.add_subparsers(dest="command", required=True)
   unet = commands.add_parser("unet")
+  unet.add_argument("kwargs", help="UNet1d constructor arguments as JSON")
   unet.add_argument("--evals", type=int, default=3)
   unet.add_argument("--steps", type=int, default=3)
   unet.add_argument("--threads", type=int, default=os.cpu_count())
@@ -224,7 +207,7 @@ def main():
     run_unet_bench(args.kwargs, [int(b) for b in args.batches.split(",")], args.train_batch,
                    args.repeats, args.threads, args.frames)
   elif args.command == "unet":
-    run_unet(args.evals, args.steps, args.threads, args.frames, args.bf16)
+    run_unet(args.kwargs, args.evals, args.steps, args.threads, args.frames, args.bf16)
   else:
     run_decoder(args.stems, args.threads, args.frames, args.bf16)
 

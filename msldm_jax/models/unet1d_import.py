@@ -81,13 +81,21 @@ def unet_state_dict(checkpoint: Mapping[str, Any], source: str) -> dict[str, np.
   return first or second
 
 
-def mismatches(state: Mapping[str, np.ndarray], model: unet1d.UNet1d) -> list[str]:
-  """Every way `state` does not fit `model`: missing, unexpected and misshapen keys."""
+def _torch_paths_and_shapes(model: unet1d.UNet1d) -> dict[str, tuple[tuple, tuple]]:
+  """{PyTorch key: (our flax path, the shape PyTorch stores)} of every parameter; one
+  abstract evaluation of the network (`relayout` maps our layout to PyTorch's)."""
   abstract = denoisers.abstract_params(model)
   leaves = flax.traverse_util.flatten_dict(abstract["params"])
-  # The shapes PyTorch stores (`relayout` maps ours to PyTorch's).
-  shapes = {key: unet1d.relayout(model, key, np.broadcast_to(False, leaves[path].shape)).shape
-            for key, path in unet1d.torch_keys(abstract).items()}
+  return {key: (path, unet1d.relayout(model, key,
+                                      np.broadcast_to(False, leaves[path].shape)).shape)
+          for key, path in unet1d.torch_keys(abstract).items()}
+
+
+def mismatches(state: Mapping[str, np.ndarray], model: unet1d.UNet1d,
+               expected: Mapping[str, tuple[tuple, tuple]] | None = None) -> list[str]:
+  """Every way `state` does not fit `model`: missing, unexpected and misshapen keys."""
+  expected = expected or _torch_paths_and_shapes(model)
+  shapes = {key: shape for key, (_, shape) in expected.items()}
   problems = [f"missing {k} {shapes[k]}" for k in shapes if k not in state]
   problems += [f"unexpected {k} {tuple(v.shape)}" for k, v in state.items() if k not in shapes]
   problems += [f"{k}: checkpoint {tuple(state[k].shape)}, U-Net {shapes[k]}"
@@ -133,14 +141,14 @@ def recognise_config(state: Mapping[str, np.ndarray], source: str
 def convert(state: Mapping[str, np.ndarray], model: unet1d.UNet1d, source: str):
   """{'params': …} of `model` from the U-Net's tensors; any mismatch is one error listing
   the first ones."""
-  problems = mismatches(state, model)
+  expected = _torch_paths_and_shapes(model)
+  problems = mismatches(state, model, expected)
   if problems:
     raise ValueError(f"{source}: the checkpoint does not fit the U-Net "
                      f"({len(problems)} mismatches): {_describe(problems)}")
-  keys = unet1d.torch_keys(denoisers.abstract_params(model))
   params = flax.traverse_util.unflatten_dict({
       path: np.ascontiguousarray(unet1d.relayout(model, key, np.asarray(state[key], np.float32)))
-      for key, path in keys.items()})
+      for key, (path, _) in expected.items()})
   return {"params": params}
 
 
