@@ -73,6 +73,9 @@ def vae_config() -> ml_collections.ConfigDict:
       discriminator=dict(variant="full", overrides={}),
       # 15·mel + 2·feature matching + 1·adversarial + 10·KL.
       loss_weights=dict(vae_losses.DEFAULT_LOSS_WEIGHTS),
+      # Steps of reconstruction-only warm-up (the generator on mel + KL; no discriminator)
+      # before the GAN steps begin. 0, the release's: adversarial from the first step.
+      adversarial_start=0,
       # AdamW (G) and Adam (D) at 5e-5, betas (0.8, 0.99), the rate × 0.999996 every step,
       # gradients clipped at 1000 (G) and 10 (D). weight_decay 0.01: PyTorch AdamW's default
       # (the release names AdamW and no decay).
@@ -208,12 +211,26 @@ def evaluate_config() -> ml_collections.ConfigDict:
   ))
 
 
+SYSTEMS = ("msldm", "isldm")
+
+
+def check_system(config: ml_collections.ConfigDict) -> str:
+  system = str(config.get("system", "msldm"))
+  if system not in SYSTEMS:
+    raise ValueError(f"config key system={system!r}: one of {', '.join(SYSTEMS)}")
+  return system
+
+
 def get_paper_config(variant: str = "base") -> ml_collections.ConfigDict:
   """The full config at the paper's settings, with the DiT of size `variant` (VARIANTS)."""
   if variant not in VARIANTS:
     raise ValueError(f"paper config: unknown DiT variant {variant!r} ({', '.join(VARIANTS)})")
   return ml_collections.ConfigDict(dict(
       variant=variant,
+      # What the latent diffusion model learns (SYSTEMS): 'msldm', the paper's, the stems'
+      # joint latent with one network; 'isldm', its baseline, each stem's latent with its own
+      # network (models/independent_stems.py).
+      system="msldm",
       data=data_config(),
       vae=vae_config(),
       ldm=ldm_config(variant),

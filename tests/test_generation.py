@@ -15,6 +15,7 @@ import sys
 from flax import linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import soundfile as sf
@@ -31,6 +32,7 @@ from msldm_jax.diffusion import samplers
 from msldm_jax.generation import conditions
 from msldm_jax.generation import outputs
 from msldm_jax.generation import stage
+from msldm_jax.models import denoisers
 from msldm_jax.models import dit
 from msldm_jax.models import loading
 from msldm_jax.models import source_vae
@@ -239,9 +241,9 @@ def test_command_line_flags_override_the_config(tmp_path):
   assert "'flute'" in result.stderr and "config.sample.generate" in result.stderr
 
 
-def _write_checkpoints(workdir, models, config):
+def _write_checkpoints(workdir, models, config, independent_stems=0):
   """An imported VAE and a diffusion checkpoint (step 9) recording it, as the stages write
-  them; returns the VAE's folder."""
+  them; returns the VAE's folder. independent_stems > 0: models' denoiser is ISLDM's."""
   vae, vae_params, _, denoiser_params = models
   vae_dir = os.path.join(workdir, "imported_vae")
   loading.save_imported_vae(vae_dir, jax.device_get(vae_params), vae)
@@ -252,7 +254,8 @@ def _write_checkpoints(workdir, models, config):
   manager = checkpointing.make_manager(
       workdir_layout.checkpoints_dir(workdir, workdir_layout.LDM))
   checkpointing.save(manager, 9, state, {},
-                     loading.denoiser_record("dit", _denoiser_config(config), latents=latents))
+                     loading.denoiser_record("dit", _denoiser_config(config), latents=latents,
+                                             independent_stems=independent_stems))
   manager.wait_until_finished()
   return vae_dir
 
@@ -267,6 +270,23 @@ def test_sample_stage_loads_checkpoints_and_writes_to_workdir(models, tmp_path):
   assert record["checkpoints"]["vae"]["checkpoint_dir"] == vae_dir
   assert record["checkpoints"]["vae"]["format"] == "imported"
   assert record["checkpoints"]["ldm"]["step"] == 9
+
+
+def test_sample_stage_runs_an_isldm_checkpoint(models, tmp_path):
+  """--config.system=isldm's checkpoints (one DiT per stem) sample through the same stage:
+  the record rebuilds the per-stem networks."""
+  config = _config(num_pieces=1, batch_size=1)
+  vae, vae_params = models[0], models[1]
+  isldm = denoisers.build("dit", ml_collections.ConfigDict(_denoiser_config(config)),
+                          stems_lib.NUM_STEMS)
+  params = jax.jit(isldm.init)(jax.random.key(1), jnp.zeros((1, isldm.in_channels, 32)),
+                               jnp.zeros((1,)))
+  _write_checkpoints(str(tmp_path), (vae, vae_params, isldm, params), config,
+                     independent_stems=stems_lib.NUM_STEMS)
+  output = stage.run(config, str(tmp_path))
+  stems, mix, record = _read_piece(outputs.piece_dir(output, 0))
+  assert record["checkpoints"]["ldm"]["step"] == 9
+  assert all(np.isfinite(stem).all() for stem in stems.values()) and np.isfinite(mix).all()
 
 
 def test_sample_stage_refuses_a_vae_the_diffusion_model_did_not_learn(models, tmp_path):

@@ -150,3 +150,35 @@ def test_short_run_on_the_mini_dataset_learns(repo_root, tmp_path, tfds_dir):
   assert np.mean(history[-5:]) < 0.9 * np.mean(history[:5]), history
   assert np.isfinite(final["eval/si_sdr"]) and np.isfinite(final["eval/mel_distance"])
   assert os.path.isfile(os.path.join(trainer.stage_dir, "losses.png"))
+
+
+def test_reconstruction_warmup_then_the_gan_steps(repo_root, tmp_path, tfds_dir):
+  """vae.adversarial_start=2: steps 1-2 train the generator on mel + KL alone (the
+  discriminator neither runs nor changes), steps 3-4 are the reference's GAN steps."""
+  config = _config(repo_root, tfds_dir, num_steps=4, log_every=1, checkpoint_every=2,
+                   eval_every=100)
+  config.vae.adversarial_start = 2
+  trainer = train_vae.VAETrainer(config, str(tmp_path))
+  initial = jax.device_get(trainer.initial_state())
+  trainer.train()
+  records = {r["step"]: r for r in loop.read_metrics(trainer.stage_dir) if "loss/mel" in r}
+  for step in (1, 2):
+    assert records[step]["loss/discriminator"] == 0.0
+    assert records[step]["loss/adversarial"] == 0.0
+    assert records[step]["loss/mel"] > 0.0
+  for step in (3, 4):
+    assert records[step]["loss/discriminator"] > 0.0
+    assert records[step]["loss/adversarial"] > 0.0
+  abstract = trainer.compiled.abstract_state
+  states = {step: checkpointing.restore_subtree(
+      os.path.join(trainer.stage_dir, "checkpoints"), step,
+      {"generator": abstract.generator, "discriminator": abstract.discriminator})
+            for step in (2, 4)}
+  _params_close(states[2]["discriminator"], initial.discriminator, rtol=0, atol=0)
+  assert any(not np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(states[2]["generator"]), jax.tree.leaves(initial.generator)))
+  assert any(not np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(states[4]["discriminator"]), jax.tree.leaves(initial.discriminator)))
+  config.vae.adversarial_start = -1
+  with pytest.raises(ValueError, match="vae.adversarial_start=-1"):
+    train_vae.VAETrainer(config, str(tmp_path / "bad"))

@@ -101,3 +101,32 @@ def test_records_rebuild_the_same_network(kind, config):
     denoisers.from_record("unet", {"depth": 3}, "a record")
   with pytest.raises(ValueError, match="a record: unknown denoiser 'vae'"):
     denoisers.from_record("vae", {}, "a record")
+
+
+@pytest.mark.parametrize("kernel_size,stride,padding", [(3, 1, 1), (1, 1, 0), (4, 2, 1),
+                                                         (2, 2, 0)])
+def test_conv_with_matmul_gradients_is_the_convolution(kernel_size, stride, padding):
+  """The U-Net's convolutions differentiate through a matrix product; values and both
+  gradients must be the convolution's."""
+  from jax import lax  # pylint: disable=g-import-not-at-top
+  from msldm_jax.models import audio_layers  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(kernel_size * 10 + stride)
+  x = jnp.asarray(rng.standard_normal((2, 12, 5)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((kernel_size, 5, 7)), jnp.float32)
+  target = jnp.asarray(rng.standard_normal(((12 + 2 * padding - kernel_size) // stride + 1,
+                                            7)), jnp.float32)
+
+  def via(conv):
+    return lambda x, k: jnp.sum(jnp.sin(conv(x, k)) * target)
+
+  def plain(x, k):
+    return lax.conv_general_dilated(x, k, (stride,), [(padding, padding)],
+                                    dimension_numbers=("NWC", "WIO", "NWC"))
+
+  def ours(x, k):
+    return audio_layers.conv1d_matmul_grad(x, k, stride, padding)
+
+  np.testing.assert_allclose(ours(x, kernel), plain(x, kernel), rtol=1e-5, atol=1e-5)
+  for got, want in zip(jax.grad(via(ours), (0, 1))(x, kernel),
+                       jax.grad(via(plain), (0, 1))(x, kernel)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

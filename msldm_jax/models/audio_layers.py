@@ -22,6 +22,7 @@ weight_norm's recomputation, so it has no effect — while ConvTranspose1d biase
 default U(±1/√fan_in)).
 """
 
+import functools
 import math
 from typing import Any
 
@@ -121,6 +122,63 @@ class WNConv1d(nn.Module):
     return y + bias.astype(self.dtype)
 
 
+def _conv1d_columns(x: Array, kernel_size: int, stride: int, padding: int) -> Array:
+  """[B, T, in] → [B, T_out, k·in]: the k shifted (strided) views of the padded input side by
+  side, so that the convolution is one matrix product with the kernel as [k·in, out]."""
+  if padding:
+    x = jnp.pad(x, ((0, 0),) * (x.ndim - 2) + ((padding, padding), (0, 0)))
+  out_length = (x.shape[-2] - kernel_size) // stride + 1
+  if kernel_size == 1 and stride == 1:
+    return x
+  return jnp.concatenate(
+      [lax.slice_in_dim(x, k, k + (out_length - 1) * stride + 1, stride, axis=-2)
+       for k in range(kernel_size)], axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv1d_matmul_grad(x: Array, kernel: Array, stride: int = 1, padding: int = 0,
+                       preferred_element_type=None) -> Array:
+  """lax.conv_general_dilated(x, kernel; NWC, WIO, NWC) whose GRADIENTS are matrix products.
+
+  The forward is XLA's convolution. The backward treats it as one matrix product of the
+  input's columns (`_conv1d_columns`) with the kernel, where XLA:CPU's convolution gradients
+  (with respect to input and kernel) are slow: forward + backward of the U-Net's
+  1024-channel, 3-tap convolutions on 64 frames 21 ms instead of 39 ms (2 CPU cores;
+  benchmarks/RESULTS.md). The forward stays a convolution: it is the faster one at batch 1,
+  where sampling runs.
+  The matrix form materialises k× the input, so this suits short, wide activations (the
+  U-Net's), not the SourceVAE's long waveforms (its generator's forward + backward at the
+  demo's size: 4.2 s this way, 2.8 s with XLA's gradients).
+  """
+  return lax.conv_general_dilated(
+      x, kernel, window_strides=(stride,), padding=[(padding, padding)],
+      dimension_numbers=("NWC", "WIO", "NWC"), preferred_element_type=preferred_element_type)
+
+
+def _conv1d_forward(x, kernel, stride, padding, preferred_element_type):
+  y = conv1d_matmul_grad(x, kernel, stride, padding, preferred_element_type)
+  return y, (x, kernel)
+
+
+def _conv1d_backward(stride, padding, preferred_element_type, residuals, cotangent):
+  # y = columns(x) @ K  with K = kernel as [k·in, out]:  dK = columnsᵀ·dy,  dx = columnsᵀ-map
+  # of dy·Kᵀ (the transpose of the linear im2col: pads and slices).
+  x, kernel = residuals
+  kernel_size, in_features, out_features = kernel.shape
+  columns, columns_vjp = jax.vjp(
+      lambda x: _conv1d_columns(x, kernel_size, stride, padding), x)
+  flat_kernel = kernel.reshape(kernel_size * in_features, out_features)
+  d_kernel = jnp.einsum("...ti,...to->io", columns, cotangent.astype(columns.dtype),
+                        preferred_element_type=jnp.float32)
+  d_columns = jnp.matmul(cotangent.astype(kernel.dtype), flat_kernel.T,
+                         preferred_element_type=jnp.float32)
+  (d_x,) = columns_vjp(d_columns.astype(columns.dtype))
+  return d_x.astype(x.dtype), d_kernel.reshape(kernel.shape).astype(kernel.dtype)
+
+
+conv1d_matmul_grad.defvjp(_conv1d_forward, _conv1d_backward)
+
+
 def conv_transpose_output_length(length: int, kernel_size: int, stride: int,
                                  padding: int) -> int:
   """PyTorch ConvTranspose1d output length (no output_padding, dilation 1)."""
@@ -128,7 +186,8 @@ def conv_transpose_output_length(length: int, kernel_size: int, stride: int,
 
 
 def conv_transpose_polyphase(x: Array, weight_iok: Array, stride: int, padding: int,
-                             output_length: int | None = None) -> Array:
+                             output_length: int | None = None,
+                             as_matmul: bool = False) -> Array:
   """Transposed conv as ONE ordinary conv whose output channels are the `stride` phases.
 
   The full transposed output is y[q] = Σ_i x[i]·w[q − i·s] with q = m·s + r, so phase r of
@@ -138,7 +197,8 @@ def conv_transpose_polyphase(x: Array, weight_iok: Array, stride: int, padding: 
   zeros that an input-dilated convolution inserts (s× fewer FLOPs).
 
   `output_length` (default (L − 1)·s − 2p + k) also serves PyTorch's output_padding: the
-  U-Net's upsampler asks for exactly s·L samples.
+  U-Net's upsampler asks for exactly s·L samples. `as_matmul` runs the ordinary convolution
+  through `conv1d_matmul_grad` (for the U-Net's short, wide activations).
   """
   in_features, out_features, kernel_size = weight_iok.shape
   taps = -(-kernel_size // stride)
@@ -147,9 +207,12 @@ def conv_transpose_polyphase(x: Array, weight_iok: Array, stride: int, padding: 
   # [in, out, taps, s] → kernel[j'] for x[m − (J−1) + j'], i.e. tap j = J − 1 − j'.
   w = w.reshape(in_features, out_features, taps, stride)[:, :, ::-1, :]
   kernel = jnp.transpose(w, (2, 0, 3, 1)).reshape(taps, in_features, stride * out_features)
-  blocks = lax.conv_general_dilated(
-      x, kernel, window_strides=(1,), padding=[(taps - 1, taps - 1)],
-      dimension_numbers=("NWC", "WIO", "NWC"))
+  if as_matmul:
+    blocks = conv1d_matmul_grad(x, kernel, 1, taps - 1)
+  else:
+    blocks = lax.conv_general_dilated(
+        x, kernel, window_strides=(1,), padding=[(taps - 1, taps - 1)],
+        dimension_numbers=("NWC", "WIO", "NWC"))
   # [B, T + J − 1, s·out] → [B, (T + J − 1)·s, out]: phases interleave into time.
   full = blocks.reshape(blocks.shape[:-2] + (blocks.shape[-2] * stride, out_features))
   out_length = output_length or conv_transpose_output_length(length, kernel_size, stride,

@@ -10,6 +10,9 @@ Both take `apply(params, c_in·x [b, C, T], c_noise [b]) -> [b, C, T]` and have
 the samplers, inpainting, sharding, EMA and checkpoints need not know which one runs. A
 checkpoint's model record names the kind (`record`), and `from_record` rebuilds the network
 from it, whatever the config that loads it.
+
+`independent_stems` = S > 0 builds ISLDM instead (`models/independent_stems.py`): S copies
+of the network, each on its own stem's in_channels / S channels; the record carries S.
 """
 
 from collections.abc import Mapping
@@ -22,6 +25,7 @@ import ml_collections
 
 from msldm_jax import config_loading
 from msldm_jax.models import dit
+from msldm_jax.models import independent_stems as independent_stems_lib
 from msldm_jax.models import unet1d
 
 DIT = "dit"
@@ -52,20 +56,37 @@ def config_key(kind: str) -> str:
   return f"ldm.{CONFIG_KEYS[check_kind(kind)]}"
 
 
-def build(kind: str, config: ml_collections.ConfigDict) -> nn.Module:
-  return _BUILDERS[check_kind(kind)](config)
+def build(kind: str, config: ml_collections.ConfigDict, independent_stems: int = 0
+          ) -> nn.Module:
+  """The network of `kind` with `config`; with independent_stems = S > 0, ISLDM: S networks
+  of config.in_channels / S input channels each."""
+  builder = _BUILDERS[check_kind(kind)]
+  if not independent_stems:
+    return builder(config)
+  channels = int(config.in_channels)
+  if independent_stems < 0 or channels % independent_stems:
+    raise ValueError(f"independent_stems={independent_stems} must be a positive divisor of "
+                     f"the denoiser's in_channels={channels}")
+  per_stem = ml_collections.ConfigDict(config.to_dict())
+  per_stem.in_channels = channels // independent_stems
+  return independent_stems_lib.IndependentStems(builder(per_stem), int(independent_stems))
 
 
-def record(kind: str, config: Mapping[str, Any], **extra) -> dict[str, Any]:
-  """The `model` item of a checkpoint: the kind, its settings as JSON values, and `extra`."""
+def record(kind: str, config: Mapping[str, Any], independent_stems: int = 0,
+           **extra) -> dict[str, Any]:
+  """The `model` item of a checkpoint: the kind, its settings as JSON values (in_channels:
+  all stems'), ISLDM's number of stems when set, and `extra`."""
   values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(config).items()}
-  return {"kind": check_kind(kind), "config": values, **extra}
+  stems = {"independent_stems": int(independent_stems)} if independent_stems else {}
+  return {"kind": check_kind(kind), "config": values, **stems, **extra}
 
 
-def from_record(kind: str, values: Mapping[str, Any], source: str) -> nn.Module:
+def from_record(kind: str, values: Mapping[str, Any], source: str,
+                independent_stems: int = 0) -> nn.Module:
   """The network a recorded config describes; an unknown key is an error naming `source`."""
   config = _PRESETS[check_kind(kind, source)]()
-  return build(kind, config_loading.update_known(config, values, source, kind))
+  return build(kind, config_loading.update_known(config, values, source, kind),
+               independent_stems)
 
 
 def abstract_params(model: nn.Module):

@@ -111,7 +111,8 @@ def vae_from_config(values: Mapping[str, Any], source: str) -> source_vae.Source
 
 def denoiser_from_record(record: Mapping[str, Any], source: str) -> nn.Module:
   """The denoiser a model record describes; an unknown kind or key names `source`."""
-  return denoisers.from_record(record.get("kind"), record["config"], source)
+  return denoisers.from_record(record.get("kind"), record["config"], source,
+                               int(record.get("independent_stems", 0)))
 
 
 # -- Imported networks (SourceVAE, denoiser) ------------------------------------------------

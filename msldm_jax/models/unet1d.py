@@ -144,10 +144,9 @@ class Conv1d(nn.Module):
     bound = 1 / math.sqrt(fan_in)
     kernel = self.param("weight", _uniform(bound),
                         (self.kernel_size, x.shape[-1], self.features)).astype(self.dtype)
-    y = lax.conv_general_dilated(
-        x.astype(self.dtype), kernel, window_strides=(self.stride,),
-        padding=[(self.padding, self.padding)], dimension_numbers=("NWC", "WIO", "NWC"),
-        preferred_element_type=jnp.float32)
+    # Gradients as matrix products: XLA:CPU's convolution gradients are ~2x slower here.
+    y = audio_layers.conv1d_matmul_grad(x.astype(self.dtype), kernel, self.stride,
+                                        self.padding, jnp.float32)
     if self.use_bias:
       y = y + self.param("bias", _uniform(bound), (self.features,))
     return y
@@ -170,7 +169,7 @@ class ConvTranspose1d(nn.Module):
     weight = self.param("weight", _uniform(bound), (x.shape[-1], self.features, kernel_size))
     y = audio_layers.conv_transpose_polyphase(
         x.astype(self.dtype), weight.astype(self.dtype), factor, padding,
-        output_length=x.shape[-2] * factor)
+        output_length=x.shape[-2] * factor, as_matmul=True)
     return y.astype(jnp.float32) + self.param("bias", _uniform(bound), (self.features,))
 
 

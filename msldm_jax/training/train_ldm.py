@@ -12,7 +12,8 @@ pure, jitted function with the whole state donated:
      fold_in(key(seed), step), so a resumed run draws what the uninterrupted one drew;
   2. the loss: `edm.training_loss` (the stable MSE-on-F form) per example, mean over the batch;
   3. AdamW (linear warmup to a constant rate, gradients clipped by global norm) and an EMA of
-     the parameters in float32.
+     the parameters in float32, in one pass over the parameters (`fused_adamw.py`: the
+     update is memory-bound, and optax's chain takes several).
 Latents are used as stored (the reference does no normalisation); the manifest's per-channel
 statistics are there for inspection.
 
@@ -57,6 +58,7 @@ import optax
 
 from msldm_jax import atomic_files
 from msldm_jax import joint_latent
+from msldm_jax import paper_config
 from msldm_jax import plotting
 from msldm_jax import stems as stems_lib
 from msldm_jax import workdir_layout
@@ -68,6 +70,7 @@ from msldm_jax.latents import store
 from msldm_jax.models import denoisers
 from msldm_jax.models import loading
 from msldm_jax.parallel import mesh as mesh_lib
+from msldm_jax.training import fused_adamw
 from msldm_jax.training import loop
 
 LATENTS_RECORD = "latents.json"
@@ -97,14 +100,13 @@ class LDMTrainState:
 class LDMTrainSpec:
   """The static half of training: the network, optimizer and diffusion settings."""
   model: Any  # The denoiser network (models/denoisers.py).
-  tx: optax.GradientTransformation
+  optimizer: fused_adamw.FusedAdamW  # AdamW, clipping and the EMA update in one pass
   learning_rate: optax.Schedule
   sigma_data: float
   sigma_distribution: str
   sigma_max_train: float
   p_mean: float
   p_std: float
-  ema_decay: float
 
 
 def learning_rate_schedule(learning_rate: float, warmup_steps: int) -> optax.Schedule:
@@ -119,24 +121,27 @@ def learning_rate_schedule(learning_rate: float, warmup_steps: int) -> optax.Sch
 
 
 def make_train_spec(ldm_config: ml_collections.ConfigDict,
-                    model_config: ml_collections.ConfigDict | None = None) -> LDMTrainSpec:
-  """The network (from `model_config`, default the settings `ldm_config` selects), optimiser
-  and settings."""
+                    model_config: ml_collections.ConfigDict | None = None,
+                    independent_stems: int = 0) -> LDMTrainSpec:
+  """The network (from `model_config`, default the settings `ldm_config` selects; ISLDM's
+  per-stem networks when independent_stems > 0), optimiser and settings."""
   kind, selected = denoisers.selected(ldm_config)
   model_config = selected if model_config is None else model_config
   optim = ldm_config.optimizer
   learning_rate = learning_rate_schedule(float(optim.learning_rate), optim.warmup_steps)
-  tx = optax.chain(
-      optax.clip_by_global_norm(float(optim.clip)),
-      optax.adamw(learning_rate, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay))
   if not 0.0 <= ldm_config.ema_decay < 1.0:
     raise ValueError(f"config key ldm.ema_decay={ldm_config.ema_decay} must be in [0, 1)")
+  optimizer = fused_adamw.FusedAdamW(
+      learning_rate, b1=float(optim.b1), b2=float(optim.b2),
+      weight_decay=float(optim.weight_decay), clip=float(optim.clip),
+      ema_decay=float(ldm_config.ema_decay))
   return LDMTrainSpec(
-      model=denoisers.build(kind, model_config), tx=tx, learning_rate=learning_rate,
+      model=denoisers.build(kind, model_config, independent_stems), optimizer=optimizer,
+      learning_rate=learning_rate,
       sigma_data=float(ldm_config.sigma_data),
       sigma_distribution=str(ldm_config.sigma_distribution),
       sigma_max_train=float(ldm_config.sigma_max_train), p_mean=float(ldm_config.p_mean),
-      p_std=float(ldm_config.p_std), ema_decay=float(ldm_config.ema_decay))
+      p_std=float(ldm_config.p_std))
 
 
 def init_state(spec: LDMTrainSpec, rng: jax.Array, num_frames: int) -> LDMTrainState:
@@ -147,14 +152,7 @@ def init_state(spec: LDMTrainSpec, rng: jax.Array, num_frames: int) -> LDMTrainS
   params = jax.tree.map(lambda p: p.astype(jnp.float32), params)
   return LDMTrainState(step=jnp.zeros((), jnp.int32), params=params,
                        ema_params=jax.tree.map(jnp.copy, params),
-                       opt_state=spec.tx.init(params))
-
-
-def ema_update(ema_params, params, decay: float):
-  """ema ← decay·ema + (1 − decay)·params, in float32."""
-  return jax.tree.map(
-      lambda e, p: decay * e.astype(jnp.float32) + (1.0 - decay) * p.astype(jnp.float32),
-      ema_params, params)
+                       opt_state=spec.optimizer.init(params))
 
 
 def sigma_buckets(sigma: jax.Array) -> jax.Array:
@@ -179,20 +177,19 @@ def train_step(state: LDMTrainState, batch, *, spec: LDMTrainSpec, seed: int):
     return jnp.mean(per_example), per_example
 
   (loss, per_example), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-  updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  params, ema_params, opt_state, grad_norm = spec.optimizer.apply(
+      grads, state.opt_state, state.params, state.ema_params)
   buckets = jax.nn.one_hot(sigma_buckets(sigma), len(SIGMA_BUCKET_NAMES), dtype=jnp.float32)
   metrics = {
       "loss": loss,
-      "grad_norm": optax.tree.norm(grads),
+      "grad_norm": grad_norm,
       "learning_rate": spec.learning_rate(state.step),
       # Sums and counts, not means: buckets are empty in many steps, and the host averages
       # them over each logging interval.
       "sigma_bucket_sum": buckets.T @ per_example,
       "sigma_bucket_count": buckets.sum(axis=0),
   }
-  new_state = LDMTrainState(step=state.step + 1, params=params,
-                            ema_params=ema_update(state.ema_params, params, spec.ema_decay),
+  new_state = LDMTrainState(step=state.step + 1, params=params, ema_params=ema_params,
                             opt_state=opt_state)
   return new_state, metrics
 
@@ -244,7 +241,10 @@ class LDMTrainer:
     self.denoiser_kind, _ = denoisers.selected(self.ldm_config)
     self.model_config = model_config_for_latents(self.ldm_config, self.manifest,
                                                  self.latents_dir)
-    self.spec = make_train_spec(self.ldm_config, self.model_config)
+    # ISLDM: one network per stem of the store.
+    self.independent_stems = (int(self.manifest["shape"][0])
+                              if paper_config.check_system(config) == "isldm" else 0)
+    self.spec = make_train_spec(self.ldm_config, self.model_config, self.independent_stems)
     self.compiled = loop.CompiledStep(
         functools.partial(init_state, self.spec, num_frames=self.spec.model.frame_multiple),
         functools.partial(train_step, spec=self.spec, seed=int(self.ldm_config.seed)),
@@ -262,6 +262,7 @@ class LDMTrainer:
 
   def model_record(self) -> dict:
     return loading.denoiser_record(self.denoiser_kind, self.model_config,
+                                   independent_stems=self.independent_stems,
                                    latents=self.latents_record())
 
   def train_inputs(self, position=None) -> input_iterator.InputIterator:

@@ -121,10 +121,16 @@ def init_state(spec: VAETrainSpec, rng: jax.Array, window: int) -> VAETrainState
       discriminator_opt=spec.discriminator_tx.init(discriminator))
 
 
-def train_step(state: VAETrainState, batch, *, spec: VAETrainSpec, loss_weights, seed: int):
-  """One discriminator update, then one generator update against the fresh discriminator."""
+def _update_generator(spec: VAETrainSpec, state: VAETrainState, g_grads):
+  g_updates, generator_opt = spec.generator_tx.update(
+      g_grads, state.generator_opt, state.generator)
+  return optax.apply_updates(state.generator, g_updates), generator_opt
+
+
+def adversarial_step(state: VAETrainState, batch, *, spec: VAETrainSpec, loss_weights, rng):
+  """The reference's step: a discriminator update, then a generator update on every term
+  against the fresh discriminator."""
   x, stem = batch[pipeline.AUDIO], batch[pipeline.STEM]
-  rng = jax.random.fold_in(jax.random.key(seed), state.step)
 
   def generator_forward(generator):
     return reconstruct_stem(spec.vae, generator, x, stem, rng)
@@ -151,21 +157,59 @@ def train_step(state: VAETrainState, batch, *, spec: VAETrainSpec, loss_weights,
   (g_loss, terms), cotangents = jax.value_and_grad(
       generator_objective, argnums=(0, 1, 2), has_aux=True)(recon, mean, logvar)
   (g_grads,) = generator_vjp(cotangents)
-  g_updates, generator_opt = spec.generator_tx.update(
-      g_grads, state.generator_opt, state.generator)
-  generator = optax.apply_updates(state.generator, g_updates)
-
+  generator, generator_opt = _update_generator(spec, state, g_grads)
   metrics = {f"loss/{name}": value for name, value in terms.items()}
   metrics.update({
       "loss/generator": g_loss, "loss/discriminator": d_loss,
       "grad_norm/generator": optax.tree.norm(g_grads),
       "grad_norm/discriminator": optax.tree.norm(d_grads),
-      "learning_rate": spec.learning_rate(state.step),
   })
-  new_state = VAETrainState(step=state.step + 1, generator=generator,
-                            discriminator=discriminator, generator_opt=generator_opt,
-                            discriminator_opt=discriminator_opt)
-  return new_state, metrics
+  return state.replace(generator=generator, discriminator=discriminator,
+                       generator_opt=generator_opt,
+                       discriminator_opt=discriminator_opt), metrics
+
+
+def reconstruction_step(state: VAETrainState, batch, *, spec: VAETrainSpec, loss_weights,
+                        rng):
+  """A warm-up step (`vae.adversarial_start`): the generator on its weighted mel and KL
+  terms only; the discriminator is neither run nor updated (its Adam state neither). The
+  adversarial and feature-matching terms are logged as 0."""
+  x, stem = batch[pipeline.AUDIO], batch[pipeline.STEM]
+
+  def objective(generator):
+    recon, mean, logvar = reconstruct_stem(spec.vae, generator, x, stem, rng)
+    terms = {"mel": vae_losses.multiscale_mel_loss(recon, x),
+             "feature_matching": jnp.zeros((), jnp.float32),
+             "adversarial": jnp.zeros((), jnp.float32),
+             "kl": source_vae.kl_divergence(mean, logvar)}
+    return vae_losses.weighted_generator_loss(terms, loss_weights)
+
+  (g_loss, terms), g_grads = jax.value_and_grad(objective, has_aux=True)(state.generator)
+  generator, generator_opt = _update_generator(spec, state, g_grads)
+  metrics = {f"loss/{name}": value for name, value in terms.items()}
+  metrics.update({
+      "loss/generator": g_loss, "loss/discriminator": jnp.zeros((), jnp.float32),
+      "grad_norm/generator": optax.tree.norm(g_grads),
+      "grad_norm/discriminator": jnp.zeros((), jnp.float32),
+  })
+  return state.replace(generator=generator, generator_opt=generator_opt), metrics
+
+
+def _with_step(step_fn):
+  """A step function of the loop's form (state, batch) -> (state, metrics) from one of the
+  updates above: the per-step key, the learning rate logged, the step counted."""
+  def step(state: VAETrainState, batch, *, spec: VAETrainSpec, loss_weights, seed: int):
+    rng = jax.random.fold_in(jax.random.key(seed), state.step)
+    new_state, metrics = step_fn(state, batch, spec=spec, loss_weights=loss_weights, rng=rng)
+    metrics["learning_rate"] = spec.learning_rate(state.step)
+    return new_state.replace(step=state.step + 1), metrics
+  return step
+
+
+# The reference's step, and the reconstruction-only step of a warm-up (`vae.adversarial_start`
+# steps of it first; 0, the paper's setting, has none).
+train_step = _with_step(adversarial_step)
+warmup_step = _with_step(reconstruction_step)
 
 
 def eval_step(generator, batch, *, spec: VAETrainSpec):
@@ -193,12 +237,15 @@ class VAETrainer:
     self.spec = make_train_spec(self.vae_config)
     self.window = pipeline.vae_window_spec(config.data, train=True).window
     self.stage_dir = workdir_layout.trainer_dir(workdir, workdir_layout.VAE)
+    step_kwargs = dict(spec=self.spec, loss_weights=dict(self.vae_config.loss_weights),
+                       seed=int(self.vae_config.seed))
+    warmup_steps = int(self.vae_config.adversarial_start)
+    if warmup_steps < 0:
+      raise ValueError(f"config key vae.adversarial_start={warmup_steps} must be >= 0")
     self.compiled = loop.CompiledStep(
         functools.partial(init_state, self.spec, window=self.window),
-        functools.partial(train_step, spec=self.spec,
-                          loss_weights=dict(self.vae_config.loss_weights),
-                          seed=int(self.vae_config.seed)),
-        self.mesh, self.vae_config.sharding)
+        functools.partial(train_step, **step_kwargs), self.mesh, self.vae_config.sharding,
+        warmup=(warmup_steps, functools.partial(warmup_step, **step_kwargs)))
     self._eval_step = jax.jit(
         functools.partial(eval_step, spec=self.spec),
         in_shardings=(self.compiled.state_shardings.generator,
