@@ -5,6 +5,9 @@ Each step is one pure, jitted function with the whole state donated:
   2. a discriminator update against that (detached) reconstruction;
   3. a generator update against the FRESH discriminator, reusing step 1's forward through
      its VJP, so the generator runs forward once per step as in the reference.
+With `vae.adversarial_start` = N > 0 the first N steps are a warm-up that updates the
+generator on its mel and KL terms alone (`reconstruction_step`, a second compiled program;
+the discriminator neither runs nor changes); 0, the release's recipe, has none.
 Inputs are right-padded with zeros to whole latent frames and the reconstruction is cropped
 back to the window, the codec convention of DAC.
 
