@@ -15,7 +15,7 @@ over many steps):
   μ ← b1·μ + (1 − b1)·g ;  ν ← b2·ν + (1 − b2)·g²  (scale_by_adam, eps_root 0)
   u ← μ/(1 − b1ᵗ) / (√(ν/(1 − b2ᵗ)) + eps) + wd·p  (add_decayed_weights)
   p ← p − lr(t − 1)·u                             (the schedule at the pre-update count)
-  ema ← d·ema + (1 − d)·p                         (train_ldm.ema_update)
+  ema ← d·ema + (1 − d)·p                         (the parameters' EMA)
 """
 
 import dataclasses
