@@ -187,7 +187,7 @@ def conv_transpose_output_length(length: int, kernel_size: int, stride: int,
 
 def conv_transpose_polyphase(x: Array, weight_iok: Array, stride: int, padding: int,
                              output_length: int | None = None,
-                             as_matmul: bool = False) -> Array:
+                             matmul_gradients: bool = False) -> Array:
   """Transposed conv as ONE ordinary conv whose output channels are the `stride` phases.
 
   The full transposed output is y[q] = Σ_i x[i]·w[q − i·s] with q = m·s + r, so phase r of
@@ -197,8 +197,8 @@ def conv_transpose_polyphase(x: Array, weight_iok: Array, stride: int, padding: 
   zeros that an input-dilated convolution inserts (s× fewer FLOPs).
 
   `output_length` (default (L − 1)·s − 2p + k) also serves PyTorch's output_padding: the
-  U-Net's upsampler asks for exactly s·L samples. `as_matmul` runs the ordinary convolution
-  through `conv1d_matmul_grad` (for the U-Net's short, wide activations).
+  U-Net's upsampler asks for exactly s·L samples. `matmul_gradients` runs the ordinary
+  convolution through `conv1d_matmul_grad` (for the U-Net's short, wide activations).
   """
   in_features, out_features, kernel_size = weight_iok.shape
   taps = -(-kernel_size // stride)
@@ -207,7 +207,7 @@ def conv_transpose_polyphase(x: Array, weight_iok: Array, stride: int, padding: 
   # [in, out, taps, s] → kernel[j'] for x[m − (J−1) + j'], i.e. tap j = J − 1 − j'.
   w = w.reshape(in_features, out_features, taps, stride)[:, :, ::-1, :]
   kernel = jnp.transpose(w, (2, 0, 3, 1)).reshape(taps, in_features, stride * out_features)
-  if as_matmul:
+  if matmul_gradients:
     blocks = conv1d_matmul_grad(x, kernel, 1, taps - 1)
   else:
     blocks = lax.conv_general_dilated(

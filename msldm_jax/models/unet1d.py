@@ -169,7 +169,7 @@ class ConvTranspose1d(nn.Module):
     weight = self.param("weight", _uniform(bound), (x.shape[-1], self.features, kernel_size))
     y = audio_layers.conv_transpose_polyphase(
         x.astype(self.dtype), weight.astype(self.dtype), factor, padding,
-        output_length=x.shape[-2] * factor, as_matmul=True)
+        output_length=x.shape[-2] * factor, matmul_gradients=True)
     return y.astype(jnp.float32) + self.param("bias", _uniform(bound), (self.features,))
 
 
