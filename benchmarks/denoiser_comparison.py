@@ -23,8 +23,6 @@ differs. What such a run can show is stated in the written file.
 
 import json
 import os
-import platform
-import subprocess
 import time
 
 from absl import app
@@ -41,6 +39,7 @@ from msldm_jax import stems
 from msldm_jax import workdir_layout
 from msldm_jax.latents import store
 from msldm_jax.models import denoisers
+from msldm_jax.study import report
 from msldm_jax.training import loop
 from msldm_jax.training import train_ldm
 
@@ -105,35 +104,6 @@ def size_and_flops(config):
   return count, float(cost["flops"])
 
 
-def bucket_means(records: list[dict], first_step: float, last_step: float) -> dict[str, float]:
-  """Mean loss per σ bucket over the logged steps in (first_step, last_step]."""
-  window = [r for r in records if "loss" in r and first_step < r["step"] <= last_step]
-  return {name: float(np.nanmean([r.get(name, np.nan) for r in window]))
-          for name in train_ldm.SIGMA_BUCKET_NAMES}
-
-
-def _commit() -> str:
-  """HEAD, marked when the working tree differs from it (results then come from the
-  commit that adds those changes)."""
-  try:
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True, check=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True, check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
-  return head + (" with uncommitted changes" if dirty else "")
-
-
-def _cpu() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
-    return f"{names[0]}, {len(os.sched_getaffinity(0))} cores" if names else platform.machine()
-  except OSError:
-    return platform.machine()
-
-
 def _score(metrics, row, measure="KAD ×100"):
   score = metrics["total_generation"][row][""][measure]
   if score["value"] is None:
@@ -164,7 +134,7 @@ def write_report(out: str, results: dict, command: str, elapsed: float):
       "# DiT or U-Net on the mini dataset, for the same training time",
       "",
       f"Command: `{command}`  ",
-      f"Commit: {_commit()}. Machine: {_cpu()}; jax {jax.__version__}. "
+      f"Commit: {report.commit()}. Machine: {report.machine()}. "
       + (f"This invocation ran for {elapsed / 60:.0f} min. " if elapsed > 120 else
          "(Stages reused from an earlier invocation of the same command.) ")
       + "Written by benchmarks/denoiser_comparison.py.",
@@ -265,10 +235,12 @@ def main(argv):
     steps = max(r["step"] for r in records if "loss" in r)
     results[name] = dict(params=params, flops=flops, steps=steps, budget=_BUDGET.value,
                          clock=_CLOCK.value, records=records,
-                         buckets=bucket_means(records, 0.75 * steps, steps), metrics=metrics)
+                         buckets=report.bucket_means(records, 0.75 * steps, steps),
+                         metrics=metrics)
   shortest = min(r["steps"] for r in results.values())
   for result in results.values():
-    result["buckets_equal_steps"] = bucket_means(result["records"], 0.75 * shortest, shortest)
+    result["buckets_equal_steps"] = report.bucket_means(result["records"], 0.75 * shortest,
+                                                        shortest)
   command = ("python -m benchmarks.denoiser_comparison "
              f"--run_dir={_WORKDIR.value} --budget_seconds={_BUDGET.value:g} "
              f"--clock={_CLOCK.value} --out={_OUT.value}")

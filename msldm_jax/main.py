@@ -14,6 +14,9 @@ Modes:
   evaluate    score the generated pieces against real chunks (Fréchet distances, empty-stem
               rate, cross-stem coherence, VAE reconstruction) into WORKDIR/evaluation.
   all         every stage above in order, skipping those finished under the same config.
+  study       with configs/study.py: MSLDM against ISLDM and MixLDM and samplers against
+              steps, each system through the stages above, then a report
+              (msldm_jax/study/runner.py); resumable like all.
 """
 
 import hashlib
@@ -39,6 +42,7 @@ MODES = {
     "sample": "msldm_jax.generation.stage",
     "evaluate": "msldm_jax.evaluation.stage",
     "all": "msldm_jax.main",
+    "study": "msldm_jax.study.runner",
 }
 # What --mode=all runs, in order.
 ALL_STAGES = ("data", "train_vae", "encode_latents", "train_ldm", "sample", "evaluate")

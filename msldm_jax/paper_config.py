@@ -71,7 +71,8 @@ def vae_config() -> ml_collections.ConfigDict:
       # Multi-period (2, 3, 5, 7, 11) and multi-band STFT (2048, 1024, 512) discriminators.
       # overrides: Discriminator fields (periods, fft_sizes, bands, ...) over the variant.
       discriminator=dict(variant="full", overrides={}),
-      # 15·mel + 2·feature matching + 1·adversarial + 10·KL.
+      # 15·mel + 2·feature matching + 1·adversarial + 10·KL; the waveform L1 term (ours)
+      # at 0.
       loss_weights=dict(vae_losses.DEFAULT_LOSS_WEIGHTS),
       # Steps of reconstruction-only warm-up (the generator on mel + KL; no discriminator)
       # before the GAN steps begin. 0, the release's: adversarial from the first step.
@@ -208,10 +209,13 @@ def evaluate_config() -> ml_collections.ConfigDict:
       seed=0,
       # A stem is empty when this share of its 1 s windows is silent (1.0: all of them).
       empty_share=1.0,
+      # "full": every table below; "mixture_distances": the mixture's FD and KAD alone (for
+      # sweeps that score many runs of one model, e.g. the study's samplers × steps).
+      scope="full",
   ))
 
 
-SYSTEMS = ("msldm", "isldm")
+SYSTEMS = ("msldm", "isldm", stems.MIXTURE_SYSTEM)
 
 
 def check_system(config: ml_collections.ConfigDict) -> str:
@@ -219,6 +223,11 @@ def check_system(config: ml_collections.ConfigDict) -> str:
   if system not in SYSTEMS:
     raise ValueError(f"config key system={system!r}: one of {', '.join(SYSTEMS)}")
   return system
+
+
+def latent_sources(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The sources the config's system stacks in its latent (`stems.latent_sources`)."""
+  return stems.latent_sources(check_system(config))
 
 
 def get_paper_config(variant: str = "base") -> ml_collections.ConfigDict:
@@ -229,7 +238,9 @@ def get_paper_config(variant: str = "base") -> ml_collections.ConfigDict:
       variant=variant,
       # What the latent diffusion model learns (SYSTEMS): 'msldm', the paper's, the stems'
       # joint latent with one network; 'isldm', its baseline, each stem's latent with its own
-      # network (models/independent_stems.py).
+      # network (models/independent_stems.py); 'mixldm', its other baseline, the mixture's
+      # latent, from a VAE trained on mixture windows (train_vae, encode_latents, sample and
+      # evaluate then work on the mixture alone).
       system="msldm",
       data=data_config(),
       vae=vae_config(),

@@ -12,6 +12,15 @@ import numpy as np
 STEM_NAMES = ("bass", "drums", "guitar", "piano")
 NUM_STEMS = len(STEM_NAMES)
 SAMPLE_RATE = 22050
+# The sum of the stems, as a source of its own: what MixLDM's VAE and latent hold.
+MIXTURE = "mix"
+MIXTURE_SYSTEM = "mixldm"
+
+
+def latent_sources(system: str) -> tuple[str, ...]:
+  """The sources a latent system's latent stacks, in order: the four stems (msldm, isldm), or
+  the mixture alone (mixldm, the paper's baseline that models the mix)."""
+  return (MIXTURE,) if system == MIXTURE_SYSTEM else STEM_NAMES
 
 
 def stem_index(name: str) -> int:

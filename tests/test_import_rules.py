@@ -21,6 +21,7 @@ LAYERS = {
     "generation": 4,
     "evaluation": 5,
     "tools": 6,
+    "study": 7,
 }
 # Top-level modules below every stage (shared vocabulary: stems, layouts, checkpoint files).
 FOUNDATION = {"stems", "joint_latent", "workdir_layout", "checkpointing", "atomic_files",

@@ -214,6 +214,41 @@ def test_eval_windows_are_deterministic_and_padded(encoded_dir):
   assert np.all(start % 1000 == 0)
 
 
+def test_mixture_windows_are_the_sum_of_the_present_stems(encoded_dir):
+  # Sample i of stem s of track t is (4t + s + 1)·CODE + i, so a window of the mixture of
+  # the present stems S starting at `start` is Σ_{s∈S} (4t + s + 1)·CODE + |S|·(start + j).
+  def rows_by_track(audio, window, absent):
+    found = {}
+    for row in audio:
+      for t in range(len(ENCODED_LENGTHS)):
+        present = [s for s in range(stems.NUM_STEMS) if (t, s) not in absent]
+        offset = sum(4 * t + s + 1 for s in present) * CODE
+        start = (row[0] - offset) / len(present)
+        if (start == int(start) and 0 <= start <= ENCODED_LENGTHS[t] - window and np.array_equal(
+            row, offset + len(present) * (start + np.arange(window)))):
+          found.setdefault(t, []).append(int(start))
+          break
+      else:
+        raise AssertionError(f"window starting {row[0]} is no track's mixture")
+    return found
+
+  # Evaluation: every grid window of each validation track's mixture, stem index 0.
+  got = collect(pipeline.vae_windows(encoded_dir, "validation", data_config=data_config(),
+                                     batch_size=5, train=False, mixture=True))
+  audio = got["audio"][got["valid"]]
+  assert np.all(got["stem"] == 0)
+  found = rows_by_track(audio, 5000, absent=set())
+  for t, n in enumerate(ENCODED_LENGTHS[:2]):
+    assert sorted(found[t]) == list(range(0, n - 5000 + 1, 1000))
+  # Training: jittered windows of every track's mixture; absent stems are left out.
+  got = collect(pipeline.vae_windows(encoded_dir, "train", data_config=data_config(),
+                                     batch_size=1, train=True, seed=0, mixture=True))
+  found = rows_by_track(got["audio"], WINDOW, absent=ENCODED_ABSENT)
+  assert sorted(found) == list(range(len(ENCODED_LENGTHS)))
+  for t, n in enumerate(ENCODED_LENGTHS):
+    assert len(found[t]) == (n - WINDOW) // HOP + 1
+
+
 def test_chunks_are_stem_aligned(encoded_dir):
   got = collect(pipeline.diffusion_chunks(encoded_dir, "train", data_config=data_config(),
                                           batch_size=1, train=True, seed=0))

@@ -27,6 +27,7 @@ from msldm_jax.diffusion import edm
 from msldm_jax.latents import store
 from msldm_jax.models import loading
 from msldm_jax.parallel import mesh as mesh_lib
+from msldm_jax.training import loop
 from msldm_jax.training import train_ldm
 
 # Shared with the latent dataset's tests: a VAE checkpoint without compiling an init (pytest
@@ -200,6 +201,17 @@ def test_time_budget_stops_at_a_log_step_with_a_checkpoint(tmp_path, clock):
   # The clock starts after step 1 (compilation); step 3 is the first log step past it.
   assert [s for s, _ in _losses(workdir)] == [3]
   assert loading.load_denoiser(workdir).identity["step"] == 3
+  # The budget spans restarts: run again, the spent budget trains nothing more.
+  train_ldm.run(config, workdir)
+  assert [s for s, _ in _losses(workdir)] == [3]
+  assert loading.load_denoiser(workdir).identity["step"] == 3
+  # A larger budget continues, counting the seconds already spent.
+  first = loop.read_metrics(os.path.join(workdir, "ldm"))[0][loop.BUDGET_SECONDS]
+  config.ldm.train.max_seconds, config.ldm.train.num_steps = 1e6, 6
+  train_ldm.run(config, workdir)
+  records = [r for r in loop.read_metrics(os.path.join(workdir, "ldm")) if "loss" in r]
+  assert [r["step"] for r in records] == [3, 6]
+  assert 0 < first < records[1][loop.BUDGET_SECONDS]
   config.ldm.train.budget_clock = "sundial"
   with pytest.raises(ValueError, match="budget_clock='sundial'"):
     train_ldm.run(config, str(tmp_path / "other"))

@@ -158,17 +158,34 @@ def test_feature_matching_loss_value_and_stop_gradient():
 
 def test_weighted_generator_loss():
   terms = {"mel": jnp.float32(2.0), "feature_matching": jnp.float32(3.0),
-           "adversarial": jnp.float32(5.0), "kl": jnp.float32(0.5)}
+           "adversarial": jnp.float32(5.0), "kl": jnp.float32(0.5),
+           "waveform": jnp.float32(0.25)}
+  # The paper's weights leave the waveform term (ours) out.
   total, logged = vae_losses.weighted_generator_loss(terms, vae_losses.DEFAULT_LOSS_WEIGHTS)
   np.testing.assert_allclose(total, 15 * 2 + 2 * 3 + 1 * 5 + 10 * 0.5, rtol=1e-6)
   assert set(logged) == set(vae_losses.LOSS_TERMS) and float(logged["kl"]) == 0.5
   weights = ml_collections.ConfigDict(
-      {"mel": 1.0, "feature_matching": 0.0, "adversarial": 2.0, "kl": 4.0})
+      {"mel": 1.0, "feature_matching": 0.0, "adversarial": 2.0, "kl": 4.0, "waveform": 8.0})
   total, _ = vae_losses.weighted_generator_loss(terms, weights)
-  np.testing.assert_allclose(total, 2 + 10 + 2, rtol=1e-6)
+  np.testing.assert_allclose(total, 2 + 10 + 2 + 2, rtol=1e-6)
   with pytest.raises(ValueError, match="missing.*'kl'.*unknown.*'kld'"):
     vae_losses.weighted_generator_loss(
-        terms, {"mel": 1.0, "feature_matching": 1.0, "adversarial": 1.0, "kld": 1.0})
+        terms, {"mel": 1.0, "feature_matching": 1.0, "adversarial": 1.0, "kld": 1.0,
+                "waveform": 0.0})
+
+
+def test_waveform_l1_sees_phase_that_mel_does_not():
+  t = np.arange(22050) / 22050.0
+  reference = np.sin(2 * np.pi * 220 * t)[None].astype(np.float32)
+  shifted = np.sin(2 * np.pi * 220 * t + np.pi / 2)[None].astype(np.float32)
+  quieter = 0.5 * reference
+  assert float(vae_losses.waveform_l1(reference, reference)) == 0.0
+  # The mel loss ranks a quarter-period shift as closer than a 6 dB level error; the
+  # waveform term ranks it as much farther.
+  assert (float(vae_losses.multiscale_mel_loss(shifted, reference))
+          < float(vae_losses.multiscale_mel_loss(quieter, reference)))
+  assert (float(vae_losses.waveform_l1(shifted, reference))
+          > 2 * float(vae_losses.waveform_l1(quieter, reference)))
 
 
 # ----------------------------------------------------------------------------- SI-SDR

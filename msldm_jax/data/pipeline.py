@@ -2,7 +2,9 @@
 
 A built dataset (`data/track_features.py`) holds one whole track per example. Two views cut it:
 
-- `vae_windows`: single-stem windows for the SourceVAE (reference §2). Training: 1 s windows
+- `vae_windows`: single-stem windows for the SourceVAE (reference §2); with `mixture=True`,
+  windows of the track's mixture (the sum of its stems, "stem" 0) for MixLDM's VAE, cut and
+  filtered by the same rules. Training: 1 s windows
   at 0.5 s hop, each start jittered by a uniform shift in ±0.25 s and clamped to the track;
   evaluation: 5 s windows at 1 s hop, no jitter, no shuffle. Only the stems named in
   `data_config.vae_windows.stems` and present in the track (`stem_present`) are cut, and a
@@ -207,6 +209,18 @@ def _stem_streams(track: Mapping[str, tf.Tensor], selected: tf.Tensor) -> tf.dat
   })
 
 
+def _mixture_stream(track: Mapping[str, tf.Tensor]) -> tf.data.Dataset:
+  """One element per track: the sum of the stems it has (`stem_present`), as stem 0."""
+  track_hash = tf.strings.to_hash_bucket_fast(track[track_features.TRACK_ID], _HASH_BUCKETS)
+  audio = track[track_features.AUDIO]
+  present = tf.cast(track[track_features.STEM_PRESENT], audio.dtype)
+  return tf.data.Dataset.from_tensors({
+      AUDIO: tf.reduce_sum(audio * present[:, tf.newaxis], axis=0),
+      STEM: tf.constant(0, tf.int32),
+      "track_hash": track_hash,
+  })
+
+
 def _stem_windows(stream: Mapping[str, tf.Tensor], spec: WindowSpec,
                   jitter_key: tf.Tensor) -> tf.data.Dataset:
   """The non-silent windows of one stem of one track, cut in one vectorised step."""
@@ -247,8 +261,8 @@ def _batch(ds: tf.data.Dataset, local_batch: int, train: bool) -> tf.data.Datase
 
 def vae_windows(dataset_dir: str, split: str, *, data_config: ml_collections.ConfigDict,
                 batch_size: int, train: bool, seed: int | None = None, epoch: int = 0,
-                process_index: int | None = None,
-                process_count: int | None = None) -> tf.data.Dataset:
+                process_index: int | None = None, process_count: int | None = None,
+                mixture: bool = False) -> tf.data.Dataset:
   """One epoch of single-stem VAE windows, batched for this process (see module docstring).
 
   Args:
@@ -261,6 +275,8 @@ def vae_windows(dataset_dir: str, split: str, *, data_config: ml_collections.Con
     seed: defaults to `data_config.seed`.
     epoch: which epoch's shuffle and jitter (training); ignored for evaluation.
     process_index, process_count: default to JAX's; pass them to simulate other processes.
+    mixture: windows of each track's mixture instead of its stems ("stem" is then 0, and
+      `vae_windows.stems` is not read).
 
   Returns:
     A finite dataset of {"audio": float32 [b, window], "stem": int32 [b]} (+ "valid": bool
@@ -274,7 +290,10 @@ def vae_windows(dataset_dir: str, split: str, *, data_config: ml_collections.Con
                        process_index=index, process_count=count)
   selected = tf.constant([name in spec.stems for name in stems_lib.STEM_NAMES])
   jitter_key = tf.constant(seeds.jitter_key, tf.int64)
-  ds = tracks.flat_map(functools.partial(_stem_streams, selected=selected))
+  if mixture:
+    ds = tracks.flat_map(_mixture_stream)
+  else:
+    ds = tracks.flat_map(functools.partial(_stem_streams, selected=selected))
   ds = ds.interleave(
       functools.partial(_stem_windows, spec=spec, jitter_key=jitter_key),
       cycle_length=_STEM_STREAMS, block_length=1, num_parallel_calls=tf.data.AUTOTUNE,
@@ -283,9 +302,11 @@ def vae_windows(dataset_dir: str, split: str, *, data_config: ml_collections.Con
     ds = ds.shuffle(data_config.vae_windows.shuffle_buffer, seed=seeds.shuffle_buffer,
                     reshuffle_each_iteration=False)
   ds = _batch(ds, local_batch, train)
-  logging.info("VAE windows (%s, %s): %d-sample windows, hop %d, jitter ±%d, stems %s, "
+  logging.info("VAE windows (%s, %s): %d-sample windows, hop %d, jitter ±%d, %s, "
                "%d rows per process batch, epoch %d.", split, "train" if train else "eval",
-               spec.window, spec.hop, spec.jitter, ",".join(spec.stems), local_batch, epoch)
+               spec.window, spec.hop, spec.jitter,
+               "the mixture" if mixture else "stems " + ",".join(spec.stems), local_batch,
+               epoch)
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
 
 

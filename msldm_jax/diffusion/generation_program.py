@@ -55,6 +55,8 @@ class GenerationSpec:
     sampler_settings: (key, value) pairs passed to `samplers.get_sampler`.
     sigma_data: σ_data of the EDM preconditioning the denoiser was trained with.
     generate_stems: the stems to sample, in canonical order; the others are given.
+    sources: what the joint latent stacks, in order: the four stems (msldm, isldm), or the
+      mixture alone (mixldm: `stems.latent_sources`), which is then the one source sampled.
     resample_steps: RePaint passes per step for partial generation.
     progress_every: log the sampler's steps/s and ETA every this many steps (0: off). An
       int, not a callback: a fresh callback would be a new static key, and recompile.
@@ -68,12 +70,21 @@ class GenerationSpec:
   generate_stems: tuple[str, ...] = stems_lib.STEM_NAMES
   resample_steps: int = 1
   progress_every: int = 0
+  sources: tuple[str, ...] = stems_lib.STEM_NAMES
 
   def __post_init__(self):
-    stems_lib.parse_stem_list(self.generate_stems)  # Names each unknown stem.
-    if tuple(self.generate_stems) != stems_lib.parse_stem_list(self.generate_stems):
-      raise ValueError(f"generate_stems {self.generate_stems} must be unique and in the "
-                       f"canonical order {stems_lib.STEM_NAMES}")
+    if self.sources not in (stems_lib.STEM_NAMES, (stems_lib.MIXTURE,)):
+      raise ValueError(f"sources {self.sources}: the four stems {stems_lib.STEM_NAMES} or "
+                       f"the mixture ({stems_lib.MIXTURE!r},)")
+    if self.is_mixture:
+      if tuple(self.generate_stems) != self.sources:
+        raise ValueError(f"a mixture latent generates the mixture alone, not "
+                         f"{self.generate_stems}")
+    else:
+      stems_lib.parse_stem_list(self.generate_stems)  # Names each unknown stem.
+      if tuple(self.generate_stems) != stems_lib.parse_stem_list(self.generate_stems):
+        raise ValueError(f"generate_stems {self.generate_stems} must be unique and in the "
+                         f"canonical order {stems_lib.STEM_NAMES}")
     if self.vae.num_stems != stems_lib.NUM_STEMS:
       raise ValueError(f"the SourceVAE has num_stems={self.vae.num_stems}, generation "
                        f"needs the {stems_lib.NUM_STEMS} stems {stems_lib.STEM_NAMES}")
@@ -91,12 +102,16 @@ class GenerationSpec:
     return samplers.make_progress_logger(self.progress_every)
 
   @property
+  def is_mixture(self) -> bool:
+    return self.sources == (stems_lib.MIXTURE,)
+
+  @property
   def channels(self) -> int:
-    return stems_lib.NUM_STEMS * self.vae.latent_dim
+    return len(self.sources) * self.vae.latent_dim
 
   @property
   def given_stems(self) -> tuple[str, ...]:
-    return tuple(s for s in stems_lib.STEM_NAMES if s not in self.generate_stems)
+    return tuple(s for s in self.sources if s not in self.generate_stems)
 
   @property
   def is_partial(self) -> bool:
@@ -188,7 +203,8 @@ def decode_stems(vae: source_vae.SourceVAE, vae_params, latents_bsct: jax.Array,
   """
   stem_indices = tuple(stem_indices)
   batch, num_stems, latent_dim, frames = latents_bsct.shape
-  if stem_indices == tuple(range(num_stems)) or vae.num_groups > 1:
+  if num_stems == vae.num_stems and (stem_indices == tuple(range(num_stems))
+                                     or vae.num_groups > 1):
     waveforms = vae.apply(vae_params, latents_bsct, method=vae.decode)
     return waveforms[:, list(stem_indices)]
   selected = latents_bsct[:, list(stem_indices)].reshape(-1, latent_dim, frames)
@@ -274,8 +290,9 @@ def generate_batch(vae_params, denoiser_params, keys: jax.Array,
   # vmap, not one batched sampler call: each piece draws from its own key.
   latents_bct = jax.vmap(one_piece)(keys)
   chex.assert_shape(latents_bct, (keys.shape[0],) + shape[1:])
-  stem_indices = [stems_lib.stem_index(s) for s in spec.generate_stems]
-  waveforms = decode_stems(spec.vae, vae_params, joint_latent.split_sources(latents_bct),
+  stem_indices = [spec.sources.index(s) for s in spec.generate_stems]
+  waveforms = decode_stems(spec.vae, vae_params,
+                           joint_latent.split_sources(latents_bct, len(spec.sources)),
                            stem_indices)
   chex.assert_shape(waveforms, (keys.shape[0], len(stem_indices), spec.num_samples))
   return latents_bct, waveforms
@@ -303,7 +320,7 @@ def inpaint_batch(vae_params, denoiser_params, keys: jax.Array, x_known: jax.Arr
   Returns:
     (latents [batch, stems·latent, frames], waveforms float32 [batch, stems, samples]).
   """
-  if spec.is_partial:
+  if spec.is_partial or spec.is_mixture:
     raise ValueError("inpaint_batch takes the given stems as data: build its spec with "
                      f"every stem in generate_stems, not {spec.generate_stems}")
   chex.assert_rank(keys, 1)

@@ -343,6 +343,22 @@ SAMPLERS: dict[str, Callable[..., jax.Array]] = {
 
 DEFAULT_SAMPLER = "euler_churn"
 
+
+def network_evaluations(name: str, num_steps: int) -> int:
+  """Denoiser evaluations per piece of `num_steps` steps of the sampler `name`."""
+  _check_name(name)
+  return 2 * num_steps - 1 if name == "heun" else num_steps
+
+
+def steps_for_evaluations(name: str, evaluations: int) -> int:
+  """The most steps of sampler `name` that cost at most `evaluations` network evaluations
+  (heun: (E + 1) // 2 steps, 2N − 1 evaluations); at least one step."""
+  _check_name(name)
+  if evaluations < 1:
+    raise ValueError(f"evaluations={evaluations} must be >= 1")
+  return max(1, (evaluations + 1) // 2) if name == "heun" else int(evaluations)
+
+
 # Keyword arguments of a sampler that say what one call samples, not how: not settings.
 _CALL_ARGUMENTS = frozenset({"x_init", "inpaint", "progress", "dtype", "trajectory"})
 

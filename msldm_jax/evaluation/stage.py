@@ -38,11 +38,13 @@ import os
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import soundfile as sf
 
 from msldm_jax import atomic_files
+from msldm_jax import paper_config
 from msldm_jax import stems as stems_lib
 from msldm_jax import workdir_layout
 from msldm_jax.data import input_iterator
@@ -60,8 +62,14 @@ from msldm_jax.models import loading
 from msldm_jax.models import source_vae
 
 
-def read_total_generation(samples_dir: str) -> np.ndarray:
-  """Generated pieces `[pieces, stems, samples]` from the sample stage's total generation."""
+# evaluate.scope: every table, or the mixture's distances alone.
+SCOPES = ("full", "mixture_distances")
+
+
+def read_total_generation(samples_dir: str,
+                          sources: tuple[str, ...] = stems_lib.STEM_NAMES) -> np.ndarray:
+  """Generated pieces `[pieces, sources, samples]` from the sample stage's total generation:
+  the four stems, or (sources ("mix",), MixLDM's pieces) the mixture alone."""
   pieces = []
   for piece_json in sorted(glob.glob(os.path.join(samples_dir, "piece_*", "piece.json"))):
     with open(piece_json) as f:
@@ -69,8 +77,9 @@ def read_total_generation(samples_dir: str) -> np.ndarray:
         continue
     folder = os.path.dirname(piece_json)
     audio = []
-    for name in stems_lib.STEM_NAMES:
-      path = os.path.join(folder, "stems", f"{name}.wav")
+    for name in sources:
+      path = (os.path.join(folder, "mix.wav") if name == stems_lib.MIXTURE else
+              os.path.join(folder, "stems", f"{name}.wav"))
       waveform, rate = sf.read(path, dtype="float32")
       if rate != stems_lib.SAMPLE_RATE or waveform.ndim != 1:
         raise ValueError(f"{path}: expected mono {stems_lib.SAMPLE_RATE} Hz, got {rate} Hz "
@@ -169,13 +178,15 @@ def music_measures(audio: np.ndarray, empty_share: float) -> dict[str, float]:
 
 
 def level_table(generated: np.ndarray, reference: np.ndarray, audible_generated: np.ndarray,
-                audible_reference: np.ndarray) -> dict[str, dict[str, float]]:
+                audible_reference: np.ndarray,
+                stem_names: tuple[str, ...] = stems_lib.STEM_NAMES
+                ) -> dict[str, dict[str, float]]:
   """Per stem: the generated stems' median level and the real stems' 5th/50th/95th
   percentiles (dB RMS, audible stems only), and the share of generated levels in that range."""
   generated_db, reference_db = music_metrics.levels_db(generated), music_metrics.levels_db(
       reference)
   rows = {}
-  for i, name in enumerate(stems_lib.STEM_NAMES):
+  for i, name in enumerate(stem_names):
     gen = generated_db[audible_generated[:, i], i]
     real = reference_db[audible_reference[:, i], i]
     p5, p50, p95 = (np.percentile(real, [5, 50, 95]) if real.size
@@ -198,14 +209,30 @@ def _reconstruct(vae_params, waveforms_bst, *, vae: source_vae.SourceVAE):
   return vae.apply(vae_params, mean, method=vae.decode)
 
 
-def vae_reconstruction(vae: loading.Loaded, reference: np.ndarray) -> dict[str, dict[str, float]]:
-  """SI-SDR and mel distance per stem of the frozen VAE's posterior-mean reconstructions."""
-  recon = np.concatenate([
-      np.asarray(_reconstruct(vae.params, reference[i:i + 1], vae=vae.module))
-      for i in range(len(reference))])
+@functools.partial(jax.jit, static_argnames=("vae",))
+def _reconstruct_mixture(vae_params, waveforms_bt, *, vae: source_vae.SourceVAE):
+  stem = jnp.zeros(waveforms_bt.shape[:1], jnp.int32)
+  mean, _ = vae.apply(vae_params, waveforms_bt, stem, method=vae.encode_stem)
+  return vae.apply(vae_params, mean, stem, method=vae.decode_stem)
+
+
+def vae_reconstruction(vae: loading.Loaded, reference: np.ndarray,
+                       sources: tuple[str, ...] = stems_lib.STEM_NAMES
+                       ) -> dict[str, dict[str, float]]:
+  """SI-SDR and mel distance per stem of the frozen VAE's posterior-mean reconstructions
+  (`[n, stems, samples]` reference), or of the mixtures' (`[n, 1, samples]`, sources
+  ("mix",): MixLDM's VAE)."""
+  if sources == (stems_lib.MIXTURE,):
+    recon = np.concatenate([
+        np.asarray(_reconstruct_mixture(vae.params, reference[i], vae=vae.module))[None]
+        for i in range(len(reference))])
+  else:
+    recon = np.concatenate([
+        np.asarray(_reconstruct(vae.params, reference[i:i + 1], vae=vae.module))
+        for i in range(len(reference))])
   samples = min(recon.shape[-1], reference.shape[-1])
   return music_metrics.reconstruction_quality(recon[..., :samples], reference[..., :samples],
-                                              stems_lib.SAMPLE_RATE)
+                                              stems_lib.SAMPLE_RATE, sources)
 
 
 def partial_generation_table(config: ml_collections.ConfigDict, vae: loading.Loaded,
@@ -277,15 +304,24 @@ def _as_json(scores):
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """The `--mode=evaluate` stage; returns the metrics it wrote to metrics.json."""
+  """The `--mode=evaluate` stage; returns the metrics it wrote to metrics.json.
+
+  For a mixture-only system (`config.system=mixldm`) every table is of the mixture alone:
+  its distances, empty rate, level and its VAE's reconstructions; nothing per stem, no
+  partial generation, no tags.
+  """
   evaluate_config = config.evaluate
   sample_rate = stems_lib.SAMPLE_RATE
   out_dir = workdir_layout.evaluation_dir(workdir)
   os.makedirs(out_dir, exist_ok=True)
-  generated = read_total_generation(workdir_layout.samples_dir(config, workdir))
+  sources = paper_config.latent_sources(config)
+  mixture_only = sources == (stems_lib.MIXTURE,)
+  generated = read_total_generation(workdir_layout.samples_dir(config, workdir), sources)
   reference, split_chunks = read_reference_chunks(
       config, workdir, evaluate_config.reference_split,
       int(evaluate_config.max_reference_chunks), int(evaluate_config.seed))
+  if mixture_only:
+    reference = reference.sum(axis=1, keepdims=True)
   samples = min(generated.shape[-1], reference.shape[-1])
   generated, reference = generated[..., :samples], reference[..., :samples]
   generated, notes = finite_pieces(generated, "generated pieces")
@@ -298,52 +334,73 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   embed_fn, embedding = _embedding(evaluate_config, sample_rate)
   protocol = _protocol(evaluate_config)
-  total = tables.total_generation_scores(generated, reference, embed_fn, protocol)
+  scope = str(evaluate_config.get("scope", "full"))
+  if scope not in SCOPES:
+    raise ValueError(f"config key evaluate.scope={scope!r}: one of {', '.join(SCOPES)}")
+  if scope == "mixture_distances" and not mixture_only:
+    generated = generated.sum(axis=1, keepdims=True)
+    reference = reference.sum(axis=1, keepdims=True)
+    sources = (stems_lib.MIXTURE,)
+  total = tables.total_generation_scores(generated, reference, embed_fn, protocol, sources)
   tables.write_distance_table(out_dir, "total_generation",
                               {row: {"": scores} for row, scores in total.items()}, embedding,
                               notes=[f"{len(generated)} generated pieces. {reference_note}"]
                               + notes)
 
+  metrics = dict(embedding=embedding, sources=list(sources), num_generated=len(generated),
+                 num_reference=len(reference), reference_split_chunks=split_chunks,
+                 notes=notes, scope=scope,
+                 protocol=dict(bootstrap_samples=protocol.bootstrap_samples,
+                               confidence=protocol.confidence, seed=protocol.seed),
+                 total_generation=_as_json({r: {"": s} for r, s in total.items()}))
+  if scope == "mixture_distances":
+    atomic_files.write_json_atomic(os.path.join(out_dir, "metrics.json"), metrics)
+    logging.info("Evaluation (the mixture's distances only) written to %s", out_dir)
+    return metrics
+
   # The VAE whose latents the diffusion model learned: it decoded the pieces, and its
   # reconstructions bound what generation can reach.
   vae, denoiser = generation_stage.load_models(config, workdir)
   partial, partial_facts = {}, {}
-  if int(evaluate_config.partial_chunks) > 0:
+  if int(evaluate_config.partial_chunks) > 0 and not mixture_only:
     partial, partial_facts = partial_generation_table(config, vae, denoiser, reference,
                                                       embed_fn, embedding, out_dir)
 
   empty_share = float(evaluate_config.empty_share)
-  generated_measures = music_measures(generated, empty_share)
-  real_measures = music_measures(reference, empty_share)
+  if mixture_only:
+    generated_measures, real_measures = (
+        {f"empty stem rate ({name})": float(value) for name, value in
+         music_metrics.empty_stem_rates(audio, sources, empty_share=empty_share).items()}
+        for audio in (generated, reference))
+  else:
+    generated_measures = music_measures(generated, empty_share)
+    real_measures = music_measures(reference, empty_share)
   tables.write_table(out_dir, "music_measures",
                      {k: {"generated": generated_measures[k], "real": real_measures[k]}
                       for k in generated_measures}, row_label="measure")
 
-  audible_generated = ~music_metrics.empty_stems(generated, empty_share=empty_share)
-  audible_reference = ~music_metrics.empty_stems(reference, empty_share=empty_share)
-  levels = level_table(generated, reference, audible_generated, audible_reference)
+  audible_generated = ~music_metrics.empty_stems(generated, sources, empty_share=empty_share)
+  audible_reference = ~music_metrics.empty_stems(reference, sources, empty_share=empty_share)
+  levels = level_table(generated, reference, audible_generated, audible_reference, sources)
   tables.write_table(out_dir, "levels", levels, row_label="stem")
 
-  tag_fn = _tagger(sample_rate)
-  recognised = {"generated": instrument_tags.recognition(generated, tag_fn, audible_generated),
-                "real": instrument_tags.recognition(reference, tag_fn, audible_reference)}
-  tables.write_table(out_dir, "instrument_tags",
-                     {stem: {f"{side} {k}": float(recognised[side][stem][k])
-                             for side in recognised for k in ("recognised", "stems")}
-                      for stem in instrument_tags.STEM_TAGS}, row_label="stem")
+  recognised = {}
+  if not mixture_only:
+    tag_fn = _tagger(sample_rate)
+    recognised = {
+        "generated": instrument_tags.recognition(generated, tag_fn, audible_generated),
+        "real": instrument_tags.recognition(reference, tag_fn, audible_reference)}
+    tables.write_table(out_dir, "instrument_tags",
+                       {stem: {f"{side} {k}": float(recognised[side][stem][k])
+                               for side in recognised for k in ("recognised", "stems")}
+                        for stem in instrument_tags.STEM_TAGS}, row_label="stem")
 
-  reconstruction = vae_reconstruction(vae, reference)
+  reconstruction = vae_reconstruction(vae, reference, sources)
   tables.write_table(out_dir, "vae_reconstruction",
                      {stem: dict(sorted(scores.items()))
                       for stem, scores in reconstruction.items()}, row_label="measure")
 
-  metrics = dict(embedding=embedding, num_generated=len(generated),
-                 num_reference=len(reference), reference_split_chunks=split_chunks,
-                 notes=notes, protocol=dict(bootstrap_samples=protocol.bootstrap_samples,
-                                            confidence=protocol.confidence,
-                                            seed=protocol.seed),
-                 total_generation=_as_json({r: {"": s} for r, s in total.items()}),
-                 partial_generation=_as_json(partial), partial=partial_facts,
+  metrics.update(partial_generation=_as_json(partial), partial=partial_facts,
                  music_measures=dict(generated=generated_measures, real=real_measures),
                  levels=levels, instrument_tags=recognised,
                  vae_reconstruction=reconstruction,

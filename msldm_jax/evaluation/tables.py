@@ -79,12 +79,16 @@ def total_generation_scores(generated, reference, embed_fn: EmbedFn,
                             stem_names: Sequence[str] = stems.STEM_NAMES
                             ) -> dict[str, Scores]:
   """{'mixture': scores of the mixtures, stem: scores of that stem} for
-  `[pieces, stems, samples]`, each {measure: Score} (value, interval, floor)."""
+  `[pieces, stems, samples]`, each {measure: Score} (value, interval, floor). With
+  stem_names ("mix",) (mixtures only) the one row is the mixture's."""
   generated = stems.as_pieces(generated, stem_names, "generated", np.float32)
   reference = stems.as_pieces(reference, stem_names, "reference", np.float32)
   scores = {MIXTURE: distance_scores.score(embed_pieces(generated.sum(axis=1), embed_fn),
                                            embed_pieces(reference.sum(axis=1), embed_fn),
                                            protocol)}
+  if tuple(stem_names) == (stems.MIXTURE,):
+    logging.info("Total generation: %s", _summary(scores))
+    return scores
   for i, name in enumerate(stem_names):
     scores[name] = distance_scores.score(embed_pieces(generated[:, i], embed_fn),
                                          embed_pieces(reference[:, i], embed_fn), protocol)

@@ -8,6 +8,9 @@
                                         were decoded from (when given): to decode it again,
                                         with this or another implementation of the VAE
 
+A mixture-only piece (MixLDM, whose latent is the mixture's) has no stems/ folder: its
+mix.wav is the decoded mixture itself.
+
 Audio is written as 32-bit float WAV: the mixture is the plain sum of the stems and is never
 clipped or normalised (gain 1). A sum of four stems can exceed full scale; a float WAV keeps
 it, and piece.json records the peak so that a listener or a converter to PCM can apply
@@ -33,8 +36,16 @@ def piece_dir(output_dir: str, piece_index: int) -> str:
   return os.path.join(output_dir, f"piece_{piece_index:03d}")
 
 
+def is_mixture_only(stems: Mapping[str, np.ndarray]) -> bool:
+  """Whether a piece is the mixture alone (MixLDM's), without stems."""
+  return set(stems) == {stems_lib.MIXTURE}
+
+
 def mixture(stems: Mapping[str, np.ndarray]) -> np.ndarray:
-  """The sum of the stems in canonical stem order, float32 (the order fixes the rounding)."""
+  """The sum of the stems in canonical stem order, float32 (the order fixes the rounding);
+  a mixture-only piece's mixture itself."""
+  if is_mixture_only(stems):
+    return np.asarray(stems[stems_lib.MIXTURE], np.float32)
   total = None
   for name in stems_lib.STEM_NAMES:
     x = np.asarray(stems[name], np.float32)
@@ -53,20 +64,24 @@ def write_piece(directory: str, stems: Mapping[str, np.ndarray], sample_rate: in
 
   Args:
     directory: the piece's folder, e.g. `piece_dir(output, 3)`.
-    stems: all four stems by name, float32 [samples] each, one length.
+    stems: all four stems by name, float32 [samples] each, one length; or {"mix": ...}
+      alone for a mixture-only piece.
     sample_rate: of the audio.
     metadata: recorded in piece.json (settings, seed, stems given and generated, ...).
     title: the spectrogram's title.
     latents: the joint latent the piece was decoded from, written as latents.npy.
   """
-  missing = [name for name in stems_lib.STEM_NAMES if name not in stems]
+  names = () if is_mixture_only(stems) else stems_lib.STEM_NAMES
+  missing = [name for name in names if name not in stems]
   if missing:
     raise ValueError(f"write_piece({directory}): no audio for stems {missing}")
-  lengths = {name: len(stems[name]) for name in stems_lib.STEM_NAMES}
-  if len(set(lengths.values())) != 1:
+  lengths = {name: len(stems[name]) for name in names}
+  if len(set(lengths.values())) > 1:
     raise ValueError(f"write_piece({directory}): stems differ in length: {lengths}")
-  os.makedirs(os.path.join(directory, "stems"), exist_ok=True)
-  for name in stems_lib.STEM_NAMES:
+  os.makedirs(directory, exist_ok=True)
+  if names:
+    os.makedirs(os.path.join(directory, "stems"), exist_ok=True)
+  for name in names:
     sf.write(os.path.join(directory, "stems", f"{name}.wav"),
              np.asarray(stems[name], np.float32), sample_rate, subtype=WAV_SUBTYPE)
   if latents is not None:
@@ -75,7 +90,7 @@ def write_piece(directory: str, stems: Mapping[str, np.ndarray], sample_rate: in
   sf.write(os.path.join(directory, "mix.wav"), mix, sample_rate, subtype=WAV_SUBTYPE)
   plotting.save_spectrograms(
       os.path.join(directory, "spectrogram.png"),
-      {**{name: stems[name] for name in stems_lib.STEM_NAMES}, "mix": mix}, sample_rate,
+      {**{name: stems[name] for name in names}, "mix": mix}, sample_rate,
       title=title)
   mix_peak = _peak(mix)
   record = dict(metadata)
@@ -86,8 +101,7 @@ def write_piece(directory: str, stems: Mapping[str, np.ndarray], sample_rate: in
       wav_subtype=WAV_SUBTYPE,
       # No gain is applied: the mix is the plain sum, whatever its peak.
       gain=1.0,
-      peak=dict(mix=mix_peak, **{name: _peak(np.asarray(stems[name]))
-                                 for name in stems_lib.STEM_NAMES}),
+      peak=dict(mix=mix_peak, **{name: _peak(np.asarray(stems[name])) for name in names}),
       exceeds_full_scale=mix_peak > 1.0,
   )
   with open(os.path.join(directory, "piece.json"), "w") as f:

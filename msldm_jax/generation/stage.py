@@ -1,4 +1,5 @@
-r"""The `--mode=sample` stage: total and partial generation of four-stem pieces.
+r"""The `--mode=sample` stage: total and partial generation of four-stem pieces (or of
+mixtures alone, for a MixLDM checkpoint: `config.system=mixldm`).
 
   python -m msldm_jax.main --config=configs/demo.py --workdir=runs/demo --mode=sample
   python -m msldm_jax.main --config=configs/demo.py --workdir=runs/demo --mode=sample \
@@ -40,6 +41,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from msldm_jax import paper_config
 from msldm_jax import stems as stems_lib
 from msldm_jax import workdir_layout
 from msldm_jax.diffusion import generation_program
@@ -68,7 +70,7 @@ class Piece:
     latents: float32 [stems·latent_dim, frames], the sampler's output before decoding; the
       given stems' channels equal their encodings exactly.
     stems: every stem by name, float32 [num_samples]: decoded for generated stems, the
-      original waveform for given ones.
+      original waveform for given ones; {"mix": ...} alone for a mixture latent.
     generated: the stems that were sampled.
   """
   index: int
@@ -84,6 +86,15 @@ class Piece:
 def prepare_task(config: ml_collections.ConfigDict) -> Task:
   """Parses `generate` and reads the given stems: every input error before any model loads."""
   sample_config = config.sample
+  sources = paper_config.latent_sources(config)
+  if sources == (stems_lib.MIXTURE,):
+    if sample_config.generate or sample_config.condition_dir:
+      raise ValueError(f"config key system={paper_config.check_system(config)!r} models "
+                       "the mixture alone: it has no stems to give or generate "
+                       "(config.sample.generate="
+                       f"{sample_config.generate!r}, condition_dir="
+                       f"{sample_config.condition_dir!r})")
+    return Task(sources)
   generate_stems = conditions.parse_generate(sample_config.generate)
   given_stems = tuple(s for s in stems_lib.STEM_NAMES if s not in generate_stems)
   if not given_stems:
@@ -99,9 +110,12 @@ def prepare_task(config: ml_collections.ConfigDict) -> Task:
 
 
 def make_spec(config: ml_collections.ConfigDict, vae, denoiser,
-              generate_stems: Sequence[str] = stems_lib.STEM_NAMES
+              generate_stems: Sequence[str] | None = None
               ) -> generation_program.GenerationSpec:
-  """The compiled program's static description from the config and the two modules."""
+  """The compiled program's static description from the config and the two modules
+  (`generate_stems` None: every source of the config's system)."""
+  sources = paper_config.latent_sources(config)
+  generate_stems = sources if generate_stems is None else generate_stems
   name, settings = generation_program.sampler_settings(config.sample)
   num_samples = int(config.data.chunks.samples)
   frames = generation_program.latent_frames(num_samples, vae, int(denoiser.frame_multiple))
@@ -110,7 +124,7 @@ def make_spec(config: ml_collections.ConfigDict, vae, denoiser,
       sampler_settings=tuple(sorted(settings.items())),
       sigma_data=float(config.ldm.sigma_data), generate_stems=tuple(generate_stems),
       resample_steps=int(config.sample.resample_steps),
-      progress_every=int(config.sample.get("log_every_steps", 0)))
+      progress_every=int(config.sample.get("log_every_steps", 0)), sources=tuple(sources))
   if spec.num_samples < num_samples:
     raise ValueError(f"config.data.chunks.samples={num_samples}: the VAE decodes its "
                      f"{frames} latent frames to only {spec.num_samples} samples")
@@ -168,7 +182,7 @@ def generate_pieces(spec: generation_program.GenerationSpec, vae_params, denoise
       if spec.is_partial:
         stems.update(given.waveforms)
       yield Piece(index=index, latents=np.asarray(latents[row]),
-                  stems={name: stems[name] for name in stems_lib.STEM_NAMES},
+                  stems={name: stems[name] for name in spec.sources},
                   generated=spec.generate_stems)
 
 
@@ -270,7 +284,12 @@ def load_models(config: ml_collections.ConfigDict, workdir: str
                     "VAE whose latents it learned", what, vae.identity["checkpoint_dir"])
   else:
     loading.check_same_vae(vae, learned.get("vae"), what=what)
-  channels = stems_lib.NUM_STEMS * vae.module.latent_dim
+  sources = paper_config.latent_sources(config)
+  recorded_sources = tuple(learned.get("sources", stems_lib.STEM_NAMES))
+  if recorded_sources != sources:
+    raise ValueError(f"{what} learned latents of {recorded_sources}, but config key "
+                     f"system={paper_config.check_system(config)!r} generates {sources}")
+  channels = len(sources) * vae.module.latent_dim
   if denoiser.module.in_channels != channels:
     raise ValueError(f"the denoiser {denoiser.identity['checkpoint_dir']} takes "
                      f"{denoiser.module.in_channels} channels, the VAE {vae_path} makes "

@@ -47,6 +47,7 @@ from typing import Any
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
@@ -55,6 +56,7 @@ import tensorflow_datasets as tfds
 import tqdm
 
 from msldm_jax import atomic_files
+from msldm_jax import paper_config
 from msldm_jax import stems as stems_lib
 from msldm_jax import workdir_layout
 from msldm_jax.data import pipeline
@@ -81,7 +83,8 @@ def _json_roundtrip(value):
 
 def encoding_settings(config: ml_collections.ConfigDict, workdir: str,
                       vae: source_vae.SourceVAE) -> dict:
-  """What the latents depend on besides the VAE's parameters (compared on every re-run)."""
+  """What the latents depend on besides the VAE's parameters (compared on every re-run);
+  "stems" names the latent's sources: the four stems, or the mixture alone (mixldm)."""
   chunk = int(config.data.chunks.samples)
   if chunk <= 0:
     raise ValueError(f"config key data.chunks.samples={chunk} must be positive")
@@ -89,7 +92,7 @@ def encoding_settings(config: ml_collections.ConfigDict, workdir: str,
       "dataset_dir": os.path.abspath(workdir_layout.dataset_dir(config, workdir)),
       "chunk_samples": chunk,
       "sample_rate": int(config.data.sample_rate),
-      "stems": list(stems_lib.STEM_NAMES),
+      "stems": list(paper_config.latent_sources(config)),
       "latent_dim": vae.latent_dim,
       "frames": source_vae.encoded_length(chunk, vae.encoder_strides),
       "vae_model": loading.vae_config_dict(vae),
@@ -262,8 +265,9 @@ def _encode_split(directory: str, split: str, *, dataset_dir: str, chunk: int,
 
 
 @functools.lru_cache(maxsize=8)
-def make_encode_fn(vae: source_vae.SourceVAE, mesh):
-  """jit(params, waveforms [batch, stems, samples]) -> posterior means [batch, stems, D, T].
+def make_encode_fn(vae: source_vae.SourceVAE, mesh, mixture: bool = False):
+  """jit(params, waveforms [batch, stems, samples]) -> posterior means [batch, stems, D, T];
+  with `mixture`, of the stems' sum: [batch, 1, D, T] (MixLDM's latents, from its VAE).
 
   Batch split over the data axis, parameters replicated; the output is replicated, so every
   process can read all of it. Cached per (module, mesh), so that running the stage again in
@@ -271,6 +275,11 @@ def make_encode_fn(vae: source_vae.SourceVAE, mesh):
   """
 
   def encode(params, waveforms_bst):
+    if mixture:
+      mix_bt = waveforms_bst.sum(axis=1)
+      mean, _ = vae.apply(params, mix_bt, jnp.zeros(mix_bt.shape[:1], jnp.int32),
+                          method=vae.encode_stem)
+      return mean[:, None]
     mean, _ = vae.apply(params, waveforms_bst, method=vae.encode)
     return mean
 
@@ -299,7 +308,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
                      f"{vae.num_stems}; the latent store needs the {stems_lib.NUM_STEMS} stems "
                      f"{stems_lib.STEM_NAMES}")
   settings = encoding_settings(config, workdir, vae)
-  shape = [stems_lib.NUM_STEMS, settings["latent_dim"], settings["frames"]]
+  mixture = tuple(settings["stems"]) == (stems_lib.MIXTURE,)
+  shape = [len(settings["stems"]), settings["latent_dim"], settings["frames"]]
   if source_vae.decoded_length(settings["frames"], vae.decoder_strides) != settings[
       "chunk_samples"]:
     logging.warning("config key data.chunks.samples=%d: the VAE decodes its %d frames to %d "
@@ -340,7 +350,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
                ",".join(splits), settings["chunk_samples"], shape, batch, devices,
                chunks_per_shard, identity["checkpoint_dir"], identity["step"])
 
-  encode = make_encode_fn(vae, mesh)
+  encode = make_encode_fn(vae, mesh, mixture)
   for split in splits:
     if split in manifest["splits"]:
       continue

@@ -3,7 +3,8 @@
 Layout of a store directory (`workdir_layout.latents_dir`, WORKDIR/latents by default):
 
   manifest.json                   what is here and who made it (below)
-  {split}/shard-00000.npy         float32 [n, NUM_STEMS, latent_dim, frames], n <= per shard
+  {split}/shard-00000.npy         float32 [n, sources, latent_dim, frames], n <= per shard
+                                  (sources: the four stems, or the mixture alone for MixLDM)
   {split}/shard-00000.json        {"chunks": [[track_id, chunk_index], ...]}, one per row
   ...
 
@@ -220,9 +221,10 @@ def write_latents(directory: str, latents_by_split: Mapping[str, np.ndarray], *,
   splits = {}
   for split, latents in latents_by_split.items():
     latents = np.asarray(latents, np.float32)
-    if latents.ndim != 4 or latents.shape[1] != stems_lib.NUM_STEMS:
+    sources = len(settings.get("stems", stems_lib.STEM_NAMES))
+    if latents.ndim != 4 or latents.shape[1] != sources:
       raise ValueError(f"latents of split {split!r} have shape {latents.shape}, expected "
-                       f"[n, {stems_lib.NUM_STEMS}, latent_dim, frames]")
+                       f"[n, {sources} sources, latent_dim, frames]")
     if shape is None:
       shape = list(latents.shape[1:])
     elif shape != list(latents.shape[1:]):

@@ -6,7 +6,10 @@ trains the VAE's generator on
     15 · mel + 2 · feature_matching + 1 · adversarial + 10 · KL,
 
 and the discriminator on a least-squares GAN loss. The KL term belongs to the model
-(`models/source_vae.py`); this module only weighs it in.
+(`models/source_vae.py`); this module only weighs it in. A fifth term, the waveform's mean
+absolute error, is ours and off at the paper's weights (0): mel, feature-matching and
+adversarial terms are all blind to phase, so only it asks the decoder for the input's phase
+(which SI-SDR measures).
 
 Discriminator outputs are taken as a sequence with one `(features, logits)` pair per
 sub-discriminator (`models.discriminators.DiscriminatorOutput` is such a pair); `features` are
@@ -30,8 +33,9 @@ MEL_N_MELS = (5, 10, 20, 40, 80, 160, 320)
 MEL_CLAMP_EPS = 1e-5
 
 # The generator's loss terms and the reference's weights for them ("lambdas" of configs.json).
-LOSS_TERMS = ("mel", "feature_matching", "adversarial", "kl")
-DEFAULT_LOSS_WEIGHTS = {"mel": 15.0, "feature_matching": 2.0, "adversarial": 1.0, "kl": 10.0}
+LOSS_TERMS = ("mel", "feature_matching", "adversarial", "kl", "waveform")
+DEFAULT_LOSS_WEIGHTS = {"mel": 15.0, "feature_matching": 2.0, "adversarial": 1.0, "kl": 10.0,
+                        "waveform": 0.0}
 
 # One (features, logits) pair per sub-discriminator.
 DiscriminatorOutputs = Sequence[tuple[Sequence[jax.Array], jax.Array]]
@@ -130,13 +134,19 @@ def feature_matching_loss(d_fake: DiscriminatorOutputs,
   return loss
 
 
+def waveform_l1(estimate: jax.Array, reference: jax.Array) -> jax.Array:
+  """Mean absolute sample error (float32 scalar): the one generator term that sees phase."""
+  chex.assert_equal_shape([estimate, reference])
+  return jnp.mean(jnp.abs(_f32(estimate) - _f32(reference)))
+
+
 def weighted_generator_loss(terms: Mapping[str, jax.Array], loss_weights: Mapping[str, Any]
                             ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Σ_k loss_weights[k] · terms[k] over `LOSS_TERMS`; returns (total, {term: value}).
 
   `loss_weights` is a dict or ConfigDict with exactly the keys of `LOSS_TERMS` (mel,
-  feature_matching, adversarial, kl): a missing or unknown key is an error naming it, so that a
-  misspelt weight cannot silently switch a term off. The returned dict holds the unweighted
+  feature_matching, adversarial, kl, waveform): a missing or unknown key is an error naming
+  it, so that a misspelt weight cannot silently switch a term off. The returned dict holds the unweighted
   terms (float32 scalars), for logging.
   """
   weight_keys, term_keys = set(loss_weights.keys()), set(terms.keys())
@@ -162,7 +172,8 @@ def generator_loss(estimate: jax.Array, reference: jax.Array, d_fake: Discrimina
                    loss_weights: Mapping[str, Any] = DEFAULT_LOSS_WEIGHTS, *,
                    sample_rate: int = stems.SAMPLE_RATE
                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The VAE generator's loss: weighted mel, feature matching, adversarial and KL terms.
+  """The VAE generator's loss: weighted mel, feature matching, adversarial, KL and waveform
+  terms.
 
   Args:
     estimate: the decoder's waveform `[batch, samples]`.
@@ -174,7 +185,7 @@ def generator_loss(estimate: jax.Array, reference: jax.Array, d_fake: Discrimina
     sample_rate: for the mel filters.
 
   Returns:
-    (total, {'mel', 'feature_matching', 'adversarial', 'kl'}: unweighted terms).
+    (total, {'mel', 'feature_matching', 'adversarial', 'kl', 'waveform'}: unweighted terms).
   """
   chex.assert_rank(estimate, 2)
   terms = {
@@ -182,6 +193,7 @@ def generator_loss(estimate: jax.Array, reference: jax.Array, d_fake: Discrimina
       "feature_matching": feature_matching_loss(d_fake, d_real),
       "adversarial": generator_adversarial_loss(d_fake),
       "kl": kl,
+      "waveform": waveform_l1(estimate, reference),
   }
   return weighted_generator_loss(terms, loss_weights)
 

@@ -22,8 +22,11 @@ A time budget (`max_seconds` > 0 in the train config) ends a run early, with a c
 the first log step past it: for comparing networks or recipes on equal time. The clock
 (`budget_clock`) starts once the first step has run (compilation is not counted): "wall" is
 elapsed time; "cpu" is this process's CPU time, which moves far less with other processes'
-load on a shared machine. A resumed run gets a fresh budget. With several processes the
-decision is process 0's, broadcast, so that every host stops at the same step.
+load on a shared machine. The budget spans restarts: every log record carries the clock's
+seconds spent so far (`budget_seconds`), a resumed run continues from the value of its
+restored step, and a run whose budget was spent before it was stopped does not train again
+(so that a resumable pipeline can rerun a budgeted stage as a no-op). With several processes
+the decision is process 0's, broadcast, so that every host stops at the same step.
 
 metrics.jsonl holds one JSON line per log step (and one per hook result), truncated to the
 restored step on resume: the lines of an interrupted run past its checkpoint are redone, so
@@ -173,22 +176,33 @@ def train(trainer: Trainer) -> dict[str, float]:
 BUDGET_CLOCKS = {"wall": time.monotonic, "cpu": time.process_time}
 
 
-class Budget:
-  """Whether `max_seconds` of `clock` have passed since `start()` (never, for 0)."""
+BUDGET_SECONDS = "budget_seconds"  # The log records' key for the budget clock's total.
 
-  def __init__(self, max_seconds: float, clock: str):
+
+class Budget:
+  """Whether `max_seconds` of `clock` have passed, counting `spent_before` (from the runs
+  before a restart) plus this run's since `start()` (never, for max_seconds 0)."""
+
+  def __init__(self, max_seconds: float, clock: str, spent_before: float = 0.0):
     if clock not in BUDGET_CLOCKS:
       raise ValueError(f"train config budget_clock={clock!r}: one of "
                        f"{', '.join(BUDGET_CLOCKS)}")
     self.max_seconds, self._clock, self._started = float(max_seconds), BUDGET_CLOCKS[clock], None
+    self.spent_before = float(spent_before)
 
   def start(self):
     self._started = self._clock()
 
+  def elapsed(self) -> float:
+    """Seconds of the clock spent on training, over every run of this stage."""
+    if self._started is None:
+      return self.spent_before
+    return self.spent_before + self._clock() - self._started
+
   def spent(self) -> bool:
-    if self.max_seconds <= 0 or self._started is None:
+    if self.max_seconds <= 0:
       return False
-    spent = self._clock() - self._started >= self.max_seconds
+    spent = self.elapsed() >= self.max_seconds
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       spent = bool(multihost_utils.broadcast_one_to_all(np.asarray(spent)))
@@ -198,15 +212,22 @@ class Budget:
 def _loop(trainer: Trainer, manager) -> dict[str, float]:
   config = trainer.train_config
   num_steps = int(config.num_steps)
-  budget = Budget(float(config.get("max_seconds", 0.0)), str(config.get("budget_clock", "wall")))
   restored = checkpointing.restore_latest(manager, trainer.compiled.abstract_state)
   if restored is None:
     state, position, start = trainer.initial_state(), None, 0
   else:
     state, position, start = restored
+  log = MetricsLog(os.path.join(trainer.stage_dir, workdir_layout.METRICS_FILE), start)
+  spent_before = max([r[BUDGET_SECONDS] for r in log.records if BUDGET_SECONDS in r],
+                     default=0.0)
+  budget = Budget(float(config.get("max_seconds", 0.0)), str(config.get("budget_clock", "wall")),
+                  spent_before)
+  if start and budget.spent():
+    logging.info("%s: the time budget of %.0f s was spent before step %d: nothing to train",
+                 trainer.name, budget.max_seconds, start)
+    return {}
   inputs = trainer.train_inputs(position)
   writer = metric_writer.MetricWriter(os.path.join(trainer.stage_dir, workdir_layout.LOGS))
-  log = MetricsLog(os.path.join(trainer.stage_dir, workdir_layout.METRICS_FILE), start)
   progress = metric_writer.Progress(num_steps, start, int(config.log_every), trainer.name)
   pending: list[tuple[int, Any]] = []  # (step, device metrics) not yet fetched
   due = None  # a log step whose metrics are fetched after the next step is dispatched
@@ -224,6 +245,8 @@ def _loop(trainer: Trainer, manager) -> dict[str, float]:
     rate = progress.update(until)
     if rate is not None:
       scalars["steps_per_second"] = rate
+    if budget.max_seconds > 0:
+      scalars[BUDGET_SECONDS] = budget.elapsed()
     writer.scalars(until, scalars)
     log.append({"step": until, **scalars})
     last = {**last, **scalars}

@@ -244,6 +244,12 @@ class LDMTrainer:
     # ISLDM: one network per stem of the store.
     self.independent_stems = (int(self.manifest["shape"][0])
                               if paper_config.check_system(config) == "isldm" else 0)
+    # What the store's latent stacks: the four stems, or the mixture (MixLDM's store).
+    self.sources = list(self.manifest["settings"].get("stems", stems_lib.STEM_NAMES))
+    if tuple(self.sources) != paper_config.latent_sources(config):
+      raise ValueError(f"config key system={paper_config.check_system(config)!r} trains "
+                       f"on latents of {paper_config.latent_sources(config)}, but the store at "
+                       f"{self.latents_dir} holds {tuple(self.sources)}")
     self.spec = make_train_spec(self.ldm_config, self.model_config, self.independent_stems)
     self.compiled = loop.CompiledStep(
         functools.partial(init_state, self.spec, num_frames=self.spec.model.frame_multiple),
@@ -258,7 +264,7 @@ class LDMTrainer:
   def latents_record(self) -> dict:
     manifest = self.manifest
     return {"latents_dir": os.path.abspath(self.latents_dir), "vae": manifest["vae"],
-            "shape": manifest["shape"]}
+            "shape": manifest["shape"], "sources": self.sources}
 
   def model_record(self) -> dict:
     return loading.denoiser_record(self.denoiser_kind, self.model_config,
@@ -298,7 +304,8 @@ class LDMTrainer:
         vae=vae.module, denoiser=self.spec.model, num_frames=int(frames),
         sampler_name=samplers.DEFAULT_SAMPLER,
         sampler_settings=(("num_steps", int(self.train_config.sample_steps)),),
-        sigma_data=self.spec.sigma_data)
+        sigma_data=self.spec.sigma_data, generate_stems=tuple(self.sources),
+        sources=tuple(self.sources))
 
     def generate(ema_params, key):
       _, waveforms = generation_program.generate_batch(vae.params, ema_params, key[None],
@@ -326,8 +333,8 @@ class LDMTrainer:
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(int(self.ldm_config.seed)),
                                                 step), _SAMPLE_STREAM)
     waveforms = np.asarray(jax.device_get(self._generate(state.ema_params, key)))
-    named = dict(zip(stems_lib.STEM_NAMES, waveforms))
-    named["mix"] = waveforms.sum(axis=0)
+    named = dict(zip(self.sources, waveforms))
+    named[stems_lib.MIXTURE] = waveforms.sum(axis=0)
     for name, waveform in named.items():
       writer.audio(step, f"samples/{name}", waveform[None], stems_lib.SAMPLE_RATE)
     writer.images(step, "samples/spectrogram", plotting.spectrogram_image(

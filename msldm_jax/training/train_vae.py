@@ -6,7 +6,7 @@ Each step is one pure, jitted function with the whole state donated:
   3. a generator update against the FRESH discriminator, reusing step 1's forward through
      its VJP, so the generator runs forward once per step as in the reference.
 With `vae.adversarial_start` = N > 0 the first N steps are a warm-up that updates the
-generator on its mel and KL terms alone (`reconstruction_step`, a second compiled program;
+generator on its mel, KL and waveform terms alone (`reconstruction_step`, a second compiled program;
 the discriminator neither runs nor changes); 0, the release's recipe, has none.
 Inputs are right-padded with zeros to whole latent frames and the reconstruction is cropped
 back to the window, the codec convention of DAC.
@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from msldm_jax import paper_config
 from msldm_jax import plotting
 from msldm_jax import stems as stems_lib
 from msldm_jax import workdir_layout
@@ -174,8 +175,8 @@ def adversarial_step(state: VAETrainState, batch, *, spec: VAETrainSpec, loss_we
 
 def reconstruction_step(state: VAETrainState, batch, *, spec: VAETrainSpec, loss_weights,
                         rng):
-  """A warm-up step (`vae.adversarial_start`): the generator on its weighted mel and KL
-  terms only; the discriminator is neither run nor updated (its Adam state neither). The
+  """A warm-up step (`vae.adversarial_start`): the generator on its weighted mel, KL and
+  waveform terms only; the discriminator is neither run nor updated (its Adam state neither). The
   adversarial and feature-matching terms are logged as 0."""
   x, stem = batch[pipeline.AUDIO], batch[pipeline.STEM]
 
@@ -184,7 +185,8 @@ def reconstruction_step(state: VAETrainState, batch, *, spec: VAETrainSpec, loss
     terms = {"mel": vae_losses.multiscale_mel_loss(recon, x),
              "feature_matching": jnp.zeros((), jnp.float32),
              "adversarial": jnp.zeros((), jnp.float32),
-             "kl": source_vae.kl_divergence(mean, logvar)}
+             "kl": source_vae.kl_divergence(mean, logvar),
+             "waveform": vae_losses.waveform_l1(recon, x)}
     return vae_losses.weighted_generator_loss(terms, loss_weights)
 
   (g_loss, terms), g_grads = jax.value_and_grad(objective, has_aux=True)(state.generator)
@@ -239,6 +241,9 @@ class VAETrainer:
     self.mesh = mesh or mesh_lib.make_mesh()
     self.spec = make_train_spec(self.vae_config)
     self.window = pipeline.vae_window_spec(config.data, train=True).window
+    # MixLDM's VAE: the same stage on mixture windows (its metrics are the source "mix").
+    self.sources = paper_config.latent_sources(config)
+    self.mixture = self.sources == (stems_lib.MIXTURE,)
     self.stage_dir = workdir_layout.trainer_dir(workdir, workdir_layout.VAE)
     step_kwargs = dict(spec=self.spec, loss_weights=dict(self.vae_config.loss_weights),
                        seed=int(self.vae_config.seed))
@@ -270,7 +275,8 @@ class VAETrainer:
   def train_inputs(self, position=None) -> input_iterator.InputIterator:
     dataset_fn = functools.partial(
         pipeline.vae_windows, self._dataset_dir(), "train", data_config=self.config.data,
-        batch_size=self.vae_config.batch_size, train=True, seed=self.config.data.seed)
+        batch_size=self.vae_config.batch_size, train=True, seed=self.config.data.seed,
+        mixture=self.mixture)
     return input_iterator.InputIterator(dataset_fn, mesh=self.mesh, position=position)
 
   def summarize(self, steps) -> dict[str, float]:
@@ -291,11 +297,12 @@ class VAETrainer:
       plotting.save_curves(os.path.join(self.stage_dir, "losses.png"), curves)
 
   def evaluate(self, state: VAETrainState, writer=None, step: int = 0) -> dict:
-    """Mel distance and SI-SDR per stem over the first `eval_batches` validation batches."""
+    """Mel distance and SI-SDR per stem (or of the mixture) over the first `eval_batches`
+    validation batches."""
     train = self.train_config
     dataset_fn = functools.partial(
         pipeline.vae_windows, self._dataset_dir(), "validation", data_config=self.config.data,
-        batch_size=train.eval_batch_size, train=False)
+        batch_size=train.eval_batch_size, train=False, mixture=self.mixture)
     inputs = input_iterator.InputIterator(dataset_fn, mesh=self.mesh, num_epochs=1)
     sums = {}
     examples = None
@@ -306,7 +313,7 @@ class VAETrainer:
       valid = np.asarray(batch[pipeline.VALID])
       stem = np.asarray(batch[pipeline.STEM])
       for name in ("mel_distance", "si_sdr"):
-        for s, stem_name in enumerate(stems_lib.STEM_NAMES):
+        for s, stem_name in enumerate(self.sources):
           rows = valid & (stem == s)
           if rows.any():
             total, count = sums.get((name, stem_name), (0.0, 0))

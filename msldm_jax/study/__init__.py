@@ -1,0 +1,2 @@
+"""The study: MSLDM against its baselines and samplers against steps, as one resumable run
+(`--mode=study`, configs/study.py)."""

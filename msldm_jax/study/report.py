@@ -1,0 +1,448 @@
+"""The study's report: REPORT_DIR/README.md with its tables, and the plots next to it.
+
+Everything is read back from what the steps wrote (metrics.jsonl of each trainer, metrics.json
+of each evaluation, the study's steps.jsonl, the pieces' spectrograms), so the report can be
+rewritten without running anything again, and says where each number comes from.
+"""
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from msldm_jax import plotting
+from msldm_jax import stems
+from msldm_jax import workdir_layout
+from msldm_jax.diffusion import samplers
+from msldm_jax.models import loading
+from msldm_jax.study import runner
+from msldm_jax.training import loop
+from msldm_jax.training import train_ldm
+
+# The score every table leads with, and the other distance.
+KAD, FD = "KAD ×100", "FD"
+# The paper's ordering on the mixture: each of these against msldm.
+BASELINES = ("isldm", "mixldm")
+
+
+def commit() -> str:
+  """HEAD, marked when tracked files differ from it."""
+  try:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+  return head + (" with uncommitted changes" if dirty else "")
+
+
+def machine() -> str:
+  """CPU model and cores this process may use, and JAX's devices."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
+    cpu = f"{names[0]}, {len(os.sched_getaffinity(0))} cores" if names else platform.machine()
+  except OSError:
+    cpu = platform.machine()
+  devices = jax.devices()
+  return f"{cpu}; jax {jax.__version__} on {len(devices)} {devices[0].platform} device(s)"
+
+
+def bucket_means(records: list[dict], first_step: float, last_step: float) -> dict[str, float]:
+  """Mean diffusion loss per σ bucket over the logged steps in (first_step, last_step]."""
+  window = [r for r in records if "loss" in r and first_step < r["step"] <= last_step]
+  return {name: float(np.nanmean([r.get(name, np.nan) for r in window]))
+          if window else float("nan") for name in train_ldm.SIGMA_BUCKET_NAMES}
+
+
+def size_and_flops(loaded: loading.Loaded, frames: int) -> tuple[int, float]:
+  """(parameters, FLOPs of one denoiser evaluation of one piece) by XLA's cost analysis."""
+  model = loaded.module
+  x = jax.ShapeDtypeStruct((1, model.in_channels, frames), jnp.float32)
+  c_noise = jax.ShapeDtypeStruct((1,), jnp.float32)
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), loaded.params)
+  cost = jax.jit(model.apply).lower(abstract, x, c_noise).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  count = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(loaded.params))
+  return count, float(cost.get("flops", float("nan")))
+
+
+def _num(value) -> float:
+  """A number from metrics.json, where non-finite ones are strings ("nan", "inf")."""
+  return float("nan") if value is None else float(value)
+
+
+def _shown_path(path: str) -> str:
+  """A path as a user would type it: relative to the working directory when inside it."""
+  relative = os.path.relpath(path)
+  return path if relative.startswith("..") else relative
+
+
+def _read_json(path: str):
+  with open(path) as f:
+    return json.load(f)
+
+
+def _score(metrics: dict, row: str, measure: str = KAD, column: str = "") -> dict | None:
+  return metrics.get("total_generation", {}).get(row, {}).get(column, {}).get(measure)
+
+
+def _cell(score: dict | None, floor: bool = True) -> str:
+  if score is None:
+    return "–"
+  if score["value"] is None:
+    return score.get("note") or "refused"
+  text = f"{score['value']:.2f} [{score['low']:.2f}, {score['high']:.2f}]"
+  if floor and score.get("floor") is not None:
+    text += f" (floor {score['floor']:.2f})"
+  return text
+
+
+def _ordering(results: dict, measure: str = KAD) -> list[str]:
+  """Whether msldm is ahead of each baseline on the mixture, with intervals."""
+  lines = []
+  ours = _score(results.get("msldm", {}).get("metrics", {}), "mixture", measure)
+  for name in BASELINES:
+    theirs = _score(results.get(name, {}).get("metrics", {}), "mixture", measure)
+    if not ours or not theirs or ours["value"] is None or theirs["value"] is None:
+      continue
+    if ours["high"] < theirs["low"]:
+      verdict = "msldm ahead, intervals apart: shown"
+    elif theirs["high"] < ours["low"]:
+      verdict = f"{name} ahead, intervals apart: the paper's ordering is not reproduced"
+    elif ours["value"] < theirs["value"]:
+      verdict = "msldm lower, but the intervals overlap: not shown"
+    else:
+      verdict = f"{name} lower, the intervals overlap: not shown either way"
+    lines.append(f"- mixture {measure}, msldm {ours['value']:.2f} against {name} "
+                 f"{theirs['value']:.2f}: {verdict}.")
+  return lines
+
+
+def _vae_section(results: dict, out: str) -> list[str]:
+  """Validation curves of both VAEs against CPU time, and their last evaluation."""
+  curves_mel, curves_sdr, rows = {}, {}, []
+  for label, records in results.items():
+    evals = [r for r in records if "eval/mel_distance" in r]
+    clock = {r["step"]: r[loop.BUDGET_SECONDS] for r in records if loop.BUDGET_SECONDS in r}
+    points = [(clock[r["step"]], r) for r in evals if r["step"] in clock]
+    if points:
+      curves_mel[label] = ([t for t, _ in points], [r["eval/mel_distance"] for _, r in points])
+      curves_sdr[label] = ([t for t, _ in points], [r["eval/si_sdr"] for _, r in points])
+    if not evals:
+      continue
+    last = evals[-1]
+    kl = [r["loss/kl"] for r in records if "loss/kl" in r][-5:]
+    per_stem = ", ".join(f"{k.rsplit('/', 1)[1]} {v:.2f}" for k, v in last.items()
+                         if k.startswith("eval/mel_distance/"))
+    per_stem_sdr = ", ".join(f"{k.rsplit('/', 1)[1]} {v:.1f}" for k, v in last.items()
+                             if k.startswith("eval/si_sdr/"))
+    steps = max(r["step"] for r in records if "loss/mel" in r)
+    seconds = f"{clock[steps]:.0f}" if steps in clock else "–"
+    rows.append(f"| {label} | {steps} | {seconds} | "
+                f"{last['eval/mel_distance']:.2f} ({per_stem}) | "
+                f"{last['eval/si_sdr']:.1f} ({per_stem_sdr}) | {np.mean(kl):.3f} |")
+  lines = ["| VAE | steps | CPU-s | validation mel distance (per source) | "
+           "validation SI-SDR dB (per source) | KL per element |", "|---|---|---|---|---|---|"]
+  lines += rows
+  if curves_mel:
+    plotting.save_curves(os.path.join(out, "vae_mel.png"), curves_mel,
+                         xlabel="CPU seconds of training", ylabel="validation mel distance")
+    plotting.save_curves(os.path.join(out, "vae_si_sdr.png"), curves_sdr,
+                         xlabel="CPU seconds of training", ylabel="validation SI-SDR (dB)",
+                         logy=False)
+    lines += ["", "![VAE mel distance](vae_mel.png) ![VAE SI-SDR](vae_si_sdr.png)"]
+  return lines
+
+
+def _loss_plot(results: dict, out: str):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  edges = train_ldm.SIGMA_BUCKET_EDGES
+  centres = np.sqrt(np.asarray(edges[:-1]) * np.asarray(edges[1:]))
+  figure, axis = plt.subplots(figsize=(7, 4))
+  for name, result in results.items():
+    axis.plot(centres, [result["buckets"][b] for b in train_ldm.SIGMA_BUCKET_NAMES],
+              marker="o", label=name)
+  axis.set_xscale("log")
+  axis.set_xlabel("σ (bucket centre)")
+  axis.set_ylabel("diffusion loss, last quarter of the run")
+  axis.legend()
+  axis.grid(alpha=0.3)
+  figure.tight_layout()
+  figure.savefig(os.path.join(out, "loss_by_sigma.png"), dpi=100)
+  plt.close(figure)
+
+
+def _system_results(config, workdir: str, systems: list[str]) -> dict:
+  results = {}
+  for name in systems:
+    folder = runner.system_dir(workdir, name)
+    records = loop.read_metrics(workdir_layout.trainer_dir(folder, workdir_layout.LDM))
+    losses = [r for r in records if "loss" in r]
+    steps = max(r["step"] for r in losses)
+    loaded = loading.load_denoiser(folder)
+    frames = int(loaded.identity["latents"]["shape"][-1])
+    params, flops = size_and_flops(loaded, frames)
+    results[name] = dict(
+        params=params, flops=flops, steps=steps,
+        seconds=max((r.get(loop.BUDGET_SECONDS, 0.0) for r in losses), default=0.0),
+        last_loss=float(np.mean([r["loss"] for r in losses[-4:]])),
+        buckets=bucket_means(records, 0.75 * steps, steps),
+        metrics=_read_json(os.path.join(workdir_layout.evaluation_dir(folder),
+                                        "metrics.json")),
+        folder=folder)
+  return results
+
+
+def _total_table(results: dict) -> list[str]:
+  names = list(results)
+  lines = ["| measure | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+  for row in ("mixture",) + stems.STEM_NAMES:
+    for measure in (KAD, FD):
+      lines.append(f"| {measure} {row} | " + " | ".join(
+          _cell(_score(results[n]["metrics"], row, measure)) for n in names) + " |")
+  for stem in stems.STEM_NAMES:
+    lines.append(f"| level {stem} dB, generated (real median) | " + " | ".join(
+        (f"{_num(results[n]['metrics']['levels'][stem]['generated median dB']):.1f} "
+         f"({_num(results[n]['metrics']['levels'][stem]['real median dB']):.1f})")
+        if stem in results[n]["metrics"].get("levels", {}) else "–" for n in names) + " |")
+  measures = []
+  for name in names:
+    for key in results[name]["metrics"].get("music_measures", {}).get("generated", {}):
+      if key not in measures:
+        measures.append(key)
+  for key in measures:
+    cells = []
+    for name in names:
+      generated = results[name]["metrics"]["music_measures"]["generated"]
+      real = results[name]["metrics"]["music_measures"]["real"]
+      cells.append(f"{_num(generated[key]):.3f} (real {_num(real[key]):.3f})"
+                   if key in generated else "–")
+    lines.append(f"| {key} | " + " | ".join(cells) + " |")
+  for stem in ("guitar", "piano", "drums"):
+    cells = []
+    for name in names:
+      tags = results[name]["metrics"].get("instrument_tags", {})
+      if not tags or stem not in tags.get("generated", {}):
+        cells.append("–")
+        continue
+      generated, real = tags["generated"][stem], tags["real"][stem]
+      cells.append(f"{_num(generated['recognised']):.2f} of {int(generated['stems'])} "
+                   f"(real {_num(real['recognised']):.2f})")
+    lines.append(f"| {stem} tagged as {stem} | " + " | ".join(cells) + " |")
+  return lines
+
+
+def _partial_table(results: dict) -> list[str]:
+  names = [n for n in results if results[n]["metrics"].get("partial_generation")]
+  if not names:
+    return ["(no partial generation in this run)"]
+  labels = list(results[names[0]]["metrics"]["partial_generation"])
+  lines = ["| generated (given the others) | " + " | ".join(
+      f"{n}: mixture {KAD} | {n}: generated stems {KAD}" for n in names) + " |",
+           "|---|" + "---|---|" * len(names)]
+  for label in labels:
+    cells = []
+    for name in names:
+      entry = results[name]["metrics"]["partial_generation"].get(label, {})
+      cells += [_cell(entry.get("mixture", {}).get(KAD), floor=False),
+                _cell(entry.get("generated stems", {}).get(KAD), floor=False)]
+    lines.append(f"| {label} | " + " | ".join(cells) + " |")
+  return lines
+
+
+def _sampler_section(config, workdir: str, steps: dict, out: str) -> list[str]:
+  runs = runner.sampler_runs(config)
+  rows, scores = [], {}
+  pieces = int(config.study.sampler_pieces)
+  for sampler, evaluations in runs:
+    folder = runner.sampler_dir(workdir, sampler, evaluations)
+    metrics = _read_json(os.path.join(workdir_layout.evaluation_dir(folder), "metrics.json"))
+    kad = _score(metrics, "mixture", KAD)
+    scores[(sampler, evaluations)] = kad
+    record = steps.get(f"samplers/{sampler}_{evaluations}/sample", {})
+    num_steps = samplers.steps_for_evaluations(sampler, evaluations)
+    used = samplers.network_evaluations(sampler, num_steps)
+    rows.append(f"| {sampler} | {used} ({num_steps} steps) | {_cell(kad)} | "
+                f"{_cell(_score(metrics, 'mixture', FD), floor=False)} | "
+                f"{record.get('wall_seconds', float('nan')) / pieces:.2f} |")
+  lines = [f"{pieces} pieces per run, scored on the mixture against the same reference set.",
+           "", f"| sampler | network evaluations | mixture {KAD} | mixture FD | "
+           "wall s per piece (stage, incl. loading and compiling) |", "|---|---|---|---|---|"]
+  lines += rows
+  most = max(e for _, e in runs)
+  reference = scores.get((samplers.DEFAULT_SAMPLER, most))
+  if reference and reference["value"] is not None:
+    inside = sorted((e, s) for (s, e), kad in scores.items()
+                    if kad and kad["value"] is not None
+                    and reference["low"] <= kad["value"] <= reference["high"])
+    lines += ["", f"Reference: {samplers.DEFAULT_SAMPLER} at {most} evaluations, "
+              f"{KAD} {_cell(reference, floor=False)}. "
+              + (f"Fewest evaluations whose score lies inside that interval: {inside[0][0]} "
+                 f"({', '.join(s for e, s in inside if e == inside[0][0])})." if inside
+                 else "No run lies inside that interval.")]
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  figure, axis = plt.subplots(figsize=(7, 4))
+  for sampler in dict.fromkeys(s for s, _ in runs):
+    points = [(e, scores[(sampler, e)]) for s, e in runs
+              if s == sampler and scores[(sampler, e)] and scores[(sampler, e)]["value"]
+              is not None]
+    if points:
+      x = [e for e, _ in points]
+      y = np.asarray([k["value"] for _, k in points])
+      err = np.asarray([[k["value"] - k["low"], k["high"] - k["value"]] for _, k in points]).T
+      axis.errorbar(x, y, yerr=err, marker="o", capsize=3, label=sampler)
+  axis.set_xscale("log")
+  axis.set_xlabel("network evaluations per piece")
+  axis.set_ylabel(f"mixture {KAD} (95 % interval)")
+  axis.legend()
+  axis.grid(alpha=0.3)
+  figure.tight_layout()
+  figure.savefig(os.path.join(out, "samplers.png"), dpi=100)
+  plt.close(figure)
+  return lines + ["", "![samplers against evaluations](samplers.png)"]
+
+
+def _departures(config: ml_collections.ConfigDict) -> list[str]:
+  """The study's settings that are not the paper's, read from the config it ran."""
+  vae, ldm = config.vae, config.ldm
+  weights = dict(vae.loss_weights)
+  return [
+      f"- SourceVAE: encoder width {vae.model.encoder_width}, decoder width "
+      f"{vae.model.decoder_width}, latent {vae.model.latent_dim} per source (the paper's: "
+      "64, 1536, 80); discriminators "
+      f"'{vae.discriminator.variant}'; batch {vae.batch_size} one-second windows; AdamW at "
+      f"{vae.optimizer.learning_rate:g}.",
+      f"- Its loss: {weights['mel']:g}·mel + {weights['feature_matching']:g}·feature "
+      f"matching + {weights['adversarial']:g}·adversarial + {weights['kl']:g}·KL + "
+      f"{weights['waveform']:g}·waveform L1 (the paper's: 15, 2, 1, 10, no waveform term); "
+      f"the first {vae.adversarial_start} steps reconstruction-only (no discriminator).",
+      f"- Training for a time budget: {vae.train.max_seconds:.0f} s per VAE and "
+      f"{config.study.ldm_seconds:.0f} s per latent model of {ldm.train.budget_clock} time "
+      "(compilation not counted, evaluation passes counted), not for a number of steps.",
+      f"- Every latent model the DiT (width {ldm.model.width}, depth {ldm.model.depth}, "
+      f"patch {ldm.model.patch_size}) unless named _unet; Adam at "
+      f"{ldm.optimizer.learning_rate:g} with {ldm.optimizer.warmup_steps} warm-up steps, "
+      f"batch {ldm.batch_size}, EMA {ldm.ema_decay}.",
+      "- ISLDM: four DiTs of that size, one per stem (stacked and vmapped), so about 4× the "
+      "parameters and FLOPs of msldm's one; partial generation is then each missing stem "
+      "generated alone (the given stems cannot influence it).",
+      "- MixLDM: the same SourceVAE stage trained on mixture windows for the same time, "
+      "its latents, one DiT on them; total generation of mixtures only.",
+  ]
+
+
+NOTES = """\
+- What it can show: with data, budgets, sampler and reference set held fixed, whether the
+  joint model's pieces are closer to real music than the baselines' on this data at this
+  scale, with bootstrap intervals over pieces and the real-vs-real floor beside each score.
+- What it cannot: the paper's numbers. At the default variant the models are tiny and
+  trained for minutes on CPU, on Bach chorales rendered by a soundfont; the VAE
+  reconstructions bound every generated score (see the VAE table); one seed per system.
+  The musicnn embedding (MSD tags) is not the paper's VGGish. ISLDM gets four times
+  msldm's parameters and FLOPs per step (stated above), which a fixed time budget charges
+  it for.
+"""
+
+
+def write(config: ml_collections.ConfigDict, workdir: str, out: str, steps: dict):
+  """Writes OUT/README.md and its plots from the study's products in WORKDIR."""
+  os.makedirs(out, exist_ok=True)
+  systems = runner.study_systems(config)
+  results = _system_results(config, workdir, systems)
+  vae_records = {"SourceVAE (stems)": loop.read_metrics(
+      workdir_layout.trainer_dir(workdir, workdir_layout.VAE))}
+  if "mixldm" in results:
+    vae_records["mixture VAE (mixldm)"] = loop.read_metrics(workdir_layout.trainer_dir(
+        runner.system_dir(workdir, "mixldm"), workdir_layout.VAE))
+  _loss_plot(results, out)
+  for name, result in results.items():
+    picture = os.path.join(workdir_layout.samples_dir(
+        runner.system_config(config, workdir, name), result["folder"]),
+        "piece_000", "spectrogram.png")
+    if os.path.exists(picture):
+      shutil.copyfile(picture, os.path.join(out, f"spectrogram_{name}.png"))
+
+  total_wall = sum(r["wall_seconds"] for r in steps.values())
+  any_metrics = next(iter(results.values()))["metrics"]
+  lines = [
+      "# The study: MSLDM against ISLDM and MixLDM, samplers against steps",
+      "",
+      f"Command: `python -m msldm_jax.main --config=configs/study.py:variant={config.variant} "
+      f"--workdir={_shown_path(workdir)} --mode=study"
+      + (f" --config.study.report_dir={_shown_path(out)}`" if config.study.report_dir
+         else "`"),
+      "",
+      f"Commit {commit()}. Machine: {machine()}. The steps took {total_wall / 60:.0f} min of "
+      "wall time in all (the newest run of each, WORKDIR/study/steps.jsonl). Written by "
+      "msldm_jax/study/report.py.",
+      "",
+      f"Data: the mini dataset, {config.data.render.num_pieces or 'all usable'} Bach "
+      "chorales rendered to bass, drums, guitar and piano (msldm_jax/data/minislakh.py). "
+      f"Scores: {any_metrics['embedding']} embeddings of {any_metrics['num_reference']} "
+      f"reference chunks of the {config.evaluate.reference_split!r} split against "
+      f"{config.sample.num_pieces} generated pieces per system (euler_churn, "
+      f"{config.sample.num_steps} steps, the release's sampler); 95 % bootstrap intervals "
+      "over pieces; the floor is real against real (two halves of the reference).",
+      "",
+      "## Where this departs from the paper (all stated config choices)",
+      "",
+      *_departures(config),
+      "",
+      "## The SourceVAEs",
+      "",
+      "Goals for the study's VAE: validation mel distance ≤ 1.5 and SI-SDR ≥ 0 dB.",
+      "",
+      *_vae_section(vae_records, out),
+      "",
+      "## The latent models, for the same training time",
+      "",
+      "| system | parameters | GFLOP per evaluation | steps in budget | budget s | "
+      "loss, last 4 logs |", "|---|---|---|---|---|---|",
+  ]
+  for name, r in results.items():
+    lines.append(f"| {name} | {r['params']:,} | {r['flops'] / 1e9:.3f} | {r['steps']} | "
+                 f"{r['seconds']:.0f} | {r['last_loss']:.4f} |")
+  lines += ["", "Diffusion loss per σ bucket, last quarter of each run's logged steps "
+            "(msldm and isldm on the same joint latents; mixldm on other latents, so its "
+            "losses are not comparable):", "",
+            "| σ bucket | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
+  for bucket in train_ldm.SIGMA_BUCKET_NAMES:
+    lines.append(f"| {bucket.split('_', 3)[-1]} | " + " | ".join(
+        f"{results[n]['buckets'][bucket]:.4f}" for n in results) + " |")
+  lines += ["", "![loss per σ bucket](loss_by_sigma.png)", "",
+            "## Total generation", "",
+            f"{KAD} and FD with [95 % interval] and (floor); levels in dB RMS of audible "
+            "stems; measures with the real chunks' value in brackets. mixldm generates "
+            "mixtures only.", ""]
+  lines += _total_table(results)
+  lines += ["", "The paper's ordering on the mixture:", ""] + (_ordering(results) or
+                                                                 ["- (msldm or a baseline "
+                                                                  "missing)"])
+  lines += ["", "One piece per system (piece 0):", ""]
+  lines += [f"![{name}](spectrogram_{name}.png)" for name in results
+            if os.path.exists(os.path.join(out, f"spectrogram_{name}.png"))]
+  lines += ["", "## Partial generation", "",
+            f"Each of the 14 subsets generated given the other stems of "
+            f"{config.evaluate.partial_chunks} seeded random test chunks (MSDM's protocol). "
+            "isldm's generated stems never see the given ones.", ""]
+  lines += _partial_table(results)
+  lines += ["", "## Samplers against network evaluations (msldm)", ""]
+  lines += _sampler_section(config, workdir, steps, out)
+  lines += ["", "## What this does and does not show", "", NOTES]
+  remarks = [note.strip() for note in str(config.study.notes).split(";") if note.strip()]
+  if remarks:
+    lines += ["## About this run", ""] + [f"- {note}" for note in remarks]
+  with open(os.path.join(out, "README.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")

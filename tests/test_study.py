@@ -1,0 +1,120 @@
+"""The study (`--mode=study`, configs/study.py): its tiny variant end to end, from the command
+line, on the tests' mini dataset; the baselines' products; a second run that redoes nothing."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from msldm_jax import config_loading
+from msldm_jax.diffusion import samplers
+from msldm_jax.latents import store
+from msldm_jax.study import runner
+from msldm_jax.training import loop
+
+
+def _command(repo_root, workdir, mini_dataset, report_dir):
+  return [sys.executable, "-m", "msldm_jax.main", "--config=configs/study.py:variant=tiny",
+          f"--workdir={workdir}", "--mode=study", f"--config.study.report_dir={report_dir}",
+          *mini_dataset.config_flags()]
+
+
+def test_tiny_study_runs_end_to_end_and_resumes(repo_root, tmp_path, mini_dataset):
+  workdir, report_dir = tmp_path / "study", tmp_path / "report"
+  mini_dataset.copy_rendering_to(workdir)
+  command = _command(repo_root, workdir, mini_dataset, report_dir)
+  result = subprocess.run(command, cwd=repo_root, capture_output=True, text=True, timeout=2700)
+  assert result.returncode == 0, result.stderr[-4000:]
+
+  # MixLDM: its VAE trained on mixture windows, its latents one source, its pieces mixtures.
+  mixldm = runner.system_dir(str(workdir), "mixldm")
+  vae_records = loop.read_metrics(os.path.join(mixldm, "vae"))
+  assert any("eval/mel_distance/mix" in r for r in vae_records)
+  assert not any("eval/mel_distance/bass" in r for r in vae_records)
+  manifest = store.load_manifest(os.path.join(mixldm, "latents"))
+  assert manifest["settings"]["stems"] == ["mix"] and manifest["shape"][0] == 1
+  joint = store.load_manifest(os.path.join(workdir, "latents"))
+  assert joint["shape"][0] == 4 and joint["shape"][1:] == manifest["shape"][1:]
+  piece = os.path.join(mixldm, "samples", "piece_000")
+  assert os.path.exists(os.path.join(piece, "mix.wav"))
+  assert not os.path.exists(os.path.join(piece, "stems"))
+  with open(os.path.join(mixldm, "evaluation", "metrics.json")) as f:
+    mix_metrics = json.load(f)
+  assert mix_metrics["sources"] == ["mix"] and list(mix_metrics["total_generation"]) == [
+      "mixture"]
+  assert mix_metrics["vae_reconstruction"]["mix"]["si_sdr"] is not None
+
+  # ISLDM and MSLDM share the joint latents; each system has scored pieces.
+  for name in ("msldm", "isldm"):
+    with open(os.path.join(runner.system_dir(str(workdir), name), "evaluation",
+                           "metrics.json")) as f:
+      metrics = json.load(f)
+    assert set(metrics["total_generation"]) == {"mixture", "bass", "drums", "guitar", "piano"}
+    assert len(metrics["partial_generation"]) == 14
+  # The sampler runs: each at its sampler and step count, scored on the mixture alone.
+  config = config_loading.load_config(os.path.join(repo_root, "configs/study.py:variant=tiny"))
+  for sampler, evaluations in runner.sampler_runs(config):
+    folder = runner.sampler_dir(str(workdir), sampler, evaluations)
+    with open(os.path.join(folder, "samples", "piece_000", "piece.json")) as f:
+      settings = json.load(f)["sampler"]
+    assert settings["name"] == sampler
+    assert settings["num_steps"] == samplers.steps_for_evaluations(sampler, evaluations)
+    with open(os.path.join(folder, "evaluation", "metrics.json")) as f:
+      assert list(json.load(f)["total_generation"]) == ["mixture"]
+
+  # The report: every section, its plots, a spectrogram per system.
+  with open(report_dir / "README.md") as f:
+    report = f.read()
+  for heading in ("## The SourceVAEs", "## The latent models, for the same training time",
+                  "## Total generation", "## Partial generation",
+                  "## Samplers against network evaluations (msldm)"):
+    assert heading in report
+  for name in ("msldm", "isldm", "mixldm"):
+    assert f"| {name} |" in report
+    assert (report_dir / f"spectrogram_{name}.png").exists()
+  for plot in ("loss_by_sigma.png", "samplers.png"):
+    assert (report_dir / plot).exists()
+
+  # Run again: every step is skipped, the report is rewritten.
+  steps = (workdir / "study" / runner.STEPS_LOG).read_text().splitlines()
+  os.remove(report_dir / "README.md")
+  again = subprocess.run(command, cwd=repo_root, capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-4000:]
+  assert (workdir / "study" / runner.STEPS_LOG).read_text().splitlines() == steps
+  assert again.stderr.count("finished earlier under this config, skipped") == len(steps)
+  assert (report_dir / "README.md").exists()
+
+
+def test_study_settings_are_checked(repo_root):
+  config = config_loading.load_config(os.path.join(repo_root, "configs/study.py:variant=tiny"))
+  config.study.systems = "msldm,mixlm"
+  with pytest.raises(ValueError, match="unknown.*mixlm"):
+    runner.study_systems(config)
+  config.study.samplers = "euler_churn,rk4"
+  with pytest.raises(ValueError, match="unknown sampler 'rk4'"):
+    runner.sampler_runs(config)
+  config.study.samplers, config.study.evaluations = "heun", "10,x"
+  with pytest.raises(ValueError, match="'x' is not a positive count"):
+    runner.sampler_runs(config)
+
+
+def test_heun_steps_stay_within_the_evaluations():
+  for evaluations in (1, 2, 9, 10, 25, 150):
+    steps = samplers.steps_for_evaluations("heun", evaluations)
+    assert samplers.network_evaluations("heun", steps) <= evaluations
+    assert samplers.network_evaluations("heun", steps + 1) > evaluations
+    assert samplers.steps_for_evaluations("dpmpp_2m", evaluations) == evaluations
+  assert np.isclose(samplers.network_evaluations("euler_churn", 150), 150)
+
+
+def test_a_mixture_system_has_no_stems_to_give_or_generate(repo_root):
+  from msldm_jax.generation import stage as generation_stage  # pylint: disable=g-import-not-at-top
+  config = config_loading.load_config(os.path.join(repo_root, "configs/study.py:variant=tiny"))
+  config.system = "mixldm"
+  assert generation_stage.prepare_task(config).generate_stems == ("mix",)
+  config.sample.generate = "bass"
+  with pytest.raises(ValueError, match="mixture alone.*generate='bass'"):
+    generation_stage.prepare_task(config)
