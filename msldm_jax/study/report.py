@@ -327,7 +327,9 @@ def _departures(config: ml_collections.ConfigDict) -> list[str]:
       f"- Its loss: {weights['mel']:g}·mel + {weights['feature_matching']:g}·feature "
       f"matching + {weights['adversarial']:g}·adversarial + {weights['kl']:g}·KL + "
       f"{weights['waveform']:g}·waveform L1 (the paper's: 15, 2, 1, 10, no waveform term); "
-      f"the first {vae.adversarial_start} steps reconstruction-only (no discriminator).",
+      + ("reconstruction-only throughout (no discriminator)."
+         if vae.adversarial_start >= vae.train.num_steps else
+         f"the first {vae.adversarial_start} steps reconstruction-only (no discriminator)."),
       f"- Training for a time budget: {vae.train.max_seconds:.0f} s per VAE and "
       f"{config.study.ldm_seconds:.0f} s per latent model of {ldm.train.budget_clock} time "
       "(compilation not counted, evaluation passes counted), not for a number of steps.",
