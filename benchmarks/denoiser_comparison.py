@@ -30,7 +30,6 @@ from absl import flags
 from absl import logging
 import jax
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
 
 from msldm_jax import config_loading
@@ -43,8 +42,6 @@ from msldm_jax.study import report
 from msldm_jax.training import loop
 from msldm_jax.training import train_ldm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _WORKDIR = flags.DEFINE_string("run_dir", "runs/denoisers", "Shared stages and one folder "
                                "per network.")
@@ -115,20 +112,7 @@ def _score(metrics, row, measure="KAD ×100"):
 def write_report(out: str, results: dict, command: str, elapsed: float):
   os.makedirs(out, exist_ok=True)
   names = list(results)
-  figure, axis = plt.subplots(figsize=(7, 4))
-  edges = train_ldm.SIGMA_BUCKET_EDGES
-  centres = np.sqrt(np.asarray(edges[:-1]) * np.asarray(edges[1:]))
-  for name in names:
-    axis.plot(centres, [results[name]["buckets"][b] for b in train_ldm.SIGMA_BUCKET_NAMES],
-              marker="o", label=name)
-  axis.set_xscale("log")
-  axis.set_xlabel("σ (bucket centre)")
-  axis.set_ylabel("diffusion loss (last quarter of the logged steps)")
-  axis.legend()
-  axis.grid(alpha=0.3)
-  figure.tight_layout()
-  figure.savefig(os.path.join(out, "loss_by_sigma.png"), dpi=120)
-  plt.close(figure)
+  report.loss_plot(results, out)
 
   lines = [
       "# DiT or U-Net on the mini dataset, for the same training time",

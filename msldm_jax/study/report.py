@@ -162,7 +162,8 @@ def _vae_section(results: dict, out: str) -> list[str]:
   return lines
 
 
-def _loss_plot(results: dict, out: str):
+def loss_plot(results: dict, out: str):
+  """OUT/loss_by_sigma.png: each result's mean loss per σ bucket (its "buckets")."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -368,7 +369,7 @@ def write(config: ml_collections.ConfigDict, workdir: str, out: str, steps: dict
   if "mixldm" in results:
     vae_records["mixture VAE (mixldm)"] = loop.read_metrics(workdir_layout.trainer_dir(
         runner.system_dir(workdir, "mixldm"), workdir_layout.VAE))
-  _loss_plot(results, out)
+  loss_plot(results, out)
   for name, result in results.items():
     picture = os.path.join(workdir_layout.samples_dir(
         runner.system_config(config, workdir, name), result["folder"]),
