@@ -46,8 +46,11 @@ decoding in one compiled call).
 (c) The release's U-Net (`--unet`; `--skip_train --skip_generation` runs it alone): per size
 (--unet_sizes, default the release's MSLDM and MSLDM-Large), ours (`models/unet1d.py`,
 jitted, parameters as an argument) against audio-diffusion-pytorch 0.0.43's UNet1d of the
-same settings (benchmarks/ldm_reference.py unet_bench, torch CPU), all float32 on joint
-latents [batch, 320, 1024]: the network's forward F(c_in·x, c_noise) at batch 1 and 4
+same settings (benchmarks/ldm_reference.py unet_bench, torch CPU), on joint latents
+[batch, 320, 1024], at each precision of --unet_precisions (float32: both sides wholly float32;
+bfloat16: ours with the U-Net's compute dtype bfloat16, the package's under
+torch.autocast(cpu, bfloat16), parameters, loss and optimiser float32 on both sides; a last
+table puts each side at its own fastest precision): the network's forward F(c_in·x, c_noise) at batch 1 and 4
 (torch.inference_mode), and a training step at batch 2: ours the trainer's compiled step
 (EDM loss, backward, AdamW, clipping, EMA update, σ-bucket metrics), the package's the EDM
 loss, backward and Adam (the release's optimiser). Then our DiT `base` (float32) the same
@@ -65,7 +68,6 @@ a loaded machine (on one core, it is the compute time itself).
 import functools
 import json
 import os
-import platform
 import subprocess
 import time
 
@@ -75,6 +77,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import machine as machine_info
 from msldm_jax import paper_config
 from msldm_jax.diffusion import edm
 from msldm_jax.diffusion import generation_program
@@ -117,6 +120,9 @@ _UNET = flags.DEFINE_bool("unet", False, "(c) The release's U-Net, ours against 
                           "package's, and our DiT base at equal parameters.")
 _UNET_SIZES = flags.DEFINE_list("unet_sizes", ["release", "large"], "(c) U-Net presets.")
 _UNET_DIT = flags.DEFINE_bool("unet_dit", True, "(c) Also our DiT base at equal parameters.")
+_UNET_PRECISIONS = flags.DEFINE_list(
+    "unet_precisions", ["float32"], "(c) float32 and/or bfloat16 (ours: bf16 compute dtype; "
+    "the package's: torch CPU autocast).")
 _UNET_REPEATS = flags.DEFINE_integer("unet_repeats", 3, "(c) Timed calls per row (best "
                                      "counts), after one untimed (compiling) call.")
 
@@ -141,16 +147,6 @@ def _timed(fn, *args):
 def _threads() -> int:
   return len(os.sched_getaffinity(0))
 
-
-def _cpu_model() -> str:
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    for line in out.splitlines():
-      if line.startswith("Model name:"):
-        return line.split(":", 1)[1].strip()
-  except (OSError, subprocess.CalledProcessError):
-    pass
-  return platform.processor() or "unknown"
 
 
 # -- (a) training throughput -----------------------------------------------------------------
@@ -233,36 +229,52 @@ def forward_times(model, batches, repeats) -> dict:
   return out
 
 
-def release_unet_bench(config, repeats) -> dict:
-  """The package's UNet1d of the same settings, in the reference environment."""
+def release_unet_bench(config, repeats, bf16: bool) -> dict:
+  """The package's UNet1d of the same settings, in the reference environment (`bf16`: under
+  torch's CPU autocast)."""
   return _run_json([_reference_python(), "benchmarks/ldm_reference.py", "unet_bench",
                     json.dumps(unet1d.package_kwargs(config)),
                     f"--batches={','.join(str(b) for b in UNET_BATCHES)}",
                     f"--train_batch={UNET_TRAIN_BATCH}", f"--repeats={repeats}",
-                    f"--threads={_threads()}", f"--frames={FRAMES}"])
+                    f"--threads={_threads()}", f"--frames={FRAMES}"] + (["--bf16"] if bf16 else []))
+
+
+def _unet_precisions():
+  known = ("float32", "bfloat16")
+  for precision in _UNET_PRECISIONS.value:
+    if precision not in known:
+      raise ValueError(f"--unet_precisions: {precision!r} is not one of {', '.join(known)}")
+  return list(_UNET_PRECISIONS.value)
 
 
 def bench_unet() -> dict:
-  """(c): per U-Net size, ours and the package's forward at batch 1 and 4 and training step
-  at batch 2, all float32; then our DiT base (float32) the same way, at equal parameters."""
+  """(c): per U-Net size and precision (--unet_precisions), ours and the package's forward at
+  batch 1 and 4 and training step at batch 2; then our DiT base the same way, at equal
+  parameters. Precision float32: both sides wholly float32. bfloat16: ours with
+  `dtype=bfloat16` (bfloat16 inputs to every convolution, matmul and attention, float32
+  accumulation, float32 parameters, loss and AdamW), the package's under
+  torch.autocast(cpu, bfloat16) (its mixed precision: oneDNN's bf16 kernels, float32
+  parameters and Adam)."""
   repeats = _UNET_REPEATS.value
   rows = {}
   for size in _UNET_SIZES.value:
-    config = unet1d.model_config(size, in_channels=NUM_STEMS * 80)
-    model = unet1d.build_model(config)
-    print(f"(c) U-Net {size}: ours", flush=True)
-    ours = dict(forward=forward_times(model, UNET_BATCHES, repeats),
-                train=time_train_step(denoisers.UNET, config, UNET_TRAIN_BATCH, 1, repeats,
-                                      "(c)"))
-    theirs = None
-    if not _SKIP_REFERENCE.value:
-      print(f"(c) U-Net {size}: the package's", flush=True)
-      theirs = release_unet_bench(config, repeats)
-    rows[f"unet_{size}"] = dict(ours=ours, theirs=theirs,
-                                num_params=unet1d.count_params(model))
-    # Each row as soon as it is measured: a long run that dies (e.g. out of memory at the
-    # next size) keeps what it measured.
-    print(json.dumps({f"unet_{size}": rows[f"unet_{size}"]}), flush=True)
+    for precision in _unet_precisions():
+      config = unet1d.model_config(size, in_channels=NUM_STEMS * 80, dtype=precision)
+      model = unet1d.build_model(config)
+      print(f"(c) U-Net {size}, {precision}: ours", flush=True)
+      ours = dict(forward=forward_times(model, UNET_BATCHES, repeats),
+                  train=time_train_step(denoisers.UNET, config, UNET_TRAIN_BATCH, 1, repeats,
+                                        "(c)"))
+      theirs = None
+      if not _SKIP_REFERENCE.value:
+        print(f"(c) U-Net {size}, {precision}: the package's", flush=True)
+        theirs = release_unet_bench(config, repeats, bf16=precision == "bfloat16")
+      name = f"unet_{size}" + ("" if precision == "float32" else f"_{precision}")
+      rows[name] = dict(ours=ours, theirs=theirs, precision=precision,
+                        num_params=unet1d.count_params(model))
+      # Each row as soon as it is measured: a long run that dies (e.g. out of memory at the
+      # next size) keeps what it measured.
+      print(json.dumps({name: rows[name]}), flush=True)
   if not _UNET_DIT.value:
     return rows
   config = dit.model_config("base", in_channels=NUM_STEMS * 80, dtype="float32")
@@ -272,33 +284,59 @@ def bench_unet() -> dict:
       ours=dict(forward=forward_times(model, UNET_BATCHES, repeats),
                 train=time_train_step(denoisers.DIT, config, UNET_TRAIN_BATCH, 1, repeats,
                                       "(c)")),
-      theirs=None, num_params=dit.count_params(config))
+      theirs=None, precision="float32", num_params=dit.count_params(config))
   return rows
 
 
+def _unet_cases(row):
+  """[(what, (ours wall, CPU), (theirs wall, CPU) or None)] of one row of (c)."""
+  ours, theirs = row["ours"], row["theirs"]
+  cases = [(f"forward, batch {b}", _best(ours["forward"][b]),
+            _best(list(zip(theirs["forward"][str(b)]["wall"],
+                           theirs["forward"][str(b)]["cpu"]))) if theirs else None)
+           for b in UNET_BATCHES]
+  train = ours["train"]
+  cases.append((f"training step, batch {UNET_TRAIN_BATCH}",
+                min(zip(train["step_times"], train["step_cpu"])),
+                min(zip(theirs["train"]["wall"], theirs["train"]["cpu"])) if theirs else None))
+  return cases
+
+
 def print_unet_summary(rows):
-  print("\n(c) float32, best of the timed calls: wall s (CPU s of that call)")
-  print("| network | parameters | what | ours | package's UNet1d | speed-up wall | "
+  print("\n(c) best of the timed calls: wall s (CPU s of that call); each precision's rows "
+        "compare the two sides at that precision")
+  print("| network | precision | parameters | what | ours | package's UNet1d | speed-up wall | "
         "speed-up CPU |")
-  print("|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|")
   for name, row in rows.items():
-    ours, theirs = row["ours"], row["theirs"]
-    cases = [(f"forward, batch {b}", _best(ours["forward"][b]),
-              _best(list(zip(theirs["forward"][str(b)]["wall"],
-                             theirs["forward"][str(b)]["cpu"]))) if theirs else None)
-             for b in UNET_BATCHES]
-    train = ours["train"]
-    ours_train = min(zip(train["step_times"], train["step_cpu"]))
-    theirs_train = (min(zip(theirs["train"]["wall"], theirs["train"]["cpu"]))
-                    if theirs else None)
-    cases.append((f"training step, batch {UNET_TRAIN_BATCH}", ours_train, theirs_train))
-    for what, (wall, cpu), other in cases:
+    for what, (wall, cpu), other in _unet_cases(row):
+      prefix = f"| {name} | {row['precision']} | {row['num_params']:,} | {what} | {wall:.2f} ({cpu:.2f}) |"
       if other:
-        print(f"| {name} | {row['num_params']:,} | {what} | {wall:.2f} ({cpu:.2f}) | "
-              f"{other[0]:.2f} ({other[1]:.2f}) | {other[0] / wall:.2f}× | "
+        print(f"{prefix} {other[0]:.2f} ({other[1]:.2f}) | {other[0] / wall:.2f}× | "
               f"{other[1] / cpu:.2f}× |")
       else:
-        print(f"| {name} | {row['num_params']:,} | {what} | {wall:.2f} ({cpu:.2f}) | – | – | – |")
+        print(f"{prefix} – | – | – |")
+  # Each side at its fastest precision, per size and measurement: what a user of either
+  # codebase would pick on this CPU.
+  fastest = {}
+  for name, row in rows.items():
+    if not row["theirs"] or not name.startswith("unet_"):
+      continue
+    size = name[len("unet_"):].split("_")[0]
+    for what, ours_time, theirs_time in _unet_cases(row):
+      entry = fastest.setdefault((size, what), {})
+      for side, value in (("ours", ours_time), ("theirs", theirs_time)):
+        if side not in entry or value[0] < entry[side][0][0]:
+          entry[side] = (value, row["precision"])
+  if len(_unet_precisions()) > 1 and fastest:
+    print("\n(c) each side at its fastest precision (wall s):")
+    print("| U-Net | what | ours | package's UNet1d | speed-up wall |")
+    print("|---|---|---|---|---|")
+    for (size, what), entry in fastest.items():
+      (ours_wall, _), ours_precision = entry["ours"]
+      (theirs_wall, _), theirs_precision = entry["theirs"]
+      print(f"| {size} | {what} | {ours_wall:.2f} ({ours_precision}) | {theirs_wall:.2f} "
+            f"({theirs_precision}) | {theirs_wall / ours_wall:.2f}× |")
 
 
 # -- (b) generation: ours ----------------------------------------------------------------------
@@ -580,7 +618,7 @@ def main(argv):
   del argv
   if jax.default_backend() != "cpu":
     print(f"note: running on {jax.default_backend()}, not the CPU the method describes")
-  machine = dict(cpu=_cpu_model(), cores=len(os.sched_getaffinity(0)), jax=jax.__version__,
+  machine = dict(cpu=machine_info.cpu_model(), cores=len(os.sched_getaffinity(0)), jax=jax.__version__,
                  date=time.strftime("%Y-%m-%d %H:%M"), threads=_threads())
   print(f"machine: {machine}", flush=True)
   train = generation = unet = None

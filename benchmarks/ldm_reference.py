@@ -9,7 +9,8 @@
       (`generate_track`: churn noise, one evaluation, Euler update). Prints one JSON line.
   python benchmarks/ldm_reference.py unet_bench KWARGS --batches=1,4 --train_batch=2
       The U-Net of the constructor arguments KWARGS (JSON; the release's sizes come from
-      msldm_jax.models.unet1d.package_kwargs) in float32: forward passes at each batch and
+      msldm_jax.models.unet1d.package_kwargs) in float32 (`--bf16`: under CPU autocast):
+      forward passes at each batch and
       training steps (EDM loss, backward, Adam), the side (c) of benchmarks/ldm.py compares
       with ours. Prints one JSON line.
   python benchmarks/ldm_reference.py decoder --stems=1 --threads=2
@@ -108,12 +109,15 @@ def run_unet(kwargs_json, evals, steps, threads, frames, bf16):
       python=platform.python_version())))
 
 
-def run_unet_bench(kwargs_json, batches, train_batch, repeats, threads, frames):
+def run_unet_bench(kwargs_json, batches, train_batch, repeats, threads, frames, bf16):
   """The package's UNet1d with the given constructor arguments (tests/reference's, from
-  msldm_jax.models.unet1d.package_kwargs) in float32: forward passes at each batch size
-  under inference_mode, and training steps at `train_batch` (EDM loss on the network's
-  output as the release's Diffusion computes it, backward, torch.optim.Adam(2e-5,
-  (0.9, 0.99)) as its Lightning module configures). One untimed warm-up of each first."""
+  msldm_jax.models.unet1d.package_kwargs), parameters in float32: forward passes at each
+  batch size under inference_mode, and training steps at `train_batch` (EDM loss on the
+  network's output as the release's Diffusion computes it, backward, torch.optim.Adam(2e-5,
+  (0.9, 0.99)) as its Lightning module configures). `bf16`: the forwards (the training
+  step's too) under torch.autocast(cpu, bfloat16), torch's mixed precision; the loss and
+  Adam stay float32, as with a GradScaler-free bf16 autocast recipe. One untimed warm-up of
+  each first."""
   from audio_diffusion_pytorch.modules import UNet1d  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(threads)
   torch.manual_seed(0)
@@ -123,7 +127,8 @@ def run_unet_bench(kwargs_json, batches, train_batch, repeats, threads, frames):
   channels = kwargs["in_channels"]
   forward = {}
   net.eval()
-  with torch.inference_mode():
+  autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)  # pylint: disable=unnecessary-lambda-assignment
+  with torch.inference_mode(), autocast():
     for batch in batches:
       x = torch.randn(batch, channels, frames)
       c_noise = torch.full((batch,), math.log(0.5) / 4)
@@ -142,8 +147,9 @@ def run_unet_bench(kwargs_json, batches, train_batch, repeats, threads, frames):
     c_in = 1 / (padded**2 + SIGMA_DATA**2)**0.5
     x_noisy = x + padded * noise
     optimizer.zero_grad(set_to_none=True)
-    out = net(c_in * x_noisy, torch.log(sigmas) / 4)
-    loss = torch.mean((out - (x - c_skip * x_noisy) / c_out)**2)
+    with autocast():
+      out = net(c_in * x_noisy, torch.log(sigmas) / 4)
+    loss = torch.mean((out.float() - (x - c_skip * x_noisy) / c_out)**2)
     loss.backward()
     optimizer.step()
 
@@ -154,7 +160,7 @@ def run_unet_bench(kwargs_json, batches, train_batch, repeats, threads, frames):
       forward={str(b): dict(wall=[w for w, _ in t], cpu=[c for _, c in t])
                for b, t in forward.items()},
       train=dict(batch=train_batch, wall=[w for w, _ in train], cpu=[c for _, c in train]),
-      torch_version=torch.__version__, python=platform.python_version())))
+      compute_dtype="bfloat16 (autocast)" if bf16 else "float32", torch_version=torch.__version__, python=platform.python_version())))
 
 
 def run_decoder(stems, threads, frames, bf16):
@@ -202,10 +208,11 @@ def main():
   unet_bench.add_argument("--repeats", type=int, default=3)
   unet_bench.add_argument("--threads", type=int, default=os.cpu_count())
   unet_bench.add_argument("--frames", type=int, default=1024)
+  unet_bench.add_argument("--bf16", action="store_true", help="under torch.autocast(cpu, bfloat16)")
   args = parser.parse_args()
   if args.command == "unet_bench":
     run_unet_bench(args.kwargs, [int(b) for b in args.batches.split(",")], args.train_batch,
-                   args.repeats, args.threads, args.frames)
+                   args.repeats, args.threads, args.frames, args.bf16)
   elif args.command == "unet":
     run_unet(args.kwargs, args.evals, args.steps, args.threads, args.frames, args.bf16)
   else:

@@ -41,6 +41,7 @@ import jax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-posit
 import jax.numpy as jnp  # noqa: E402  pylint: disable=g-import-not-at-top
 import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top
 
+from benchmarks import machine as machine_info
 from msldm_jax import stems  # noqa: E402  pylint: disable=g-import-not-at-top
 from msldm_jax.models import source_vae as sv  # noqa: E402  pylint: disable=g-import-not-at-top
 
@@ -69,14 +70,6 @@ def _reference_python() -> str:
         " or pass --skip_reference")
   return path
 
-
-def _cpu_model() -> str:
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    match = re.search(r"^Model name:\s*(.+)$", out, re.MULTILINE)
-    return match.group(1).strip() if match else platform.processor()
-  except (OSError, subprocess.CalledProcessError):
-    return platform.processor() or "unknown CPU"
 
 
 def _time_calls(fn, warmup, repeats):
@@ -198,7 +191,7 @@ def render_section(records, *, samples, warmup, repeats, load_before, load_after
         f"{records[0]['torch_threads']} threads, torch.inference_mode.\n")
   frames = sv.encoded_length(samples, sv.model_config("paper").encoder_strides)
   return f"""
-Date: {datetime.date.today().isoformat()}. Machine: {_cpu_model()}, {os.cpu_count()} cores,
+Date: {datetime.date.today().isoformat()}. Machine: {machine_info.cpu_model()}, {os.cpu_count()} cores,
 shared with other processes: load average {load_before} before, {load_after} after.
 jax {jax.__version__} (CPU backend, all cores), Python {platform.python_version()}.
 Command: `python benchmarks/vae.py` (batch sizes 1 and 8, encoder and decoder).

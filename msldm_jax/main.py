@@ -17,6 +17,11 @@ Modes:
   study       with configs/study.py: MSLDM against ISLDM and MixLDM and samplers against
               steps, each system through the stages above, then a report
               (msldm_jax/study/runner.py); resumable like all.
+
+Several processes (a TPU pod slice, a GPU cluster, or processes on one machine): every one
+runs the same command with --multihost, plus --coordinator_address=HOST:PORT
+--num_processes=N --process_id=I where JAX cannot detect the cluster (parallel/distributed.py;
+the README has the commands).
 """
 
 import hashlib
@@ -31,6 +36,7 @@ import jax
 from ml_collections import config_flags
 
 from msldm_jax import workdir_layout
+from msldm_jax.parallel import distributed
 
 # mode -> the stage's module; every stage module has `run(config, workdir)`. Imported lazily
 # so that a mode pays only for what it uses.
@@ -52,8 +58,27 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config script (config
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for data, checkpoints and outputs.")
 _MODE = flags.DEFINE_enum("mode", "data", list(MODES), "Which stage to run.")
 _MULTIHOST = flags.DEFINE_bool(
-    "multihost", False, "Call jax.distributed.initialize() first: every host of a TPU pod "
-    "slice or GPU cluster runs the same command (coordinator from the environment).")
+    "multihost", False, "Join a multi-process run first (parallel/distributed.py): every "
+    "process of a TPU pod slice, GPU cluster or multi-process CPU run runs the same command. "
+    "The cluster is detected (TPU, SLURM, Open MPI) unless the three settings below are given.")
+# --multihost settings (parallel/distributed.py); None: detected from the cluster.
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address", None, "--multihost: HOST:PORT of process 0's coordinator, the same "
+    "on every process (or $JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "--multihost: how many processes (or $JAX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "--multihost: this process's index, 0 ... num_processes-1 (or "
+    "$JAX_PROCESS_ID).")
+_INITIALIZATION_TIMEOUT = flags.DEFINE_integer(
+    "initialization_timeout", 300, "--multihost: seconds to wait for every process to join "
+    "before stopping with an error.")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout", 100, "--multihost: seconds after which a silent (dead) process stops "
+    "the others.")
+_SHUTDOWN_TIMEOUT = flags.DEFINE_integer(
+    "shutdown_timeout", 300, "--multihost: seconds a finished or failed process waits for the "
+    "others at exit.")
 # Shorthands for the sample stage's config keys (None: keep the config's value).
 _CONDITION_DIR = flags.DEFINE_string(
     "condition_dir", None, "--mode=sample: folder of given stems {stem}.wav "
@@ -107,9 +132,16 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   flags.mark_flags_as_required(["config", "workdir"])
+  explicit = [f"--{f.name}" for f in (_COORDINATOR_ADDRESS, _NUM_PROCESSES, _PROCESS_ID)
+              if f.value is not None]
   if _MULTIHOST.value:
     # Before any other JAX call: it decides which devices this process sees.
-    jax.distributed.initialize()
+    distributed.initialize(distributed.Settings(
+        coordinator_address=_COORDINATOR_ADDRESS.value, num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value, initialization_timeout=_INITIALIZATION_TIMEOUT.value,
+        heartbeat_timeout=_HEARTBEAT_TIMEOUT.value, shutdown_timeout=_SHUTDOWN_TIMEOUT.value))
+  elif explicit:
+    raise app.UsageError(f"{', '.join(explicit)} without --multihost: add --multihost")
   logging.info("mode=%s workdir=%s process %d of %d", _MODE.value, _WORKDIR.value,
                jax.process_index(), jax.process_count())
   config = _CONFIG.value

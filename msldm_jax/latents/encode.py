@@ -362,6 +362,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
     if jax.process_index() == 0:
       atomic_files.write_json_atomic(os.path.join(directory, store.MANIFEST), manifest)
   manifest = store.finalize(directory, manifest)
+  if jax.process_count() > 1:
+    # Process 0 wrote the complete manifest: no process goes on (--mode=all: to train_ldm,
+    # which reads it) before that.
+    multihost_utils.sync_global_devices("encode_latents complete")
   counts = {s: e["num_chunks"] for s, e in manifest["splits"].items()}
   logging.info("encode_latents: complete: %s chunks in %s", counts, directory)
   return directory

@@ -26,15 +26,18 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
-  """This process's share of a global batch; errors if it does not split evenly."""
+def local_batch_size(global_batch_size: int, mesh: Mesh, setting: str = "batch_size") -> int:
+  """This process's share of a global batch; an error naming `setting` (the config key, e.g.
+  "vae.batch_size") if it does not split evenly over the processes and the devices."""
   processes = jax.process_count()
-  if global_batch_size % processes:
-    raise ValueError(f"batch_size {global_batch_size} is not divisible by the "
-                     f"{processes} processes")
+  if global_batch_size <= 0 or global_batch_size % processes:
+    raise ValueError(f"{setting}={global_batch_size} (global) must be a positive multiple of "
+                     f"the {processes} processes")
   if global_batch_size % mesh.shape[DATA_AXIS]:
-    raise ValueError(f"batch_size {global_batch_size} is not divisible by the "
-                     f"{mesh.shape[DATA_AXIS]} devices of the mesh's data axis")
+    raise ValueError(f"{setting}={global_batch_size} (global) is not divisible by the "
+                     f"{mesh.shape[DATA_AXIS]} devices of the mesh's data axis "
+                     f"({processes} process(es)): use a multiple of "
+                     f"{mesh.shape[DATA_AXIS]}")
   return global_batch_size // processes
 
 

@@ -18,6 +18,25 @@ the rest, identically for the SourceVAE and the diffusion model:
      run after the step's checkpoint;
   4. asynchronous saves are waited for, also when the loop fails.
 
+Preemption (`preemption.py`): on SIGTERM the loop finishes the step it is on, saves it with
+the input position, and raises `preemption.Preempted` (a SystemExit with status 0), so that
+no later stage runs and the restarted job resumes from that step. The metrics of the steps
+since the last log line go into the checkpoint (its `unlogged` item) and are logged by the
+resumed run at the next log step, so metrics.jsonl ends as an uninterrupted run's would. The
+preempted step's periodic hooks (evaluation, samples) are not run: the grace period is short.
+
+Resuming skips incomplete checkpoint folders (a run killed while saving) with a warning
+naming them (`checkpointing.complete_steps`), and a checkpoint of another network or of
+other shapes is an error naming the differing settings (`checkpointing.check_compatible`).
+The restore reads into this run's mesh and sharding, whichever the checkpoint was written
+from (e.g. 8 devices under FSDP, resumed on 2 replicated).
+
+Saves are asynchronous: a checkpoint step costs the wait for that step's metrics (they are
+checked before saving) and the copy of the state off the devices (on the CPU backend into a
+snapshot kept for the run, so that the next step still updates the state in place:
+`host_snapshot.py`); orbax's background threads write the files while training goes on
+(benchmarks/checkpoint_stall.py).
+
 A time budget (`max_seconds` > 0 in the train config) ends a run early, with a checkpoint, at
 the first log step past it: for comparing networks or recipes on equal time. The clock
 (`budget_clock`) starts once the first step has run (compilation is not counted): "wall" is
@@ -49,7 +68,9 @@ from msldm_jax import checkpointing
 from msldm_jax import workdir_layout
 from msldm_jax.parallel import mesh as mesh_lib
 from msldm_jax.parallel import sharding
+from msldm_jax.training import host_snapshot
 from msldm_jax.training import metric_writer
+from msldm_jax.training import preemption
 
 
 class CompiledStep:
@@ -99,6 +120,8 @@ class Trainer(Protocol):
   #                                          keep_checkpoints
   compiled: CompiledStep
   finite_metrics: Sequence[str]            # metric names that must be finite every step
+  settings_key: str                        # config key of the network's settings
+  #                                          ("ldm.model"), for errors on resume
 
   def initial_state(self) -> Any: ...
   def train_inputs(self, position: dict | None): ...  # next() -> batch, state() -> position
@@ -166,7 +189,18 @@ def train(trainer: Trainer) -> dict[str, float]:
       os.path.join(trainer.stage_dir, workdir_layout.CHECKPOINTS),
       max_to_keep=int(config.keep_checkpoints))
   try:
-    return _loop(trainer, manager)
+    with preemption.PreemptionWatch() as watch:
+      metrics = _loop(trainer, manager, watch)
+      if watch.noticed:
+        # SIGTERM after the last step (or with nothing left to train): the stage is trained
+        # and saved, but the notice still holds, so no later stage may start.
+        manager.wait_until_finished()
+        raise preemption.Preempted(trainer.name, manager.latest_step() or 0)
+      return metrics
+  except preemption.Preempted as preempted:
+    manager.wait_until_finished()
+    logging.warning("%s", preempted)
+    raise
   finally:
     # Also on an error: an asynchronous save in flight must finish, so that the last
     # checkpoint is whole.
@@ -209,17 +243,21 @@ class Budget:
     return spent
 
 
-def _loop(trainer: Trainer, manager) -> dict[str, float]:
+def _loop(trainer: Trainer, manager, watch: preemption.PreemptionWatch) -> dict[str, float]:
   config = trainer.train_config
   num_steps = int(config.num_steps)
-  restored = checkpointing.restore_latest(manager, trainer.compiled.abstract_state)
+  restored = checkpointing.restore_latest(
+      manager, trainer.compiled.abstract_state, model_record=trainer.model_record(),
+      settings_key=getattr(trainer, "settings_key", "model"))
+  unlogged = None
   if restored is None:
     state, position, start = trainer.initial_state(), None, 0
   else:
     state, position, start = restored
+    unlogged = checkpointing.read_unlogged(manager, start)
   log = MetricsLog(os.path.join(trainer.stage_dir, workdir_layout.METRICS_FILE), start)
-  spent_before = max([r[BUDGET_SECONDS] for r in log.records if BUDGET_SECONDS in r],
-                     default=0.0)
+  spent_before = max([r[BUDGET_SECONDS] for r in log.records if BUDGET_SECONDS in r] +
+                     [float((unlogged or {}).get(BUDGET_SECONDS, 0.0))], default=0.0)
   budget = Budget(float(config.get("max_seconds", 0.0)), str(config.get("budget_clock", "wall")),
                   spent_before)
   if start and budget.spent():
@@ -229,7 +267,9 @@ def _loop(trainer: Trainer, manager) -> dict[str, float]:
   inputs = trainer.train_inputs(position)
   writer = metric_writer.MetricWriter(os.path.join(trainer.stage_dir, workdir_layout.LOGS))
   progress = metric_writer.Progress(num_steps, start, int(config.log_every), trainer.name)
-  pending: list[tuple[int, Any]] = []  # (step, device metrics) not yet fetched
+  # (step, device metrics) not yet fetched; after a preemption, the fetched metrics of the
+  # steps the interrupted run had not logged yet.
+  pending: list[tuple[int, Any]] = checkpointing.decode_unlogged(unlogged)
   due = None  # a log step whose metrics are fetched after the next step is dispatched
   last: dict[str, float] = {}
 
@@ -251,7 +291,20 @@ def _loop(trainer: Trainer, manager) -> dict[str, float]:
     log.append({"step": until, **scalars})
     last = {**last, **scalars}
 
+  def take_unlogged() -> dict[str, Any]:
+    """The pending steps' metrics, fetched and checked, for a preemption's checkpoint."""
+    nonlocal pending
+    fetched = [(s, jax.device_get(m)) for s, m in pending]
+    pending = []
+    check_finite(fetched, trainer.finite_metrics)
+    extra = {BUDGET_SECONDS: budget.elapsed()} if budget.max_seconds > 0 else {}
+    return checkpointing.encode_unlogged(fetched, **extra)
+
   log_every, checkpoint_every = int(config.log_every), int(config.checkpoint_every)
+  # On the CPU backend, what saves write from (training/host_snapshot.py).
+  snapshot = (host_snapshot.HostSnapshot(trainer.compiled.abstract_state)
+              if start < num_steps else None)
+  preempted_at = None
   for step in range(start + 1, num_steps + 1):
     batch = next(inputs)
     state, metrics = trainer.compiled.step_at(step)(state, batch)
@@ -262,17 +315,33 @@ def _loop(trainer: Trainer, manager) -> dict[str, float]:
     if due is not None:  # One step late: this step is already queued behind the fetch.
       flush(due)
       due = None
-    stop = step % log_every == 0 and budget.spent()
+    log_step = step % log_every == 0
+    stop = log_step and budget.spent()
     if stop:
       logging.info("%s: time budget of %.0f s spent at step %d (of %d): stopping",
                    trainer.name, budget.max_seconds, step, num_steps)
-    if step % log_every == 0 or step == num_steps:
+    preempted = watch.reached(step, log_step)
+    if log_step or step == num_steps:
       due = step
-    if step % checkpoint_every == 0 or step == num_steps or stop:
-      # Checked before saving: a non-finite step never reaches a checkpoint.
-      flush(step)
-      due = None
-      checkpointing.save(manager, step, state, inputs.state(), trainer.model_record())
+    checkpoint = step % checkpoint_every == 0 or step == num_steps or stop
+    if checkpoint or preempted:
+      unlogged = None
+      if checkpoint or due == step:
+        # Checked before saving: a non-finite step never reaches a checkpoint.
+        flush(step)
+        due = None
+      else:
+        # A preemption between log steps: an uninterrupted run logs these steps together
+        # with the next ones, and so does the resumed run, from the checkpoint.
+        unlogged = take_unlogged()
+      # The snapshot's buffers are the previous save's: its write must be over (the save
+      # would wait for it anyway).
+      manager.wait_until_finished()
+      checkpointing.save(manager, step, snapshot(state), inputs.state(),
+                         trainer.model_record(), unlogged=unlogged)
+    if preempted:
+      preempted_at = step
+      break
     hooked = trainer.periodic(step, state, writer)
     if hooked:
       writer.scalars(step, hooked)
@@ -283,6 +352,8 @@ def _loop(trainer: Trainer, manager) -> dict[str, float]:
   if pending:
     flush(pending[-1][0])
   writer.flush()
+  if preempted_at is not None:
+    raise preemption.Preempted(trainer.name, preempted_at)
   if jax.process_index() == 0:
     trainer.finish(log.records)
   return last

@@ -235,10 +235,13 @@ class LDMTrainer:
     self.ldm_config = config.ldm
     self.train_config = config.ldm.train
     self.mesh = mesh or mesh_lib.make_mesh()
+    # Before any compilation: a batch the devices cannot split is an error naming its key.
+    mesh_lib.local_batch_size(int(self.ldm_config.batch_size), self.mesh, "ldm.batch_size")
     self.stage_dir = workdir_layout.trainer_dir(workdir, workdir_layout.LDM)
     self.latents_dir = workdir_layout.latents_dir(config, workdir)
     self.manifest = store.load_manifest(self.latents_dir)
     self.denoiser_kind, _ = denoisers.selected(self.ldm_config)
+    self.settings_key = denoisers.config_key(self.denoiser_kind)  # "ldm.model": in errors
     self.model_config = model_config_for_latents(self.ldm_config, self.manifest,
                                                  self.latents_dir)
     # ISLDM: one network per stem of the store.

@@ -231,6 +231,7 @@ class VAETrainer:
   Tests and notebooks use its pieces (`compiled.step`, `initial_state`, `evaluate`) directly.
   """
   name = "train_vae"
+  settings_key = "vae.model"  # the model record's settings, as config keys
   finite_metrics = ("loss/generator", "loss/discriminator", "loss/mel", "loss/kl",
                     "loss/adversarial", "loss/feature_matching")
 
@@ -239,6 +240,11 @@ class VAETrainer:
     self.vae_config = config.vae
     self.train_config = config.vae.train
     self.mesh = mesh or mesh_lib.make_mesh()
+    # Before any compilation: a batch the devices cannot split is an error naming its key.
+    mesh_lib.local_batch_size(int(self.vae_config.batch_size), self.mesh, "vae.batch_size")
+    if int(self.train_config.eval_every) > 0:
+      mesh_lib.local_batch_size(int(self.train_config.eval_batch_size), self.mesh,
+                                "vae.train.eval_batch_size")
     self.spec = make_train_spec(self.vae_config)
     self.window = pipeline.vae_window_spec(config.data, train=True).window
     # MixLDM's VAE: the same stage on mixture windows (its metrics are the source "mix").
