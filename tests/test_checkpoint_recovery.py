@@ -99,6 +99,14 @@ def test_an_incomplete_step_folder_is_skipped_with_a_warning(tmp_path, caplog):
 _RUN_TIMEOUT = 240  # seconds for one command-line run (imports, compilation, steps)
 
 
+def _reap(process, log):
+  """Kills `process` if it still runs (a failed wait), waits for it, closes its log."""
+  if process.poll() is None:
+    process.kill()
+    process.wait()
+  log.close()
+
+
 def _newest_complete_step(directory):
   steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(
       directory) else []
@@ -209,10 +217,7 @@ def test_command_line_run_survives_kills_and_a_preemption(repo_root, tmp_path,
         process.kill()
       process.wait(timeout=60)
     finally:
-      if process.poll() is None:
-        process.kill()
-        process.wait()
-      log.close()
+      _reap(process, log)
     assert process.returncode == -signal.SIGKILL
     check_resume(f"kill{kill}")
     # What the next run must resume from, and the unfinished saves it must skip.
@@ -230,10 +235,7 @@ def test_command_line_run_survives_kills_and_a_preemption(repo_root, tmp_path,
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=120)
   finally:
-    if process.poll() is None:
-      process.kill()
-      process.wait()
-    log.close()
+    _reap(process, log)
   text = check_resume("preempted")
   assert process.returncode == 0, text[-3000:]
   preempted_at = int(re.search(r"train_ldm: preempted at step (\d+)", text).group(1))
