@@ -160,6 +160,34 @@ def test_only_selected_stems(encoded_dir):
   np.testing.assert_array_equal(stem, got["stem"])
 
 
+def test_stem_batches_hold_one_stem_each_in_turn(encoded_dir):
+  """Per-source VAE training: batch k holds stem k mod (stems) only, on every process, and
+  those are the same windows the mixed view cuts."""
+  config = data_config(stems="bass,guitar,piano")
+  batches = []
+  for index in range(2):
+    ds = pipeline.vae_windows(encoded_dir, "train", data_config=config, batch_size=4,
+                              train=True, seed=0, process_index=index, process_count=2,
+                              stem_batches=True)
+    batches.append(list(ds.as_numpy_iterator()))
+  turn = [0, 2, 3]
+  for process_batches in batches:
+    assert len(process_batches) >= 3
+    for k, batch in enumerate(process_batches):
+      assert set(batch["stem"].tolist()) == {turn[k % 3]}
+      _, stem, _ = decode(batch["audio"])
+      np.testing.assert_array_equal(stem, batch["stem"])
+  mixed = collect(pipeline.vae_windows(encoded_dir, "train", data_config=config, batch_size=1,
+                                       train=True, seed=0))
+  every_window = {tuple(decode(row[None])[i][0] for i in (0, 1, 2)) for row in mixed["audio"]}
+  for batch in batches[0]:
+    for row in batch["audio"]:
+      assert tuple(decode(row[None])[i][0] for i in (0, 1, 2)) in every_window
+  with pytest.raises(ValueError, match="stem_batches"):
+    pipeline.vae_windows(encoded_dir, "train", data_config=config, batch_size=4,
+                         train=False, stem_batches=True)
+
+
 def _sine(n, amplitude, period=37.0):
   return (amplitude * np.sin(2 * np.pi * np.arange(n) / period)).astype(np.float32)
 

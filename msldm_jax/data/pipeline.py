@@ -262,7 +262,7 @@ def _batch(ds: tf.data.Dataset, local_batch: int, train: bool) -> tf.data.Datase
 def vae_windows(dataset_dir: str, split: str, *, data_config: ml_collections.ConfigDict,
                 batch_size: int, train: bool, seed: int | None = None, epoch: int = 0,
                 process_index: int | None = None, process_count: int | None = None,
-                mixture: bool = False) -> tf.data.Dataset:
+                mixture: bool = False, stem_batches: bool = False) -> tf.data.Dataset:
   """One epoch of single-stem VAE windows, batched for this process (see module docstring).
 
   Args:
@@ -277,6 +277,11 @@ def vae_windows(dataset_dir: str, split: str, *, data_config: ml_collections.Con
     process_index, process_count: default to JAX's; pass them to simulate other processes.
     mixture: windows of each track's mixture instead of its stems ("stem" is then 0, and
       `vae_windows.stems` is not read).
+    stem_batches: training only: every batch holds windows of one stem, the stems taking
+      turns in STEM_NAMES order (bass, drums, ... then bass again), the same turn on every
+      process, so a global batch is one stem too (what a per-source VAE trains on at 1×
+      cost, `source_vae.one_group`). Each stem's windows are shuffled on their own; the
+      epoch ends when the first stem runs out of batches.
 
   Returns:
     A finite dataset of {"audio": float32 [b, window], "stem": int32 [b]} (+ "valid": bool
@@ -288,25 +293,39 @@ def vae_windows(dataset_dir: str, split: str, *, data_config: ml_collections.Con
   seeds = _epoch_seeds(data_config.seed if seed is None else seed, epoch if train else 0)
   tracks = read_tracks(dataset_dir, split, shuffle_seed=seeds.shuffle_files if train else None,
                        process_index=index, process_count=count)
-  selected = tf.constant([name in spec.stems for name in stems_lib.STEM_NAMES])
+  if stem_batches and (mixture or not train):
+    raise ValueError("stem_batches is for training on stems: not with mixture=True or "
+                     "train=False")
   jitter_key = tf.constant(seeds.jitter_key, tf.int64)
-  if mixture:
-    ds = tracks.flat_map(_mixture_stream)
+
+  def windows(selected_stems):
+    if mixture:
+      ds = tracks.flat_map(_mixture_stream)
+    else:
+      selected = tf.constant([name in selected_stems for name in stems_lib.STEM_NAMES])
+      ds = tracks.flat_map(functools.partial(_stem_streams, selected=selected))
+    ds = ds.interleave(
+        functools.partial(_stem_windows, spec=spec, jitter_key=jitter_key),
+        cycle_length=_STEM_STREAMS, block_length=1, num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True)
+    if train:
+      ds = ds.shuffle(data_config.vae_windows.shuffle_buffer, seed=seeds.shuffle_buffer,
+                      reshuffle_each_iteration=False)
+    return _batch(ds, local_batch, train)
+
+  if stem_batches:
+    # One stream of batches per stem, taken in turn: the turn depends on the batch's index
+    # alone, so every process's batch k holds the same stem.
+    per_stem = [windows((name,)) for name in spec.stems]
+    ds = tf.data.Dataset.choose_from_datasets(
+        per_stem, tf.data.Dataset.range(len(per_stem)).repeat(), stop_on_empty_dataset=True)
   else:
-    ds = tracks.flat_map(functools.partial(_stem_streams, selected=selected))
-  ds = ds.interleave(
-      functools.partial(_stem_windows, spec=spec, jitter_key=jitter_key),
-      cycle_length=_STEM_STREAMS, block_length=1, num_parallel_calls=tf.data.AUTOTUNE,
-      deterministic=True)
-  if train:
-    ds = ds.shuffle(data_config.vae_windows.shuffle_buffer, seed=seeds.shuffle_buffer,
-                    reshuffle_each_iteration=False)
-  ds = _batch(ds, local_batch, train)
+    ds = windows(spec.stems)
   logging.info("VAE windows (%s, %s): %d-sample windows, hop %d, jitter ±%d, %s, "
-               "%d rows per process batch, epoch %d.", split, "train" if train else "eval",
+               "%d rows per process batch%s, epoch %d.", split, "train" if train else "eval",
                spec.window, spec.hop, spec.jitter,
                "the mixture" if mixture else "stems " + ",".join(spec.stems), local_batch,
-               epoch)
+               ", one stem per batch in turn" if stem_batches else "", epoch)
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
 
 

@@ -13,9 +13,8 @@ input is regrouped to [P, stems/P · batch] and the networks are `nn.vmap`-ed ov
 P = 1 all stems simply share one batch, and with P = num_stems each stem meets its own
 parameters. The single-stem path (`encode_stem`/`decode_stem`, for VAE training windows
 that each carry a stem index) runs every group on the whole batch and keeps each example's
-own group: free when P = 1, P× the compute when per-source. A trainer that wants per-source
-training at 1× cost feeds stem-complete batches [batch, stems, samples] through `encode`/
-`decode` instead.
+own group: free when P = 1, P× the compute when per-source. The VAE trainer trains a
+per-source model at 1× cost on one-stem batches instead, through `one_group`.
 
 Parameter names mirror the reference's module tree (see msldm_jax/models/source_vae_import.py
 for the key-by-key map to the released PyTorch checkpoint).
@@ -290,6 +289,22 @@ class SourceVAE(nn.Module):
   def __call__(self, waveforms_bst):
     mean, logvar = self.encode(waveforms_bst)
     return self.decode(mean), mean, logvar
+
+
+def one_group(model: SourceVAE, variables, group: Array) -> tuple[SourceVAE, Any]:
+  """(a shared SourceVAE, its variables): group `group` of a per-source model's parameters.
+
+  For one-stem batches of a per-source VAE (`vae_windows(stem_batches=True)`): the batch
+  then runs through its stem's parameters alone, at 1× the compute of a shared VAE, where
+  `encode_stem`/`decode_stem` would run every group on the whole batch. `group` may be
+  traced (the batch's stem index); the slice is differentiable, so gradients land in that
+  group's parameters and are zero for the others.
+  """
+  if model.num_groups == 1:
+    return model, variables
+  sliced = jax.tree.map(lambda p: jax.lax.dynamic_slice_in_dim(p, group, 1, axis=0),
+                        variables)
+  return model.clone(per_source=False), sliced
 
 
 def posterior_sample(mean: Array, logvar: Array, rng: Array) -> Array:

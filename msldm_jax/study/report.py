@@ -319,12 +319,16 @@ def _departures(config: ml_collections.ConfigDict) -> list[str]:
   """The study's settings that are not the paper's, read from the config it ran."""
   vae, ldm = config.vae, config.ldm
   weights = dict(vae.loss_weights)
+  per_source = bool(vae.model.per_source)
   return [
       f"- SourceVAE: encoder width {vae.model.encoder_width}, decoder width "
       f"{vae.model.decoder_width}, latent {vae.model.latent_dim} per source (the paper's: "
       "64, 1536, 80); discriminators "
       f"'{vae.discriminator.variant}'; batch {vae.batch_size} one-second windows; AdamW at "
       f"{vae.optimizer.learning_rate:g}.",
+      *(["- One SourceVAE per stem (the paper shares one across stems), trained on "
+         "one-stem batches, the stems in turn, at a shared VAE's cost per step: each stem's "
+         "VAE gets a quarter of the steps. The mixture VAE is one VAE."] if per_source else []),
       f"- Its loss: {weights['mel']:g}·mel + {weights['feature_matching']:g}·feature "
       f"matching + {weights['adversarial']:g}·adversarial + {weights['kl']:g}·KL + "
       f"{weights['waveform']:g}·waveform L1 (the paper's: 15, 2, 1, 10, no waveform term); "

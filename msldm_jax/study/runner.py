@@ -125,7 +125,10 @@ def system_config(config: ml_collections.ConfigDict, workdir: str,
   derived.system = system
   derived.ldm.denoiser = denoiser
   derived.data.tfds_dir = workdir_layout.tfds_dir(config, workdir)
-  if system != "mixldm":
+  if system == "mixldm":
+    # The mixture is one source: one parameter set, whatever the stems' VAE has.
+    derived.vae.model.per_source = False
+  else:
     derived.ldm.vae_checkpoint = os.path.abspath(workdir)
     derived.ldm.latents_dir = os.path.abspath(workdir_layout.latents_dir(config, workdir))
   derived.ldm.train.max_seconds = float(config.study.ldm_seconds)

@@ -63,9 +63,13 @@ class VAETrainSpec:
   generator_tx: optax.GradientTransformation
   discriminator_tx: optax.GradientTransformation
   learning_rate: optax.Schedule
+  # Every batch holds one stem's windows (`vae_windows(stem_batches=True)`), so a per-source
+  # VAE runs the batch through that stem's parameters alone (`source_vae.one_group`).
+  stem_batches: bool = False
 
 
-def make_train_spec(vae_config: ml_collections.ConfigDict) -> VAETrainSpec:
+def make_train_spec(vae_config: ml_collections.ConfigDict,
+                    mixture: bool = False) -> VAETrainSpec:
   optim = vae_config.optimizer
   # The reference multiplies the learning rate by `lr_decay` after every step
   # (PyTorch ExponentialLR stepped per batch).
@@ -83,7 +87,8 @@ def make_train_spec(vae_config: ml_collections.ConfigDict) -> VAETrainSpec:
       discriminator=discriminators.make_discriminator(
           disc.variant, dtype=vae_config.model.dtype, **disc.get("overrides", {})),
       generator_tx=generator_tx, discriminator_tx=discriminator_tx,
-      learning_rate=learning_rate)
+      learning_rate=learning_rate,
+      stem_batches=bool(vae_config.model.per_source) and not mixture)
 
 
 def covering_frames(samples: int, vae: source_vae.SourceVAE) -> int:
@@ -102,12 +107,19 @@ def pad_to_frames(waveforms: jax.Array, vae: source_vae.SourceVAE) -> jax.Array:
   return jnp.pad(waveforms, [(0, 0)] * (waveforms.ndim - 1) + [(0, padded - samples)])
 
 
-def reconstruct_stem(vae: source_vae.SourceVAE, params, waveforms_bt, stem_b, rng=None):
+def reconstruct_stem(vae: source_vae.SourceVAE, params, waveforms_bt, stem_b, rng=None,
+                     one_stem: bool = False):
   """Encode → (posterior sample, or the mean when rng is None) → decode, cropped to input.
+
+  With `one_stem` (every row of the batch is the same stem), a per-source VAE runs the
+  batch through that stem's parameters alone (`source_vae.one_group`).
 
   Returns (reconstruction [batch, samples], mean, logvar).
   """
   samples = waveforms_bt.shape[-1]
+  if one_stem:
+    vae, params = source_vae.one_group(vae, params, stem_b[0])
+    stem_b = jnp.zeros_like(stem_b)
   mean, logvar = vae.apply(params, pad_to_frames(waveforms_bt, vae), stem_b,
                            method=vae.encode_stem)
   z = mean if rng is None else source_vae.posterior_sample(mean, logvar, rng)
@@ -137,7 +149,7 @@ def adversarial_step(state: VAETrainState, batch, *, spec: VAETrainSpec, loss_we
   x, stem = batch[pipeline.AUDIO], batch[pipeline.STEM]
 
   def generator_forward(generator):
-    return reconstruct_stem(spec.vae, generator, x, stem, rng)
+    return reconstruct_stem(spec.vae, generator, x, stem, rng, one_stem=spec.stem_batches)
 
   (recon, mean, logvar), generator_vjp = jax.vjp(generator_forward, state.generator)
 
@@ -181,7 +193,8 @@ def reconstruction_step(state: VAETrainState, batch, *, spec: VAETrainSpec, loss
   x, stem = batch[pipeline.AUDIO], batch[pipeline.STEM]
 
   def objective(generator):
-    recon, mean, logvar = reconstruct_stem(spec.vae, generator, x, stem, rng)
+    recon, mean, logvar = reconstruct_stem(spec.vae, generator, x, stem, rng,
+                                           one_stem=spec.stem_batches)
     terms = {"mel": vae_losses.multiscale_mel_loss(recon, x),
              "feature_matching": jnp.zeros((), jnp.float32),
              "adversarial": jnp.zeros((), jnp.float32),
@@ -245,11 +258,11 @@ class VAETrainer:
     if int(self.train_config.eval_every) > 0:
       mesh_lib.local_batch_size(int(self.train_config.eval_batch_size), self.mesh,
                                 "vae.train.eval_batch_size")
-    self.spec = make_train_spec(self.vae_config)
-    self.window = pipeline.vae_window_spec(config.data, train=True).window
     # MixLDM's VAE: the same stage on mixture windows (its metrics are the source "mix").
     self.sources = paper_config.latent_sources(config)
     self.mixture = self.sources == (stems_lib.MIXTURE,)
+    self.spec = make_train_spec(self.vae_config, self.mixture)
+    self.window = pipeline.vae_window_spec(config.data, train=True).window
     self.stage_dir = workdir_layout.trainer_dir(workdir, workdir_layout.VAE)
     step_kwargs = dict(spec=self.spec, loss_weights=dict(self.vae_config.loss_weights),
                        seed=int(self.vae_config.seed))
@@ -282,7 +295,7 @@ class VAETrainer:
     dataset_fn = functools.partial(
         pipeline.vae_windows, self._dataset_dir(), "train", data_config=self.config.data,
         batch_size=self.vae_config.batch_size, train=True, seed=self.config.data.seed,
-        mixture=self.mixture)
+        mixture=self.mixture, stem_batches=self.spec.stem_batches)
     return input_iterator.InputIterator(dataset_fn, mesh=self.mesh, position=position)
 
   def summarize(self, steps) -> dict[str, float]:
