@@ -91,11 +91,22 @@ OVERRIDES = dict(
         # would synchronise every step.
         log_every_steps=0,
     ),
+    separate=dict(
+        # 5 steps, not the sampler's 150: a DPS evaluation decodes the four stems and
+        # backpropagates through the decoder (~3.4 CPU-s per 14.86 s chunk at the demo's
+        # VAE on a 2-core AMD EPYC; Dirac's decode and encode ~0.9 CPU-s), and the main job
+        # has 15 minutes.
+        num_steps=5,
+    ),
     evaluate=dict(
         # A cap for CPU time (the mini dataset's 5 test tracks give fewer chunks anyway).
         max_reference_chunks=64,
         # 14 × 2 = 28 partially generated pieces instead of the paper's 224: CPU time.
         partial_chunks=2,
+        # The separation table (separation.md) on 2 test chunks, both methods: about a
+        # minute of the main job.
+        separation=True,
+        separation_chunks=2,
     ),
 )
 

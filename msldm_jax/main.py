@@ -10,7 +10,11 @@ Modes:
               latent store, WORKDIR/latents (resumes a killed run; a no-op when complete).
   train_ldm   train (or resume) the latent diffusion transformer, in WORKDIR/ldm.
   sample      generate pieces (all four stems, or --generate=bass,drums given the other
-              stems in --condition_dir) into WORKDIR/samples: stems, mix, spectrogram.
+              stems in --condition_dir or --condition=STEM=FILE,...: a user's recordings, any
+              format, rate and length) into WORKDIR/samples: stems, mix, spectrogram;
+              --seconds=60 for pieces longer than the model's window.
+  separate    separate a mixture (--mix=FILE, any format, rate and length) into its four
+              stems by posterior sampling (--out_dir, default WORKDIR/separated/NAME).
   evaluate    score the generated pieces against real chunks (Fréchet distances, empty-stem
               rate, cross-stem coherence, VAE reconstruction) into WORKDIR/evaluation.
   all         every stage above in order, skipping those finished under the same config.
@@ -46,6 +50,7 @@ MODES = {
     "encode_latents": "msldm_jax.latents.encode",
     "train_ldm": "msldm_jax.training.train_ldm",
     "sample": "msldm_jax.generation.stage",
+    "separate": "msldm_jax.generation.separation",
     "evaluate": "msldm_jax.evaluation.stage",
     "all": "msldm_jax.main",
     "study": "msldm_jax.study.runner",
@@ -85,7 +90,33 @@ _CONDITION_DIR = flags.DEFINE_string(
     "(overrides config.sample.condition_dir).")
 _GENERATE = flags.DEFINE_string(
     "generate", None, "--mode=sample: stems to generate, e.g. bass,drums; the others are "
-    "read from --condition_dir (overrides config.sample.generate).")
+    "read from --condition_dir or --condition (overrides config.sample.generate).")
+_CONDITION = flags.DEFINE_string(
+    "condition", None, "--mode=sample: given stems as files, e.g. bass=my_bass.mp3,"
+    "piano=keys.flac; without --generate the other stems are generated (overrides "
+    "config.sample.condition).")
+_PAD = flags.DEFINE_bool(
+    "pad", None, "--mode=sample: pad given stems shorter than the longest with silence "
+    "instead of stopping with an error (overrides config.sample.pad).")
+_SECONDS = flags.DEFINE_float(
+    "seconds", None, "--mode=sample: length of totally generated pieces in seconds; longer "
+    "than the model's window is generated window by window (overrides config.sample.seconds).")
+_MIX = flags.DEFINE_string(
+    "mix", None, "--mode=separate: the mixture to separate (overrides config.separate.mix).")
+_OUT_DIR = flags.DEFINE_string(
+    "out_dir", None, "--mode=separate: where the stems go (overrides "
+    "config.separate.output_dir).")
+
+# flag → the config key it sets, when given.
+_SHORTHANDS = (
+    (_CONDITION_DIR, ("sample", "condition_dir")),
+    (_GENERATE, ("sample", "generate")),
+    (_CONDITION, ("sample", "condition")),
+    (_PAD, ("sample", "pad")),
+    (_SECONDS, ("sample", "seconds")),
+    (_MIX, ("separate", "mix")),
+    (_OUT_DIR, ("separate", "output_dir")),
+)
 
 
 def run(mode: str, config, workdir: str):
@@ -145,10 +176,9 @@ def main(argv):
   logging.info("mode=%s workdir=%s process %d of %d", _MODE.value, _WORKDIR.value,
                jax.process_index(), jax.process_count())
   config = _CONFIG.value
-  if _CONDITION_DIR.value is not None:
-    config.sample.condition_dir = _CONDITION_DIR.value
-  if _GENERATE.value is not None:
-    config.sample.generate = _GENERATE.value
+  for flag, (section, key) in _SHORTHANDS:
+    if flag.value is not None:
+      config[section][key] = flag.value
   run(_MODE.value, config, _WORKDIR.value)
 
 

@@ -165,8 +165,18 @@ def sample_config() -> ml_collections.ConfigDict:
       # Pieces per compiled call (sampler + decoding), split over the local devices.
       batch_size=4,
       seed=0,
-      # Partial generation: a folder of given stems ({stem}.wav) and the stems to generate.
-      condition_dir="", generate="",
+      # Partial generation: the stems to generate, and the given stems as a folder
+      # ({stem}.wav, .flac, .ogg or .mp3) or as STEM=FILE,... (then `generate` may be empty:
+      # the stems not given). Any rate, channels and length (generation/conditions.py).
+      condition_dir="", generate="", condition="",
+      # Given stems of different lengths: False is an error, True pads the shorter ones
+      # with silence at the end.
+      pad=False,
+      # Total generation's length in seconds (0: one chunk, data.chunks.samples). Longer
+      # pieces, and given stems longer than a chunk, are generated window by window, each
+      # continuing the previous one over `overlap` of the window (a fraction), joined with a
+      # crossfade there (generation/long_form.py).
+      seconds=0.0, overlap=0.25,
       # RePaint passes per step for partial generation (1: the release's single pass).
       resample_steps=1,
       use_ema=True,
@@ -175,6 +185,26 @@ def sample_config() -> ml_collections.ConfigDict:
       log_every_steps=25,
       # Empty: WORKDIR/samples.
       output_dir="",
+  ))
+
+
+def separate_config() -> ml_collections.ConfigDict:
+  """Separation of a mixture (`--mode=separate`, and the evaluation's separation table):
+  posterior sampling with the generative model as the prior (generation/separation.py)."""
+  return ml_collections.ConfigDict(dict(
+      # The mixture file (--mix) and where its stems go (--out_dir; empty:
+      # WORKDIR/separated/<file name>).
+      mix="", output_dir="",
+      # "dps": the denoised latent pulled towards the mixture by the gradient of the
+      # mixture error through the frozen decoder; "dirac": MSDM's, `dirac_stem` is the
+      # mixture minus the others (diffusion/mixture_guidance.py).
+      method="dps",
+      # DPS's share of the Gauss-Newton step per evaluation, in [0, 1].
+      strength=1.0,
+      dirac_stem=stems.STEM_NAMES[-1],
+      # Sampler steps (0: config.sample.num_steps); the sampler is config.sample's.
+      num_steps=0,
+      seed=0,
   ))
 
 
@@ -212,6 +242,12 @@ def evaluate_config() -> ml_collections.ConfigDict:
       # "full": every table below; "mixture_distances": the mixture's FD and KAD alone (for
       # sweeps that score many runs of one model, e.g. the study's samplers × steps).
       scope="full",
+      # The separation table (separation.md): SI-SDR improvement per stem over the mixture
+      # on `separation_chunks` seeded random reference chunks, for each method in
+      # `separation_methods`, beside the VAE's own reconstructions (the ceiling).
+      separation=False,
+      separation_chunks=8,
+      separation_methods="dps,dirac",
   ))
 
 
@@ -246,5 +282,6 @@ def get_paper_config(variant: str = "base") -> ml_collections.ConfigDict:
       vae=vae_config(),
       ldm=ldm_config(variant),
       sample=sample_config(),
+      separate=separate_config(),
       evaluate=evaluate_config(),
   ))

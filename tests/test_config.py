@@ -166,8 +166,9 @@ def test_demo_differs_from_the_paper_only_by_its_override_list(repo_root):
       "ldm.optimizer.learning_rate", "ldm.optimizer.warmup_steps",
       "ldm.ema_decay", "ldm.batch_size", "ldm.train.num_steps", "ldm.train.sample_every",
       "ldm.train.checkpoint_every", "ldm.train.keep_checkpoints", "ldm.train.sample_steps",
-      "sample.log_every_steps",
-      "evaluate.max_reference_chunks", "evaluate.partial_chunks"}
+      "sample.log_every_steps", "separate.num_steps",
+      "evaluate.max_reference_chunks", "evaluate.partial_chunks", "evaluate.separation",
+      "evaluate.separation_chunks"}
   # The demo's DiT is the 'tiny' preset; in_channels is set from the latents (below).
   expected = dit.model_config("tiny", in_channels=0).to_dict()
   assert demo.ldm.model.to_dict() == tiny.ldm.model.to_dict() == expected

@@ -118,7 +118,7 @@ def total_run(models, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def partial_run(models, condition_dir, tmp_path_factory):
-  config = _config(condition_dir=condition_dir, generate="bass")
+  config = _config(condition_dir=condition_dir, generate="bass", pad=True)
   output = str(tmp_path_factory.mktemp("partial"))
   return config, stage.generate_to_dir(config, output, *models)
 
@@ -154,10 +154,15 @@ def test_partial_generation_keeps_original_given_stems_in_stems_and_mix(
   assert record["mode"] == "partial"
   assert record["generated"] == ["bass"] and record["given"] == ["drums", "guitar", "piano"]
   assert record["resample_steps"] == config.sample.resample_steps
+  # --pad: every stem as long as the longest given one (guitar, two chunks), which is then
+  # generated in windows; the drums' 44.1 kHz and the others' 22.05 kHz share no rate, so
+  # the piece is written at the model's.
+  assert record["padded"] == ["drums", "piano"] and record["windows"] > 1
   for name in ("drums", "guitar", "piano"):
-    # As the data stage reads stems (mono, model rate), then cropped/zero-padded.
+    # As the data stage reads stems (mono, model rate), then zero-padded.
     original = audio_files.read_mono(os.path.join(condition_dir, f"{name}.wav"), SR)
-    np.testing.assert_array_equal(stems[name], conditions.fit_to_length(original, num_samples))
+    np.testing.assert_array_equal(stems[name],
+                                  conditions.fit_to_length(original, 2 * num_samples))
   assert record["given_original_samples"]["guitar"] == 2 * num_samples
   assert np.all(stems["piano"][num_samples // 2 + 1:] == 0)  # zero-padded
   assert np.max(np.abs(stems["bass"])) > 0
@@ -169,11 +174,11 @@ def test_partial_generation_keeps_original_given_stems_in_stems_and_mix(
 def test_partial_latents_hold_the_given_stems_encodings_exactly(models, condition_dir,
                                                                 num_samples):
   vae, vae_params, denoiser, denoiser_params = models
-  config = _config(condition_dir=condition_dir, generate="bass")
+  config = _config(condition_dir=condition_dir, generate="bass", pad=True)
   task = stage.prepare_task(config)
   spec = stage.make_spec(config, vae, denoiser, task.generate_stems)
-  x_known = np.asarray(
-      generation_program.encode_given(vae_params, task.given.stacked(), vae=vae))[0]
+  x_known = np.asarray(generation_program.encode_given(
+      vae_params, task.given.stacked(spec.num_samples), vae=vae))[0]
   pieces = list(stage.generate_pieces(spec, vae_params, denoiser_params, seed=0,
                                       piece_indices=[0, 1], batch_size=2,
                                       num_samples=num_samples, given=task.given))

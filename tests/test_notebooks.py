@@ -56,7 +56,8 @@ def test_notebooks_run_end_to_end(repo_root, kernel_env, mini_dataset):
   # settings would make that stage fail, naming them.
   mini_dataset.copy_rendering_to(kernel_env)
   assert [os.path.basename(p) for p in paths] == [
-      "01_data_and_vae_reconstruction.ipynb", "02_generation.ipynb"]
+      "01_data_and_vae_reconstruction.ipynb", "02_generation.ipynb",
+      "03_separate_and_accompany.ipynb"]
   timings = {}
   for path in paths:
     notebook = nbformat.read(path, as_version=4)
@@ -73,7 +74,8 @@ def test_notebooks_run_end_to_end(repo_root, kernel_env, mini_dataset):
               for output in cell.get("outputs", []) if output.get("output_type") == "error"]
     assert not errors, f"{path}: {errors}"
     # Each notebook shows what it made: spectrogram images and audio players (01: a track,
-    # the reconstruction; 02: one spectrogram per generated piece, total and partial).
+    # the reconstruction; 02: one spectrogram per generated piece, total and partial; 03:
+    # the true stems, each separation, the accompaniment).
     shown = [key for cell in notebook.cells if cell.cell_type == "code"
              for output in cell.get("outputs", []) for key in output.get("data", {})]
     assert shown.count("image/png") >= 2, (path, shown)
@@ -85,3 +87,12 @@ def test_notebooks_run_end_to_end(repo_root, kernel_env, mini_dataset):
   assert glob.glob(str(kernel_env / "samples_total" / "piece_*" / "mix.wav"))
   partial = glob.glob(str(kernel_env / "samples_partial" / "piece_*" / "piece.json"))
   assert partial
+  # 03: both separations and the accompaniment of the given recordings.
+  for method in ("dps", "dirac"):
+    with open(kernel_env / "separated" / method / "piece.json") as f:
+      assert json.load(f)["method"] == method
+  accompaniment = glob.glob(str(kernel_env / "samples_accompaniment" / "piece_*" /
+                                "piece.json"))
+  with open(accompaniment[0]) as f:
+    record = json.load(f)
+  assert record["generated"] == ["drums", "guitar"] and record["given"] == ["bass", "piano"]

@@ -33,6 +33,7 @@ from jax.sharding import Mesh
 from msldm_jax import joint_latent
 from msldm_jax import stems as stems_lib
 from msldm_jax.diffusion import edm
+from msldm_jax.diffusion import mixture_guidance
 from msldm_jax.diffusion import samplers
 from msldm_jax.models import source_vae
 from msldm_jax.parallel import mesh as mesh_lib
@@ -298,6 +299,13 @@ def generate_batch(vae_params, denoiser_params, keys: jax.Array,
   return latents_bct, waveforms
 
 
+def stem_mask(known_stems: jax.Array, latent_dim: int, num_frames: int) -> jax.Array:
+  """Known-value mask [batch, stems·latent, frames] from per-stem flags [batch, stems]."""
+  per_source = jnp.broadcast_to(known_stems.astype(bool)[:, :, None, None],
+                                known_stems.shape + (latent_dim, num_frames))
+  return joint_latent.stack_sources(per_source)
+
+
 @functools.partial(jax.jit, static_argnames=("spec",))
 def inpaint_batch(vae_params, denoiser_params, keys: jax.Array, x_known: jax.Array,
                   known_stems: jax.Array, *, spec: GenerationSpec):
@@ -320,29 +328,76 @@ def inpaint_batch(vae_params, denoiser_params, keys: jax.Array, x_known: jax.Arr
   Returns:
     (latents [batch, stems·latent, frames], waveforms float32 [batch, stems, samples]).
   """
+  chex.assert_shape(known_stems, (keys.shape[0], stems_lib.NUM_STEMS))
+  known = stem_mask(known_stems, spec.vae.latent_dim, spec.num_frames)
+  return _sample_masked(vae_params, denoiser_params, keys, x_known, known, None, spec=spec,
+                        guidance=None)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "guidance"))
+def sample_masked(vae_params, denoiser_params, keys: jax.Array, x_known: jax.Array,
+                  known: jax.Array, mixture: jax.Array | None = None, *,
+                  spec: GenerationSpec, guidance: mixture_guidance.Guidance | None = None):
+  """One window of long-form generation or separation: any known values, as data.
+
+  Piece i keeps `x_known[i]` wherever `known[i]` is True (whole stems for partial
+  generation, the first frames of a window for continuing the previous one, or both) and
+  samples the rest; with `guidance`, its denoised estimates are also pulled towards
+  `mixture[i]` (`mixture_guidance`: separation). Every stem is decoded.
+
+  Args:
+    vae_params, denoiser_params: the two modules' variables.
+    keys: [batch] PRNG keys (`piece_keys`).
+    x_known: [batch, stems·latent, frames]; only its known values are read.
+    known: bool [batch, stems·latent, frames].
+    mixture: [batch, mixture samples], with `guidance` only.
+    spec: the static `GenerationSpec` (its `generate_stems` must be all stems).
+    guidance: the separation method (`mixture_guidance.Guidance`), or None.
+
+  Returns:
+    (latents [batch, stems·latent, frames], waveforms float32 [batch, stems, samples]);
+    samples is the mixture's length under guidance, else `spec.num_samples`. Under Dirac
+    guidance the constrained stem's waveform is the mixture minus the others.
+  """
+  return _sample_masked(vae_params, denoiser_params, keys, x_known, known, mixture,
+                        spec=spec, guidance=guidance)
+
+
+def _sample_masked(vae_params, denoiser_params, keys, x_known, known, mixture, *, spec,
+                   guidance):
   if spec.is_partial or spec.is_mixture:
-    raise ValueError("inpaint_batch takes the given stems as data: build its spec with "
-                     f"every stem in generate_stems, not {spec.generate_stems}")
+    raise ValueError("a program that takes the known values as data needs a spec with every "
+                     f"stem in generate_stems, not {spec.generate_stems}")
   chex.assert_rank(keys, 1)
   batch = keys.shape[0]
   shape = (1, spec.channels, spec.num_frames)
-  chex.assert_shape(x_known, (batch,) + shape[1:])
-  chex.assert_shape(known_stems, (batch, stems_lib.NUM_STEMS))
+  chex.assert_shape([x_known, known], (batch,) + shape[1:])
+  if (guidance is None) != (mixture is None):
+    raise ValueError("give a mixture and a guidance together (separation), or neither")
+  if mixture is None:
+    mixture = jnp.zeros((batch, 1), jnp.float32)  # Unused; keeps one vmap signature.
+  chex.assert_rank(mixture, 2)
   sample = samplers.get_sampler(spec.sampler_name, dict(spec.sampler_settings))
   denoise_fn = sampling_denoise_fn(spec.denoiser, denoiser_params, spec.sampler_name,
                                    dict(spec.sampler_settings), sigma_data=spec.sigma_data)
-  latent_dim = spec.vae.latent_dim
-
   progress = spec.progress()
 
-  def one_piece(key, x_known, known):
-    per_source = jnp.broadcast_to(known.astype(bool)[None, :, None, None],
-                                  (1, stems_lib.NUM_STEMS, latent_dim, 1))
-    mask = joint_latent.stack_sources(per_source)[0]  # [channels, 1], as source_mask.
-    inpaint = samplers.Inpaint(x_known[None], mask, spec.resample_steps)
-    return sample(denoise_fn, key, shape, inpaint=inpaint, progress=progress)[0]
+  def one_piece(key, x_known, known, mixture):
+    piece_denoise_fn = denoise_fn
+    if guidance is not None:
+      codec = mixture_guidance.vae_codec(spec.vae, vae_params, mixture.shape[-1],
+                                         spec.num_frames)
+      piece_denoise_fn = mixture_guidance.guided_denoise_fn(denoise_fn, codec, mixture,
+                                                            guidance)
+    inpaint = samplers.Inpaint(x_known[None], known[None].astype(bool), spec.resample_steps)
+    return sample(piece_denoise_fn, key, shape, inpaint=inpaint, progress=progress)[0]
 
-  latents_bct = jax.vmap(one_piece)(keys, x_known, known_stems)
+  latents_bct = jax.vmap(one_piece)(keys, x_known, known, mixture)
   waveforms = decode_stems(spec.vae, vae_params, joint_latent.split_sources(latents_bct),
                            range(stems_lib.NUM_STEMS))
+  if guidance is not None:
+    waveforms = mixture_guidance.fit_length(waveforms, mixture.shape[-1])
+    if guidance.method == "dirac":
+      waveforms = jax.vmap(mixture_guidance.residual_stem, in_axes=(0, 0, None))(
+          waveforms, mixture, guidance.dirac_index)
   return latents_bct, waveforms

@@ -21,6 +21,9 @@ then writes into WORKDIR/evaluation:
   instrument_tags.{md,csv}        how often musicnn's MTT tagger ranks a guitar, piano or
                                   drums stem's own instrument first; real stems: the ceiling
   vae_reconstruction.{md,csv}     SI-SDR and multi-scale mel distance per stem (frozen VAE)
+  separation.{md,csv}             with `evaluate.separation`: SI-SDR improvement per stem of
+                                  separating real mixtures (evaluation/separation.py), each
+                                  method beside the VAE's reconstruction (the ceiling)
   metrics.json                    everything above, with the embedding that scored it
 
 The embedding (`evaluate.embedding`): "musicnn" (default: the penultimate layer of the
@@ -54,9 +57,12 @@ from msldm_jax.evaluation import instrument_tags
 from msldm_jax.evaluation import music_metrics
 from msldm_jax.evaluation import musicnn
 from msldm_jax.evaluation import partial_generation
+from msldm_jax.evaluation import separation as separation_scores
 from msldm_jax.evaluation import statistics_embedding
 from msldm_jax.evaluation import tables
+from msldm_jax.generation import conditions
 from msldm_jax.generation import outputs
+from msldm_jax.generation import separation
 from msldm_jax.generation import stage as generation_stage
 from msldm_jax.models import loading
 from msldm_jax.models import source_vae
@@ -292,6 +298,45 @@ def partial_generation_table(config: ml_collections.ConfigDict, vae: loading.Loa
   return table, facts
 
 
+def separation_table(config: ml_collections.ConfigDict, vae: loading.Loaded,
+                     denoiser: loading.Loaded, reference: np.ndarray, out_dir: str) -> dict:
+  """Separates the mixtures of `evaluate.separation_chunks` seeded random reference chunks
+  by each method, scores SI-SDRi per stem beside the VAE's oracle, writes separation.md/csv;
+  returns the table and its facts."""
+  evaluate_config = config.evaluate
+  chosen = separation_scores.choose_chunks(len(reference), evaluate_config.separation_chunks,
+                                           evaluate_config.seed)
+  truth = reference[chosen]
+  audible = separation_scores.audible_stems(truth, float(evaluate_config.empty_share))
+  spec = separation.separation_spec(config, vae.module, denoiser.module)
+  methods = [m.strip() for m in str(evaluate_config.separation_methods).split(",") if m.strip()]
+  if not methods:
+    raise ValueError("config key evaluate.separation_methods is empty: name dps, dirac or both")
+  results = {}
+  for method in methods:
+    guidance = separation.guidance_from_config(config, method)
+    logging.info("separation table: %s on %d chunks", method, len(truth))
+    estimates = separation.separate_chunks(
+        spec, vae.params, denoiser.params, truth.sum(axis=1), guidance=guidance,
+        seed=int(config.separate.seed), batch_size=int(config.sample.batch_size))
+    results[method] = separation_scores.improvement(estimates, truth, audible)
+  oracle = np.concatenate([
+      np.asarray(_reconstruct(vae.params, truth[i:i + 1], vae=vae.module))
+      for i in range(len(truth))])
+  results[separation_scores.ORACLE] = separation_scores.improvement(
+      conditions.fit_to_length(oracle, truth.shape[-1]), truth, audible)
+  rows = separation_scores.table_rows(results)
+  paths = tables.write_table(out_dir, "separation", rows, row_label="method")
+  steps = dict(spec.sampler_settings)["num_steps"]
+  note = separation_scores.describe(methods, len(truth), steps, spec.sampler_name,
+                                    float(config.separate.strength),
+                                    str(config.separate.dirac_stem))
+  with open(paths["md"], "a") as f:
+    f.write(f"\n{note}\n")
+  return dict(table=rows, chunks=[int(i) for i in chosen], steps=int(steps),
+              sampler=spec.sampler_name, methods=methods, note=note)
+
+
 def _tagger(sample_rate: int):
   tagger = musicnn.load(musicnn.TAGGER)
   return lambda waveforms: (musicnn.tag_batch(tagger, waveforms, sample_rate),
@@ -400,7 +445,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      {stem: dict(sorted(scores.items()))
                       for stem, scores in reconstruction.items()}, row_label="measure")
 
+  separation_facts = {}
+  if bool(evaluate_config.separation) and not mixture_only:
+    separation_facts = separation_table(config, vae, denoiser, reference, out_dir)
+
   metrics.update(partial_generation=_as_json(partial), partial=partial_facts,
+                 separation=separation_facts,
                  music_measures=dict(generated=generated_measures, real=real_measures),
                  levels=levels, instrument_tags=recognised,
                  vae_reconstruction=reconstruction,
