@@ -79,7 +79,7 @@ def test_errors_name_the_problem(setup):
     partial_generation.partial_generation_runs(spec, vae_params, denoiser_params,
                                                chunks[:, :2], seed=0, batch_size=1)
   partial_spec = stage.make_spec(config, spec.vae, spec.denoiser, ("bass",))
-  with pytest.raises(ValueError, match="given stems as data"):
+  with pytest.raises(ValueError, match="known values as data"):
     generation_program.inpaint_batch(vae_params, denoiser_params,
                                      generation_program.piece_keys(0, [0]),
                                      jnp.zeros((1, spec.channels, spec.num_frames)),
