@@ -211,7 +211,8 @@ def separate_config() -> ml_collections.ConfigDict:
 def evaluate_config() -> ml_collections.ConfigDict:
   """Evaluation (reference §9): distances of generated pieces to real chunks of a split."""
   return ml_collections.ConfigDict(dict(
-      # The paper reports FAD on the test split.
+      # The paper reports FAD on the test split. Several held-out splits join with '+'
+      # ('validation+test') when one holds too few chunks for a Fréchet distance.
       reference_split="test",
       # Sizes are ours (the release has no evaluation code). The reference set is the whole
       # split, or a seeded random sample of this many chunks (never the first N in order).

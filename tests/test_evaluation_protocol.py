@@ -27,6 +27,28 @@ def test_reference_is_the_whole_split_or_a_seeded_random_sample(mini_dataset):
   assert any(not np.array_equal(o, sample) for o in other)
 
 
+def test_several_held_out_splits_make_one_reference(mini_dataset):
+  config = mini_dataset.config()
+  config.data.chunks.samples = 320 * 72 - 8
+  test, in_test = stage.read_reference_chunks(config, mini_dataset.workdir, "test", 1000, 0)
+  validation, in_validation = stage.read_reference_chunks(config, mini_dataset.workdir,
+                                                          "validation", 1000, 0)
+  both, in_both = stage.read_reference_chunks(config, mini_dataset.workdir,
+                                              "validation+test", 1000, 0)
+  assert in_both == in_validation + in_test
+  np.testing.assert_array_equal(both, np.concatenate([validation, test]))
+  evaluate = config.evaluate
+  evaluate.reference_split = "validation+test"
+  assert stage.reference_splits(evaluate) == ("validation", "test")
+  assert stage.splits_label(evaluate) == "the 'validation' and 'test' splits"
+  for bad in ("test+test", "validation+", ""):
+    evaluate.reference_split = bad
+    with pytest.raises(ValueError, match="evaluate.reference_split"):
+      stage.reference_splits(evaluate)
+  with pytest.raises(ValueError, match="'tset' is not in the dataset"):
+    stage.read_reference_chunks(config, mini_dataset.workdir, "test+tset", 10, 0)
+
+
 def test_non_finite_pieces_are_left_out_and_said_so():
   audio = np.zeros((4, 4, 100), np.float32)
   audio[1, 2, 5] = np.nan

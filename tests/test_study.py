@@ -87,6 +87,29 @@ def test_tiny_study_runs_end_to_end_and_resumes(repo_root, tmp_path, mini_datase
   assert again.stderr.count("finished earlier under this config, skipped") == len(steps)
   assert (report_dir / "README.md").exists()
 
+  # A changed evaluation setting reruns the evaluations alone, not what they score.
+  rescored = subprocess.run(command + ["--config.evaluate.bootstrap_samples=21"],
+                            cwd=repo_root, capture_output=True, text=True, timeout=900)
+  assert rescored.returncode == 0, rescored.stderr[-4000:]
+  new_steps = [json.loads(line)["step"] for line in
+               (workdir / "study" / runner.STEPS_LOG).read_text().splitlines()[len(steps):]]
+  assert new_steps and all(step.endswith("/evaluate") for step in new_steps)
+  assert len(new_steps) == sum(json.loads(line)["step"].endswith("/evaluate")
+                               for line in steps)
+
+
+def test_a_step_digests_only_what_its_stage_reads(repo_root):
+  config = config_loading.load_config(os.path.join(repo_root, "configs/study.py:variant=tiny"))
+  before = {mode: runner.step_digest(config, mode) for mode in runner.UNREAD_SECTIONS}
+  config.evaluate.bootstrap_samples += 1
+  after = {mode: runner.step_digest(config, mode) for mode in runner.UNREAD_SECTIONS}
+  assert [m for m in before if before[m] != after[m]] == ["evaluate"]
+  config.sample.num_steps += 1
+  changed = [m for m in before if runner.step_digest(config, m) != before[m]]
+  assert changed == ["sample", "evaluate"]
+  config.vae.optimizer.learning_rate *= 2
+  assert all(runner.step_digest(config, m) != before[m] for m in before)
+
 
 def test_study_settings_are_checked(repo_root):
   config = config_loading.load_config(os.path.join(repo_root, "configs/study.py:variant=tiny"))

@@ -98,29 +98,52 @@ def read_total_generation(samples_dir: str,
   return np.stack(pieces)
 
 
+def reference_splits(evaluate_config) -> tuple[str, ...]:
+  """`evaluate.reference_split` as split names: 'test', or several joined by '+' as TFDS
+  writes them ('validation+test': both held-out splits, when one holds too few chunks for
+  a Fréchet distance)."""
+  value = str(evaluate_config.reference_split)
+  names = tuple(name.strip() for name in value.split("+"))
+  if not all(names) or len(set(names)) != len(names):
+    raise ValueError(f"config key evaluate.reference_split={value!r}: expected split names "
+                     "joined by '+', each once (e.g. 'test' or 'validation+test')")
+  return names
+
+
+def splits_label(evaluate_config) -> str:
+  """'the 'test' split' or 'the 'validation' and 'test' splits', for tables and notes."""
+  names = reference_splits(evaluate_config)
+  if len(names) == 1:
+    return f"the {names[0]!r} split"
+  return ("the " + ", ".join(repr(n) for n in names[:-1]) + f" and {names[-1]!r} splits")
+
+
 def read_reference_chunks(config: ml_collections.ConfigDict, workdir: str, split: str,
                           max_chunks: int, seed: int) -> tuple[np.ndarray, int]:
   """(chunks `[n, stems, samples]`, chunks in the split): every chunk of the split, or a
-  seeded uniform sample of `max_chunks` of them in split order.
+  seeded uniform sample of `max_chunks` of them in split order. `split` may join several
+  splits with '+' ('validation+test'); their chunks are then one stream, in that order.
 
   A reservoir sample over the stream: memory holds `max_chunks` chunks, not the split.
   """
   dataset_dir = workdir_layout.dataset_dir(config, workdir)
-  dataset_fn = functools.partial(
-      pipeline.diffusion_chunks, dataset_dir, split,
-      data_config=config.data, batch_size=1, train=False)
+  names = reference_splits(ml_collections.ConfigDict(dict(reference_split=split)))
   rng = np.random.default_rng([seed, max_chunks])
   reservoir, positions, seen = [], [], 0
-  for batch in input_iterator.InputIterator(dataset_fn, num_epochs=1):
-    for chunk in np.asarray(batch[pipeline.AUDIO])[np.asarray(batch[pipeline.VALID])]:
-      if len(reservoir) < max_chunks:
-        reservoir.append(chunk)
-        positions.append(seen)
-      else:
-        slot = rng.integers(0, seen + 1)
-        if slot < max_chunks:
-          reservoir[slot], positions[slot] = chunk, seen
-      seen += 1
+  for name in names:
+    dataset_fn = functools.partial(
+        pipeline.diffusion_chunks, dataset_dir, name,
+        data_config=config.data, batch_size=1, train=False)
+    for batch in input_iterator.InputIterator(dataset_fn, num_epochs=1):
+      for chunk in np.asarray(batch[pipeline.AUDIO])[np.asarray(batch[pipeline.VALID])]:
+        if len(reservoir) < max_chunks:
+          reservoir.append(chunk)
+          positions.append(seen)
+        else:
+          slot = rng.integers(0, seen + 1)
+          if slot < max_chunks:
+            reservoir[slot], positions[slot] = chunk, seen
+        seen += 1
   if not reservoir:
     raise ValueError(f"split {split!r} of {dataset_dir} has no "
                      f"chunk of {config.data.chunks.samples} samples")
@@ -277,7 +300,7 @@ def partial_generation_table(config: ml_collections.ConfigDict, vae: loading.Loa
   tables.write_distance_table(
       out_dir, "partial_generation", table, embedding, row_label="generated stems",
       notes=[f"Given stems from {num_chunks} seeded random real chunks of the "
-             f"{evaluate_config.reference_split!r} split (MSDM's protocol); the mixture "
+             f"{splits_label(evaluate_config)} (MSDM's protocol); the mixture "
              "column scores given + generated stems against real mixtures. Reference: "
              + (f"the other {len(scored_against)} chunks (disjoint: conditioning chunks "
                 "left out)." if disjoint else
@@ -370,8 +393,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   samples = min(generated.shape[-1], reference.shape[-1])
   generated, reference = generated[..., :samples], reference[..., :samples]
   generated, notes = finite_pieces(generated, "generated pieces")
-  reference_note = (f"Reference: {len(reference)} of the {split_chunks} chunks of the "
-                    f"{evaluate_config.reference_split!r} split"
+  reference_note = (f"Reference: {len(reference)} of the {split_chunks} chunks of "
+                    f"{splits_label(evaluate_config)}"
                     + (" (all)." if len(reference) == split_chunks else
                        f" (a seeded random sample, seed {int(evaluate_config.seed)})."))
   logging.info("Evaluating %d generated pieces against %d real chunks. %s", len(generated),

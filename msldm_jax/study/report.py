@@ -20,6 +20,7 @@ from msldm_jax import plotting
 from msldm_jax import stems
 from msldm_jax import workdir_layout
 from msldm_jax.diffusion import samplers
+from msldm_jax.evaluation import stage as evaluation_stage
 from msldm_jax.models import loading
 from msldm_jax.study import runner
 from msldm_jax.training import loop
@@ -398,7 +399,7 @@ def write(config: ml_collections.ConfigDict, workdir: str, out: str, steps: dict
       f"Data: the mini dataset, {config.data.render.num_pieces or 'all usable'} Bach "
       "chorales rendered to bass, drums, guitar and piano (msldm_jax/data/minislakh.py). "
       f"Scores: {any_metrics['embedding']} embeddings of {any_metrics['num_reference']} "
-      f"reference chunks of the {config.evaluate.reference_split!r} split against "
+      f"reference chunks of {evaluation_stage.splits_label(config.evaluate)} against "
       f"{config.sample.num_pieces} generated pieces per system (euler_churn, "
       f"{config.sample.num_steps} steps, the release's sampler); 95 % bootstrap intervals "
       "over pieces; the floor is real against real (two halves of the reference).",
@@ -442,7 +443,8 @@ def write(config: ml_collections.ConfigDict, workdir: str, out: str, steps: dict
             if os.path.exists(os.path.join(out, f"spectrogram_{name}.png"))]
   lines += ["", "## Partial generation", "",
             f"Each of the 14 subsets generated given the other stems of "
-            f"{config.evaluate.partial_chunks} seeded random test chunks (MSDM's protocol). "
+            f"{config.evaluate.partial_chunks} seeded random reference chunks (MSDM's "
+            "protocol). "
             "isldm's generated stems never see the given ones.", ""]
   lines += _partial_table(results)
   lines += ["", "## Samplers against network evaluations (msldm)", ""]

@@ -154,8 +154,27 @@ def sampler_run_config(config: ml_collections.ConfigDict, workdir: str, sampler:
   return derived
 
 
-def _digest(config: ml_collections.ConfigDict) -> str:
-  return hashlib.sha256(config.to_json_best_effort(sort_keys=True).encode()).hexdigest()
+# The config sections a stage never reads (only the stages after it do). A step's marker
+# digests the rest, so that changing how pieces are sampled or scored re-runs the sampling or
+# scoring, not the trainings and the encoding before them.
+UNREAD_SECTIONS = {
+    "data": ("sample", "separate", "evaluate"),
+    "train_vae": ("sample", "separate", "evaluate"),
+    "encode_latents": ("sample", "separate", "evaluate"),
+    "train_ldm": ("sample", "separate", "evaluate"),
+    "sample": ("separate", "evaluate"),
+    "evaluate": (),
+}
+
+
+def step_digest(config: ml_collections.ConfigDict, mode: str) -> str:
+  """The digest of what stage `mode` reads of `config`: the whole config but its unread
+  sections."""
+  read = config.to_dict()
+  for section in UNREAD_SECTIONS[mode]:
+    read.pop(section, None)
+  return hashlib.sha256(ml_collections.ConfigDict(read).to_json_best_effort(
+      sort_keys=True).encode()).hexdigest()
 
 
 class Steps:
@@ -172,7 +191,7 @@ class Steps:
 
   def run(self, name: str, mode: str, config: ml_collections.ConfigDict, workdir: str):
     """Runs stage `mode` as step `name` unless it finished under this config."""
-    digest = _digest(config)
+    digest = step_digest(config, mode)
     marker = self._marker(name)
     if os.path.exists(marker):
       with open(marker) as f:
