@@ -147,7 +147,7 @@ def study_config(variant: str) -> ml_collections.ConfigDict:
       # Where the report goes (README.md, plots); empty: WORKDIR/report.
       report_dir="",
       # Remarks about this run for the report (what was done by hand between its steps),
-      # separated by ";".
+      # separated by ";" (one inside parentheses stays in its remark).
       notes="",
   ))
 

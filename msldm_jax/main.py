@@ -17,7 +17,11 @@ Modes:
               stems by posterior sampling (--out_dir, default WORKDIR/separated/NAME).
   evaluate    score the generated pieces against real chunks (Fréchet distances, empty-stem
               rate, cross-stem coherence, VAE reconstruction) into WORKDIR/evaluation.
-  all         every stage above in order, skipping those finished under the same config.
+  evaluate_vae
+              the frozen VAE's reconstructions of real chunks of `evaluate.vae_split`
+              (SI-SDR, mel distance, instrument tags per stem) into WORKDIR/evaluation/vae.
+  all         data, train_vae, encode_latents, train_ldm, sample and evaluate in order,
+              skipping those finished under the same config.
   study       with configs/study.py: MSLDM against ISLDM and MixLDM and samplers against
               steps, each system through the stages above, then a report
               (msldm_jax/study/runner.py); resumable like all.
@@ -52,6 +56,7 @@ MODES = {
     "sample": "msldm_jax.generation.stage",
     "separate": "msldm_jax.generation.separation",
     "evaluate": "msldm_jax.evaluation.stage",
+    "evaluate_vae": "msldm_jax.evaluation.vae_quality",
     "all": "msldm_jax.main",
     "study": "msldm_jax.study.runner",
 }

@@ -214,6 +214,9 @@ def evaluate_config() -> ml_collections.ConfigDict:
       # The paper reports FAD on the test split. Several held-out splits join with '+'
       # ('validation+test') when one holds too few chunks for a Fréchet distance.
       reference_split="test",
+      # The split `--mode=evaluate_vae` reconstructs (evaluation/vae_quality.py): the VAE's
+      # own score, before a latent model exists.
+      vae_split="test",
       # Sizes are ours (the release has no evaluation code). The reference set is the whole
       # split, or a seeded random sample of this many chunks (never the first N in order).
       max_reference_chunks=256,

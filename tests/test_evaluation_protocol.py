@@ -5,24 +5,25 @@ import pytest
 
 from msldm_jax.evaluation import instrument_tags
 from msldm_jax.evaluation import musicnn
+from msldm_jax.evaluation import reference_set
 from msldm_jax.evaluation import stage
 
 
 def test_reference_is_the_whole_split_or_a_seeded_random_sample(mini_dataset):
   config = mini_dataset.config()
   config.data.chunks.samples = 320 * 72 - 8  # 0.52 s: the test track gives 7 chunks
-  everything, total = stage.read_reference_chunks(config, mini_dataset.workdir, "test",
+  everything, total = reference_set.read_reference_chunks(config, mini_dataset.workdir, "test",
                                                   max_chunks=1000, seed=0)
   assert len(everything) == total >= 7
-  sample, total_again = stage.read_reference_chunks(config, mini_dataset.workdir, "test",
+  sample, total_again = reference_set.read_reference_chunks(config, mini_dataset.workdir, "test",
                                                     max_chunks=3, seed=0)
   assert total_again == total and len(sample) == 3
   # Each sampled chunk is one of the split's, in split order, and not simply the first 3.
   index = [next(i for i, c in enumerate(everything) if np.array_equal(c, s)) for s in sample]
   assert index == sorted(index) and index != [0, 1, 2]
-  again, _ = stage.read_reference_chunks(config, mini_dataset.workdir, "test", 3, seed=0)
+  again, _ = reference_set.read_reference_chunks(config, mini_dataset.workdir, "test", 3, seed=0)
   np.testing.assert_array_equal(again, sample)
-  other = [stage.read_reference_chunks(config, mini_dataset.workdir, "test", 3, seed=s)[0]
+  other = [reference_set.read_reference_chunks(config, mini_dataset.workdir, "test", 3, seed=s)[0]
            for s in (1, 2, 3)]
   assert any(not np.array_equal(o, sample) for o in other)
 
@@ -30,23 +31,20 @@ def test_reference_is_the_whole_split_or_a_seeded_random_sample(mini_dataset):
 def test_several_held_out_splits_make_one_reference(mini_dataset):
   config = mini_dataset.config()
   config.data.chunks.samples = 320 * 72 - 8
-  test, in_test = stage.read_reference_chunks(config, mini_dataset.workdir, "test", 1000, 0)
-  validation, in_validation = stage.read_reference_chunks(config, mini_dataset.workdir,
+  test, in_test = reference_set.read_reference_chunks(config, mini_dataset.workdir, "test", 1000, 0)
+  validation, in_validation = reference_set.read_reference_chunks(config, mini_dataset.workdir,
                                                           "validation", 1000, 0)
-  both, in_both = stage.read_reference_chunks(config, mini_dataset.workdir,
+  both, in_both = reference_set.read_reference_chunks(config, mini_dataset.workdir,
                                               "validation+test", 1000, 0)
   assert in_both == in_validation + in_test
   np.testing.assert_array_equal(both, np.concatenate([validation, test]))
-  evaluate = config.evaluate
-  evaluate.reference_split = "validation+test"
-  assert stage.reference_splits(evaluate) == ("validation", "test")
-  assert stage.splits_label(evaluate) == "the 'validation' and 'test' splits"
+  assert reference_set.split_names("validation+test") == ("validation", "test")
+  assert reference_set.splits_label("validation+test") == "the 'validation' and 'test' splits"
   for bad in ("test+test", "validation+", ""):
-    evaluate.reference_split = bad
-    with pytest.raises(ValueError, match="evaluate.reference_split"):
-      stage.reference_splits(evaluate)
+    with pytest.raises(ValueError, match="evaluate.vae_split"):
+      reference_set.split_names(bad, "evaluate.vae_split")
   with pytest.raises(ValueError, match="'tset' is not in the dataset"):
-    stage.read_reference_chunks(config, mini_dataset.workdir, "test+tset", 10, 0)
+    reference_set.read_reference_chunks(config, mini_dataset.workdir, "test+tset", 10, 0)
 
 
 def test_non_finite_pieces_are_left_out_and_said_so():

@@ -3,6 +3,7 @@ line, on the tests' mini dataset; the baselines' products; a second run that red
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import pytest
 
 from msldm_jax import config_loading
 from msldm_jax.diffusion import samplers
+from msldm_jax.evaluation import vae_quality
 from msldm_jax.latents import store
 from msldm_jax.study import runner
 from msldm_jax.training import loop
@@ -47,6 +49,16 @@ def test_tiny_study_runs_end_to_end_and_resumes(repo_root, tmp_path, mini_datase
       "mixture"]
   assert mix_metrics["vae_reconstruction"]["mix"]["si_sdr"] is not None
 
+  # Both VAEs scored on the test split before any latent model: the stems' and the mixture's.
+  for folder, sources in ((str(workdir), ["bass", "drums", "guitar", "piano"]),
+                          (mixldm, ["mix"])):
+    with open(os.path.join(vae_quality.output_dir(folder), "metrics.json")) as f:
+      vae_scores = json.load(f)
+    assert vae_scores["split"] == "test" and vae_scores["sources"] == sources
+    assert list(vae_scores["reconstruction"]) == sources
+    assert all(np.isfinite(float(row["mel_distance"]))
+               for row in vae_scores["reconstruction"].values())
+
   # ISLDM and MSLDM share the joint latents; each system has scored pieces.
   for name in ("msldm", "isldm"):
     with open(os.path.join(runner.system_dir(str(workdir), name), "evaluation",
@@ -68,6 +80,7 @@ def test_tiny_study_runs_end_to_end_and_resumes(repo_root, tmp_path, mini_datase
   # The report: every section, its plots, a spectrogram per system.
   with open(report_dir / "README.md") as f:
     report = f.read()
+  assert "Against the goals" in report and "| SourceVAE (stems) | guitar |" in report
   for heading in ("## The SourceVAEs", "## The latent models, for the same training time",
                   "## Total generation", "## Partial generation",
                   "## Samplers against network evaluations (msldm)"):
@@ -93,9 +106,20 @@ def test_tiny_study_runs_end_to_end_and_resumes(repo_root, tmp_path, mini_datase
   assert rescored.returncode == 0, rescored.stderr[-4000:]
   new_steps = [json.loads(line)["step"] for line in
                (workdir / "study" / runner.STEPS_LOG).read_text().splitlines()[len(steps):]]
-  assert new_steps and all(step.endswith("/evaluate") for step in new_steps)
-  assert len(new_steps) == sum(json.loads(line)["step"].endswith("/evaluate")
-                               for line in steps)
+  scoring = ("/evaluate", "/evaluate_vae")
+  assert new_steps and all(step.endswith(scoring) for step in new_steps)
+  assert len(new_steps) == sum(json.loads(line)["step"].endswith(scoring) for line in steps)
+
+  # The VAE's score as a user asks for it, on another split.
+  scored = subprocess.run(
+      [sys.executable, "-m", "msldm_jax.main", "--config=configs/study.py:variant=tiny",
+       f"--workdir={workdir}", "--mode=evaluate_vae", "--config.evaluate.vae_split=validation",
+       *mini_dataset.config_flags()], cwd=repo_root, capture_output=True, text=True,
+      timeout=600)
+  assert scored.returncode == 0, scored.stderr[-4000:]
+  with open(os.path.join(vae_quality.output_dir(str(workdir)), "metrics.json")) as f:
+    assert json.load(f)["split"] == "validation"
+  assert (pathlib.Path(vae_quality.output_dir(str(workdir))) / "spectrogram.png").exists()
 
 
 def test_a_step_digests_only_what_its_stage_reads(repo_root):
@@ -103,9 +127,9 @@ def test_a_step_digests_only_what_its_stage_reads(repo_root):
   before = {mode: runner.step_digest(config, mode) for mode in runner.UNREAD_SECTIONS}
   config.evaluate.bootstrap_samples += 1
   after = {mode: runner.step_digest(config, mode) for mode in runner.UNREAD_SECTIONS}
-  assert [m for m in before if before[m] != after[m]] == ["evaluate"]
+  assert [m for m in before if before[m] != after[m]] == ["evaluate_vae", "evaluate"]
   config.sample.num_steps += 1
-  changed = [m for m in before if runner.step_digest(config, m) != before[m]]
+  changed = [m for m in after if runner.step_digest(config, m) != after[m]]
   assert changed == ["sample", "evaluate"]
   config.vae.optimizer.learning_rate *= 2
   assert all(runner.step_digest(config, m) != before[m] for m in before)
@@ -141,3 +165,10 @@ def test_a_mixture_system_has_no_stems_to_give_or_generate(repo_root):
   config.sample.generate = "bass"
   with pytest.raises(ValueError, match="mixture alone.*generate='bass'"):
     generation_stage.prepare_task(config)
+
+
+def test_notes_split_at_semicolons_outside_parentheses():
+  from msldm_jax.study import report  # pylint: disable=g-import-not-at-top
+  assert report.split_notes("a (the same; but later); b;; c ") == [
+      "a (the same; but later)", "b", "c"]
+  assert report.split_notes("") == []

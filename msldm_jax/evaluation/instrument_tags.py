@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from msldm_jax import stems
+from msldm_jax.evaluation import musicnn
 
 INSTRUMENT_TAGS = ("guitar", "piano", "drums", "strings", "harpsichord", "violin", "flute",
                    "sitar", "harp", "cello")
@@ -54,3 +55,10 @@ def recognition(audio, tag_fn, audible, stem_names: Sequence[str] = stems.STEM_N
     results[name] = {"recognised": float(np.mean([t == tag for t in top])),
                      "stems": int(keep.size)}
   return results
+
+
+def musicnn_tagger(sample_rate: int):
+  """`tag_fn` for `recognition`: musicnn's MTT tagger (the shipped weights) at `sample_rate`."""
+  tagger = musicnn.load(musicnn.TAGGER)
+  return lambda waveforms: (musicnn.tag_batch(tagger, waveforms, sample_rate),
+                            musicnn.LABELS[musicnn.TAGGER])

@@ -20,7 +20,9 @@ then writes into WORKDIR/evaluation:
   levels.{md,csv}                 each stem's level (dB RMS), generated vs the real spread
   instrument_tags.{md,csv}        how often musicnn's MTT tagger ranks a guitar, piano or
                                   drums stem's own instrument first; real stems: the ceiling
-  vae_reconstruction.{md,csv}     SI-SDR and multi-scale mel distance per stem (frozen VAE)
+  vae_reconstruction.{md,csv}     the frozen VAE's reconstructions of the reference chunks:
+                                  SI-SDR, multi-scale mel distance and instrument tags per
+                                  stem (evaluation/vae_quality.py)
   separation.{md,csv}             with `evaluate.separation`: SI-SDR improvement per stem of
                                   separating real mixtures (evaluation/separation.py), each
                                   method beside the VAE's reconstruction (the ceiling)
@@ -40,8 +42,6 @@ import json
 import os
 
 from absl import logging
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import soundfile as sf
@@ -50,22 +50,20 @@ from msldm_jax import atomic_files
 from msldm_jax import paper_config
 from msldm_jax import stems as stems_lib
 from msldm_jax import workdir_layout
-from msldm_jax.data import input_iterator
-from msldm_jax.data import pipeline
 from msldm_jax.evaluation import distance_scores
 from msldm_jax.evaluation import instrument_tags
 from msldm_jax.evaluation import music_metrics
 from msldm_jax.evaluation import musicnn
 from msldm_jax.evaluation import partial_generation
+from msldm_jax.evaluation import reference_set
 from msldm_jax.evaluation import separation as separation_scores
 from msldm_jax.evaluation import statistics_embedding
 from msldm_jax.evaluation import tables
-from msldm_jax.generation import conditions
+from msldm_jax.evaluation import vae_quality
 from msldm_jax.generation import outputs
 from msldm_jax.generation import separation
 from msldm_jax.generation import stage as generation_stage
 from msldm_jax.models import loading
-from msldm_jax.models import source_vae
 
 
 # evaluate.scope: every table, or the mixture's distances alone.
@@ -96,59 +94,6 @@ def read_total_generation(samples_dir: str,
     raise FileNotFoundError(f"no total-generation pieces (piece_*/piece.json with mode "
                             f"'total') in {samples_dir}: run --mode=sample first")
   return np.stack(pieces)
-
-
-def reference_splits(evaluate_config) -> tuple[str, ...]:
-  """`evaluate.reference_split` as split names: 'test', or several joined by '+' as TFDS
-  writes them ('validation+test': both held-out splits, when one holds too few chunks for
-  a Fréchet distance)."""
-  value = str(evaluate_config.reference_split)
-  names = tuple(name.strip() for name in value.split("+"))
-  if not all(names) or len(set(names)) != len(names):
-    raise ValueError(f"config key evaluate.reference_split={value!r}: expected split names "
-                     "joined by '+', each once (e.g. 'test' or 'validation+test')")
-  return names
-
-
-def splits_label(evaluate_config) -> str:
-  """'the 'test' split' or 'the 'validation' and 'test' splits', for tables and notes."""
-  names = reference_splits(evaluate_config)
-  if len(names) == 1:
-    return f"the {names[0]!r} split"
-  return ("the " + ", ".join(repr(n) for n in names[:-1]) + f" and {names[-1]!r} splits")
-
-
-def read_reference_chunks(config: ml_collections.ConfigDict, workdir: str, split: str,
-                          max_chunks: int, seed: int) -> tuple[np.ndarray, int]:
-  """(chunks `[n, stems, samples]`, chunks in the split): every chunk of the split, or a
-  seeded uniform sample of `max_chunks` of them in split order. `split` may join several
-  splits with '+' ('validation+test'); their chunks are then one stream, in that order.
-
-  A reservoir sample over the stream: memory holds `max_chunks` chunks, not the split.
-  """
-  dataset_dir = workdir_layout.dataset_dir(config, workdir)
-  names = reference_splits(ml_collections.ConfigDict(dict(reference_split=split)))
-  rng = np.random.default_rng([seed, max_chunks])
-  reservoir, positions, seen = [], [], 0
-  for name in names:
-    dataset_fn = functools.partial(
-        pipeline.diffusion_chunks, dataset_dir, name,
-        data_config=config.data, batch_size=1, train=False)
-    for batch in input_iterator.InputIterator(dataset_fn, num_epochs=1):
-      for chunk in np.asarray(batch[pipeline.AUDIO])[np.asarray(batch[pipeline.VALID])]:
-        if len(reservoir) < max_chunks:
-          reservoir.append(chunk)
-          positions.append(seen)
-        else:
-          slot = rng.integers(0, seen + 1)
-          if slot < max_chunks:
-            reservoir[slot], positions[slot] = chunk, seen
-        seen += 1
-  if not reservoir:
-    raise ValueError(f"split {split!r} of {dataset_dir} has no "
-                     f"chunk of {config.data.chunks.samples} samples")
-  order = np.argsort(positions)
-  return np.stack([reservoir[i] for i in order]), seen
 
 
 def _embedding(evaluate_config, sample_rate: int):
@@ -231,39 +176,6 @@ def level_table(generated: np.ndarray, reference: np.ndarray, audible_generated:
   return rows
 
 
-@functools.partial(jax.jit, static_argnames=("vae",))
-def _reconstruct(vae_params, waveforms_bst, *, vae: source_vae.SourceVAE):
-  # The parameters are an argument, not constants folded into the program.
-  mean, _ = vae.apply(vae_params, waveforms_bst, method=vae.encode)
-  return vae.apply(vae_params, mean, method=vae.decode)
-
-
-@functools.partial(jax.jit, static_argnames=("vae",))
-def _reconstruct_mixture(vae_params, waveforms_bt, *, vae: source_vae.SourceVAE):
-  stem = jnp.zeros(waveforms_bt.shape[:1], jnp.int32)
-  mean, _ = vae.apply(vae_params, waveforms_bt, stem, method=vae.encode_stem)
-  return vae.apply(vae_params, mean, stem, method=vae.decode_stem)
-
-
-def vae_reconstruction(vae: loading.Loaded, reference: np.ndarray,
-                       sources: tuple[str, ...] = stems_lib.STEM_NAMES
-                       ) -> dict[str, dict[str, float]]:
-  """SI-SDR and mel distance per stem of the frozen VAE's posterior-mean reconstructions
-  (`[n, stems, samples]` reference), or of the mixtures' (`[n, 1, samples]`, sources
-  ("mix",): MixLDM's VAE)."""
-  if sources == (stems_lib.MIXTURE,):
-    recon = np.concatenate([
-        np.asarray(_reconstruct_mixture(vae.params, reference[i], vae=vae.module))[None]
-        for i in range(len(reference))])
-  else:
-    recon = np.concatenate([
-        np.asarray(_reconstruct(vae.params, reference[i:i + 1], vae=vae.module))
-        for i in range(len(reference))])
-  samples = min(recon.shape[-1], reference.shape[-1])
-  return music_metrics.reconstruction_quality(recon[..., :samples], reference[..., :samples],
-                                              stems_lib.SAMPLE_RATE, sources)
-
-
 def partial_generation_table(config: ml_collections.ConfigDict, vae: loading.Loaded,
                              denoiser: loading.Loaded, reference: np.ndarray, embed_fn,
                              embedding: str, out_dir: str) -> tuple[dict, dict]:
@@ -300,7 +212,7 @@ def partial_generation_table(config: ml_collections.ConfigDict, vae: loading.Loa
   tables.write_distance_table(
       out_dir, "partial_generation", table, embedding, row_label="generated stems",
       notes=[f"Given stems from {num_chunks} seeded random real chunks of the "
-             f"{splits_label(evaluate_config)} (MSDM's protocol); the mixture "
+             f"{reference_set.splits_label(evaluate_config.reference_split)} (MSDM's protocol); the mixture "
              "column scores given + generated stems against real mixtures. Reference: "
              + (f"the other {len(scored_against)} chunks (disjoint: conditioning chunks "
                 "left out)." if disjoint else
@@ -343,11 +255,8 @@ def separation_table(config: ml_collections.ConfigDict, vae: loading.Loaded,
         spec, vae.params, denoiser.params, truth.sum(axis=1), guidance=guidance,
         seed=int(config.separate.seed), batch_size=int(config.sample.batch_size))
     results[method] = separation_scores.improvement(estimates, truth, audible)
-  oracle = np.concatenate([
-      np.asarray(_reconstruct(vae.params, truth[i:i + 1], vae=vae.module))
-      for i in range(len(truth))])
-  results[separation_scores.ORACLE] = separation_scores.improvement(
-      conditions.fit_to_length(oracle, truth.shape[-1]), truth, audible)
+  oracle = vae_quality.reconstruct(vae, truth)
+  results[separation_scores.ORACLE] = separation_scores.improvement(oracle, truth, audible)
   rows = separation_scores.table_rows(results)
   paths = tables.write_table(out_dir, "separation", rows, row_label="method")
   steps = dict(spec.sampler_settings)["num_steps"]
@@ -358,12 +267,6 @@ def separation_table(config: ml_collections.ConfigDict, vae: loading.Loaded,
     f.write(f"\n{note}\n")
   return dict(table=rows, chunks=[int(i) for i in chosen], steps=int(steps),
               sampler=spec.sampler_name, methods=methods, note=note)
-
-
-def _tagger(sample_rate: int):
-  tagger = musicnn.load(musicnn.TAGGER)
-  return lambda waveforms: (musicnn.tag_batch(tagger, waveforms, sample_rate),
-                            musicnn.LABELS[musicnn.TAGGER])
 
 
 def _as_json(scores):
@@ -385,7 +288,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sources = paper_config.latent_sources(config)
   mixture_only = sources == (stems_lib.MIXTURE,)
   generated = read_total_generation(workdir_layout.samples_dir(config, workdir), sources)
-  reference, split_chunks = read_reference_chunks(
+  reference, split_chunks = reference_set.read_reference_chunks(
       config, workdir, evaluate_config.reference_split,
       int(evaluate_config.max_reference_chunks), int(evaluate_config.seed))
   if mixture_only:
@@ -394,7 +297,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   generated, reference = generated[..., :samples], reference[..., :samples]
   generated, notes = finite_pieces(generated, "generated pieces")
   reference_note = (f"Reference: {len(reference)} of the {split_chunks} chunks of "
-                    f"{splits_label(evaluate_config)}"
+                    f"{reference_set.splits_label(evaluate_config.reference_split)}"
                     + (" (all)." if len(reference) == split_chunks else
                        f" (a seeded random sample, seed {int(evaluate_config.seed)})."))
   logging.info("Evaluating %d generated pieces against %d real chunks. %s", len(generated),
@@ -452,9 +355,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   levels = level_table(generated, reference, audible_generated, audible_reference, sources)
   tables.write_table(out_dir, "levels", levels, row_label="stem")
 
-  recognised = {}
+  recognised, tag_fn = {}, None
   if not mixture_only:
-    tag_fn = _tagger(sample_rate)
+    tag_fn = instrument_tags.musicnn_tagger(sample_rate)
     recognised = {
         "generated": instrument_tags.recognition(generated, tag_fn, audible_generated),
         "real": instrument_tags.recognition(reference, tag_fn, audible_reference)}
@@ -463,10 +366,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                for side in recognised for k in ("recognised", "stems")}
                         for stem in instrument_tags.STEM_TAGS}, row_label="stem")
 
-  reconstruction = vae_reconstruction(vae, reference, sources)
-  tables.write_table(out_dir, "vae_reconstruction",
-                     {stem: dict(sorted(scores.items()))
-                      for stem, scores in reconstruction.items()}, row_label="measure")
+  reconstruction = vae_quality.reconstruction_scores(
+      vae_quality.reconstruct(vae, reference, sources), reference, sources, tag_fn,
+      empty_share)
+  tables.write_table(out_dir, "vae_reconstruction", reconstruction, row_label="source")
 
   separation_facts = {}
   if bool(evaluate_config.separation) and not mixture_only:

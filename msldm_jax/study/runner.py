@@ -8,8 +8,10 @@ system and per sampler run:
 
   WORKDIR/{minislakh,tfds}/        the data (shared)
   WORKDIR/vae/, WORKDIR/latents/   the SourceVAE and the joint latents (msldm, isldm, ...)
+  WORKDIR/evaluation/vae/          the SourceVAE's reconstructions of the test split scored
   WORKDIR/systems/NAME/            ldm/, samples/, evaluation/ of system NAME; mixldm's also
-                                   vae/ and latents/ (its VAE trained on mixture windows)
+                                   vae/, evaluation/vae/ and latents/ (its VAE trained on
+                                   mixture windows)
   WORKDIR/samplers/SAMPLER_E/      samples/ and evaluation/ of msldm's pieces by SAMPLER at
                                    E network evaluations
   WORKDIR/study/                   markers of finished steps (steps.jsonl: their times)
@@ -36,6 +38,7 @@ from msldm_jax import workdir_layout
 from msldm_jax.data import prepare
 from msldm_jax.diffusion import samplers
 from msldm_jax.evaluation import stage as evaluation_stage
+from msldm_jax.evaluation import vae_quality
 from msldm_jax.generation import stage as generation_stage
 from msldm_jax.latents import encode
 from msldm_jax.models import denoisers
@@ -46,6 +49,7 @@ from msldm_jax.training import train_vae
 STAGES: dict[str, Callable] = {
     "data": prepare.run,
     "train_vae": train_vae.run,
+    "evaluate_vae": vae_quality.run,
     "encode_latents": encode.run,
     "train_ldm": train_ldm.run,
     "sample": generation_stage.run,
@@ -160,6 +164,7 @@ def sampler_run_config(config: ml_collections.ConfigDict, workdir: str, sampler:
 UNREAD_SECTIONS = {
     "data": ("sample", "separate", "evaluate"),
     "train_vae": ("sample", "separate", "evaluate"),
+    "evaluate_vae": ("sample", "separate"),
     "encode_latents": ("sample", "separate", "evaluate"),
     "train_ldm": ("sample", "separate", "evaluate"),
     "sample": ("separate", "evaluate"),
@@ -231,13 +236,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   workdir = os.path.abspath(workdir)
   steps = Steps(workdir)
   shared = _derived(config)
-  for mode in ("data", "train_vae", "encode_latents"):
+  for mode in ("data", "train_vae", "evaluate_vae", "encode_latents"):
     steps.run(f"shared/{mode}", mode, shared, workdir)
   for name in systems:
     derived, folder = system_config(config, workdir, name), system_dir(workdir, name)
     modes = ("train_ldm", "sample", "evaluate")
     if SYSTEMS[name][0] == "mixldm":
-      modes = ("train_vae", "encode_latents") + modes
+      modes = ("train_vae", "evaluate_vae", "encode_latents") + modes
     for mode in modes:
       steps.run(f"{name}/{mode}", mode, derived, folder)
   for sampler, evaluations in runs:
