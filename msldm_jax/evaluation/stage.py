@@ -211,9 +211,9 @@ def partial_generation_table(config: ml_collections.ConfigDict, vae: loading.Loa
                disjoint_reference=disjoint, reference_chunks=len(scored_against))
   tables.write_distance_table(
       out_dir, "partial_generation", table, embedding, row_label="generated stems",
-      notes=[f"Given stems from {num_chunks} seeded random real chunks of the "
-             f"{reference_set.splits_label(evaluate_config.reference_split)} (MSDM's protocol); the mixture "
-             "column scores given + generated stems against real mixtures. Reference: "
+      notes=[f"Given stems from {num_chunks} seeded random real chunks of "
+             f"{reference_set.splits_label(evaluate_config.reference_split)} (MSDM's "
+             "protocol); the mixture column scores given + generated stems against real mixtures. Reference: "
              + (f"the other {len(scored_against)} chunks (disjoint: conditioning chunks "
                 "left out)." if disjoint else
                 f"all {len(scored_against)} chunks, the conditioning ones included "

@@ -473,7 +473,8 @@ def write(config: ml_collections.ConfigDict, workdir: str, out: str, steps: dict
       f"Data: the mini dataset, {config.data.render.num_pieces or 'all usable'} Bach "
       "chorales rendered to bass, drums, guitar and piano (msldm_jax/data/minislakh.py). "
       f"Scores: {any_metrics['embedding']} embeddings of {any_metrics['num_reference']} "
-      f"reference chunks of {reference_set.splits_label(config.evaluate.reference_split)} against "
+      "reference chunks of "
+      f"{reference_set.splits_label(config.evaluate.reference_split)} against "
       f"{config.sample.num_pieces} generated pieces per system (euler_churn, "
       f"{config.sample.num_steps} steps, the release's sampler); 95 % bootstrap intervals "
       "over pieces; the floor is real against real (two halves of the reference).",
