@@ -1,5 +1,7 @@
 """The evaluation's protocol: which real chunks, which pieces, levels, instrument tags."""
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -12,30 +14,31 @@ from msldm_jax.evaluation import stage
 def test_reference_is_the_whole_split_or_a_seeded_random_sample(mini_dataset):
   config = mini_dataset.config()
   config.data.chunks.samples = 320 * 72 - 8  # 0.52 s: the test track gives 7 chunks
-  everything, total = reference_set.read_reference_chunks(config, mini_dataset.workdir, "test",
-                                                  max_chunks=1000, seed=0)
+  everything, total = reference_set.read_reference_chunks(
+      config, mini_dataset.workdir, "test", max_chunks=1000, seed=0)
   assert len(everything) == total >= 7
-  sample, total_again = reference_set.read_reference_chunks(config, mini_dataset.workdir, "test",
-                                                    max_chunks=3, seed=0)
+  sample, total_again = reference_set.read_reference_chunks(
+      config, mini_dataset.workdir, "test", max_chunks=3, seed=0)
   assert total_again == total and len(sample) == 3
   # Each sampled chunk is one of the split's, in split order, and not simply the first 3.
   index = [next(i for i, c in enumerate(everything) if np.array_equal(c, s)) for s in sample]
   assert index == sorted(index) and index != [0, 1, 2]
-  again, _ = reference_set.read_reference_chunks(config, mini_dataset.workdir, "test", 3, seed=0)
+  again, _ = reference_set.read_reference_chunks(config, mini_dataset.workdir, "test", 3,
+                                                 seed=0)
   np.testing.assert_array_equal(again, sample)
-  other = [reference_set.read_reference_chunks(config, mini_dataset.workdir, "test", 3, seed=s)[0]
-           for s in (1, 2, 3)]
+  other = [reference_set.read_reference_chunks(config, mini_dataset.workdir, "test", 3,
+                                               seed=s)[0] for s in (1, 2, 3)]
   assert any(not np.array_equal(o, sample) for o in other)
 
 
 def test_several_held_out_splits_make_one_reference(mini_dataset):
   config = mini_dataset.config()
   config.data.chunks.samples = 320 * 72 - 8
-  test, in_test = reference_set.read_reference_chunks(config, mini_dataset.workdir, "test", 1000, 0)
-  validation, in_validation = reference_set.read_reference_chunks(config, mini_dataset.workdir,
-                                                          "validation", 1000, 0)
-  both, in_both = reference_set.read_reference_chunks(config, mini_dataset.workdir,
-                                              "validation+test", 1000, 0)
+  read = functools.partial(reference_set.read_reference_chunks, config,
+                           mini_dataset.workdir, max_chunks=1000, seed=0)
+  test, in_test = read("test")
+  validation, in_validation = read("validation")
+  both, in_both = read("validation+test")
   assert in_both == in_validation + in_test
   np.testing.assert_array_equal(both, np.concatenate([validation, test]))
   assert reference_set.split_names("validation+test") == ("validation", "test")

@@ -30,6 +30,14 @@ def splits_label(value: str) -> str:
   return ("the " + ", ".join(repr(n) for n in names[:-1]) + f" and {names[-1]!r} splits")
 
 
+def describe(chosen: int, split_chunks: int, split: str, seed: int) -> str:
+  """"94 of the 94 chunks of the 'validation' and 'test' splits (all)", or "... (a seeded
+  random sample, seed 0)", for the notes beside a table."""
+  return (f"{chosen} of the {split_chunks} chunks of {splits_label(split)}"
+          + (" (all)" if chosen == split_chunks else
+             f" (a seeded random sample, seed {seed})"))
+
+
 def read_reference_chunks(config: ml_collections.ConfigDict, workdir: str, split: str,
                           max_chunks: int, seed: int) -> tuple[np.ndarray, int]:
   """(chunks `[n, stems, samples]`, chunks in the split): every chunk of the split, or a

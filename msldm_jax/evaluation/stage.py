@@ -213,7 +213,8 @@ def partial_generation_table(config: ml_collections.ConfigDict, vae: loading.Loa
       out_dir, "partial_generation", table, embedding, row_label="generated stems",
       notes=[f"Given stems from {num_chunks} seeded random real chunks of "
              f"{reference_set.splits_label(evaluate_config.reference_split)} (MSDM's "
-             "protocol); the mixture column scores given + generated stems against real mixtures. Reference: "
+             "protocol); the mixture column scores given + generated stems against real "
+             "mixtures. Reference: "
              + (f"the other {len(scored_against)} chunks (disjoint: conditioning chunks "
                 "left out)." if disjoint else
                 f"all {len(scored_against)} chunks, the conditioning ones included "
@@ -296,10 +297,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   samples = min(generated.shape[-1], reference.shape[-1])
   generated, reference = generated[..., :samples], reference[..., :samples]
   generated, notes = finite_pieces(generated, "generated pieces")
-  reference_note = (f"Reference: {len(reference)} of the {split_chunks} chunks of "
-                    f"{reference_set.splits_label(evaluate_config.reference_split)}"
-                    + (" (all)." if len(reference) == split_chunks else
-                       f" (a seeded random sample, seed {int(evaluate_config.seed)})."))
+  reference_note = "Reference: " + reference_set.describe(
+      len(reference), split_chunks, evaluate_config.reference_split,
+      int(evaluate_config.seed)) + "."
   logging.info("Evaluating %d generated pieces against %d real chunks. %s", len(generated),
                len(reference), reference_note)
 

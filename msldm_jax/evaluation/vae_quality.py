@@ -127,10 +127,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                  float(evaluate_config.empty_share))
   out_dir = output_dir(workdir)
   paths = tables.write_table(out_dir, TABLE, scores, row_label="source")
-  note = (f"{len(reference)} of the {split_chunks} chunks of "
-          f"{reference_set.splits_label(split)}"
-          + (" (all)" if len(reference) == split_chunks else
-             f" (a seeded random sample, seed {int(evaluate_config.seed)})")
+  note = (reference_set.describe(len(reference), split_chunks, split,
+                                 int(evaluate_config.seed))
           + f"; VAE {vae.identity['checkpoint_dir']}"
           + (f" (step {vae.identity['step']})" if vae.identity.get("step") is not None else "")
           + ". "
