@@ -395,7 +395,10 @@ def _departures(config: ml_collections.ConfigDict) -> list[str]:
       + ("reconstruction-only throughout (no discriminator)."
          if vae.adversarial_start >= vae.train.num_steps else
          f"the first {vae.adversarial_start} steps reconstruction-only (no discriminator)."),
-      f"- Training for a time budget: {vae.train.max_seconds:.0f} s per VAE and "
+      f"- Training for a time budget: {vae.train.max_seconds:.0f} s for the stems' VAE"
+      + (f" ({vae.train.max_seconds / stems.NUM_STEMS:.0f} s per stem)"
+         if per_source else "")
+      + f", {config.study.mixture_vae_seconds:.0f} s for the mixture VAE and "
       f"{config.study.ldm_seconds:.0f} s per latent model of {ldm.train.budget_clock} time "
       "(compilation not counted, evaluation passes counted), not for a number of steps.",
       f"- Every latent model the DiT (width {ldm.model.width}, depth {ldm.model.depth}, "
@@ -405,7 +408,7 @@ def _departures(config: ml_collections.ConfigDict) -> list[str]:
       "- ISLDM: four DiTs of that size, one per stem (stacked and vmapped), so about 4× the "
       "parameters and FLOPs of msldm's one; partial generation is then each missing stem "
       "generated alone (the given stems cannot influence it).",
-      "- MixLDM: the same SourceVAE stage trained on mixture windows for the same time, "
+      "- MixLDM: the same SourceVAE stage trained on mixture windows (its budget above), "
       "its latents, one DiT on them; total generation of mixtures only.",
   ]
 

@@ -123,7 +123,8 @@ def system_config(config: ml_collections.ConfigDict, workdir: str,
                   name: str) -> ml_collections.ConfigDict:
   """The config the stages of system `name` run under, in `system_dir(workdir, name)`: the
   shared data, and the shared VAE and latents unless it models the mixture (then its own,
-  made there); trained for `study.ldm_seconds` on `ldm.train.budget_clock`."""
+  made there, trained for `study.mixture_vae_seconds`); trained for `study.ldm_seconds` on
+  `ldm.train.budget_clock`."""
   system, denoiser = SYSTEMS[name]
   derived = _derived(config)
   derived.system = system
@@ -132,6 +133,7 @@ def system_config(config: ml_collections.ConfigDict, workdir: str,
   if system == "mixldm":
     # The mixture is one source: one parameter set, whatever the stems' VAE has.
     derived.vae.model.per_source = False
+    derived.vae.train.max_seconds = float(config.study.mixture_vae_seconds)
   else:
     derived.ldm.vae_checkpoint = os.path.abspath(workdir)
     derived.ldm.latents_dir = os.path.abspath(workdir_layout.latents_dir(config, workdir))
