@@ -3,8 +3,9 @@
 This is the ONE place that knows the layout (reference §4): source s of S, each with
 `latent_dim` channels, occupies channels [s·latent_dim, (s+1)·latent_dim) of the joint latent.
 With the release's numbers, (4, 80, T) becomes (320, T): bass 0–79, drums 80–159,
-guitar 160–239, piano 240–319. Stacking, splitting and the partial-generation mask all live
-here so that the diffusion model, the latent builder and the decoder cannot disagree.
+guitar 160–239, piano 240–319. Stacking, splitting, the partial-generation mask and the
+per-source scale of `ldm.latent_scale` all live here so that the diffusion model, the latent
+builder and the decoder cannot disagree.
 
 The functions are plain reshapes, so they accept NumPy and JAX arrays alike and run under jit.
 """
@@ -72,3 +73,47 @@ def source_mask(known_stems: str | Sequence[str | int],
   per_source = np.zeros((1, num_sources, latent_dim, 1), dtype=bool)
   per_source[:, _source_indices(known_stems, num_sources)] = True
   return stack_sources(per_source)[0]
+
+
+# `ldm.latent_scale`: how the stored latents are scaled before the diffusion model sees them.
+LATENT_SCALES = ("none", "per_source")
+
+
+def source_scales(mean: Sequence[float], std: Sequence[float], num_sources: int,
+                  sigma_data: float) -> tuple[float, ...]:
+  """Per source, the divisor that gives its latents an RMS of `sigma_data`.
+
+  Args:
+    mean, std: per joint channel over the train split (the latent store's statistics).
+    num_sources: sources in the joint latent.
+    sigma_data: the EDM preconditioning's σ_data, the scale it assumes of the data.
+
+  Returns:
+    (num_sources,) floats: source s's RMS (over its channels: sqrt(mean² + std²)) / σ_data.
+  """
+  mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+  if mean.shape != std.shape or mean.ndim != 1 or mean.size % num_sources:
+    raise ValueError(f"latent statistics of {mean.shape} means and {std.shape} stds do not "
+                     f"split into {num_sources} sources")
+  power = (mean**2 + std**2).reshape(num_sources, -1).mean(axis=1)
+  if not np.all(np.isfinite(power)) or np.any(power <= 0):
+    raise ValueError(f"latent statistics give per-source powers {power.tolist()}: a scale "
+                     "needs finite, positive ones")
+  return tuple(float(np.sqrt(p) / sigma_data) for p in power)
+
+
+def scale_sources(latents_bsct, scales: Sequence[float]):
+  """[batch, source, channel, time] latents times each source's scale (() leaves them)."""
+  if not len(scales):
+    return latents_bsct
+  factors = np.asarray(scales, np.float32)
+  if factors.shape != (latents_bsct.shape[1],):
+    raise ValueError(f"{factors.shape[0]} latent scales for {latents_bsct.shape[1]} sources")
+  return latents_bsct * factors[None, :, None, None]
+
+
+def unscale_sources(latents_bsct, scales: Sequence[float]):
+  """The inverse of `scale_sources`: each source's latents divided by its scale."""
+  if not len(scales):
+    return latents_bsct
+  return scale_sources(latents_bsct, tuple(1.0 / float(s) for s in scales))

@@ -125,6 +125,12 @@ def ldm_config(variant: str = "base") -> ml_collections.ConfigDict:
       # encoding redoes at most one shard.
       latents_per_shard=256,
       sigma_data=0.4,
+      # 'none': the latents as stored (the release's; its KL weight 10 holds them near
+      # σ_data, the mixture latent's std ≈ 0.5). 'per_source': each source's latents divided
+      # by its RMS over the train split over σ_data (joint_latent.source_scales), so each
+      # has σ_data's scale, the one EDM's preconditioning and σ range assume; recorded with
+      # the denoiser, and undone before decoding.
+      latent_scale="none",
       # Training σ: 'uniform' on (0, sigma_max_train] (the release's Uniform(0, 3)) or
       # 'lognormal' (p_mean, p_std; EDM's, unused at the release's setting).
       sigma_distribution="uniform", sigma_max_train=3.0, p_mean=-1.2, p_std=1.2,

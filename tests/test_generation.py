@@ -246,16 +246,17 @@ def test_command_line_flags_override_the_config(tmp_path):
   assert "'flute'" in result.stderr and "config.sample.generate" in result.stderr
 
 
-def _write_checkpoints(workdir, models, config, independent_stems=0):
+def _write_checkpoints(workdir, models, config, independent_stems=0, latent_scale=()):
   """An imported VAE and a diffusion checkpoint (step 9) recording it, as the stages write
-  them; returns the VAE's folder. independent_stems > 0: models' denoiser is ISLDM's."""
+  them; returns the VAE's folder. independent_stems > 0: models' denoiser is ISLDM's;
+  latent_scale: the per-source scale its training divided the latents by."""
   vae, vae_params, _, denoiser_params = models
   vae_dir = os.path.join(workdir, "imported_vae")
   loading.save_imported_vae(vae_dir, jax.device_get(vae_params), vae)
   state = {"step": np.int32(9), "params": jax.device_get(denoiser_params),
            "ema_params": jax.device_get(denoiser_params)}
   latents = {"latents_dir": "unused", "vae": loading.load_vae(vae_dir).identity,
-             "shape": [stems_lib.NUM_STEMS, vae.latent_dim, 32]}
+             "shape": [stems_lib.NUM_STEMS, vae.latent_dim, 32], "scale": list(latent_scale)}
   manager = checkpointing.make_manager(
       workdir_layout.checkpoints_dir(workdir, workdir_layout.LDM))
   checkpointing.save(manager, 9, state, {},
@@ -275,6 +276,40 @@ def test_sample_stage_loads_checkpoints_and_writes_to_workdir(models, tmp_path):
   assert record["checkpoints"]["vae"]["checkpoint_dir"] == vae_dir
   assert record["checkpoints"]["vae"]["format"] == "imported"
   assert record["checkpoints"]["ldm"]["step"] == 9
+
+
+def test_a_denoisers_latent_scale_is_undone_before_decoding(models, condition_dir,
+                                                            num_samples, tmp_path):
+  """ldm.latent_scale: the sampler works in the denoiser's scale (given stems encoded, then
+  divided by it), the decoder in the VAE's (sampled latents times it); --mode=sample takes
+  the scale from the checkpoint's record."""
+  vae, vae_params, denoiser, denoiser_params = models
+  scale = (4.0, 0.5, 2.0, 1.0)
+  config = _config(condition_dir=condition_dir, generate="bass", pad=True)
+  task = stage.prepare_task(config)
+  spec = stage.make_spec(config, vae, denoiser, task.generate_stems, latent_scale=scale)
+  encoded = np.asarray(generation_program.encode_given(
+      vae_params, task.given.stacked(spec.num_samples), vae=vae))
+  piece, = stage.generate_pieces(spec, vae_params, denoiser_params, seed=0,
+                                 piece_indices=[0], batch_size=1, num_samples=num_samples,
+                                 given=task.given)
+  per_channel = np.repeat(np.asarray(scale, np.float32), vae.latent_dim)[:, None]
+  mask = joint_latent.source_mask("drums,guitar,piano", vae.latent_dim)[:, 0]
+  np.testing.assert_allclose(piece.latents[mask], (encoded[0] / per_channel)[mask],
+                             rtol=1e-6)
+  decoded = generation_program.decode_stems(
+      vae, vae_params, joint_latent.split_sources(piece.latents[None] * per_channel), [0])
+  np.testing.assert_allclose(piece.stems["bass"],
+                             conditions.fit_to_length(np.asarray(decoded[0, 0]), num_samples),
+                             atol=1e-5)
+  with pytest.raises(ValueError, match="one positive scale per source"):
+    stage.make_spec(config, vae, denoiser, task.generate_stems, latent_scale=scale[:2])
+
+  total = _config(num_pieces=1, batch_size=1)
+  _write_checkpoints(str(tmp_path), models, total, latent_scale=scale)
+  _, _, record = _read_piece(outputs.piece_dir(stage.run(total, str(tmp_path)), 0))
+  assert record["latent_scale"] == list(scale)
+  assert record["checkpoints"]["ldm"]["latents"]["scale"] == list(scale)
 
 
 def test_sample_stage_runs_an_isldm_checkpoint(models, tmp_path):

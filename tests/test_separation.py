@@ -20,6 +20,7 @@ from msldm_jax.diffusion import samplers
 from msldm_jax.evaluation import separation as separation_scores
 from msldm_jax.generation import separation
 from msldm_jax.generation import stage
+from msldm_jax.models import loading
 
 import test_generation
 from test_generation import models  # noqa: F401  (a fixture)
@@ -241,7 +242,7 @@ def test_separation_table_scores_methods_beside_the_oracle(models, tmp_path):
   reference = (0.2 * rng.standard_normal((4, 4, int(config.data.chunks.samples)))
                ).astype(np.float32)
   reference[0, 2] = 0.0  # guitar silent in one chunk
-  loaded = lambda module, params: type("Loaded", (), {"module": module, "params": params})()
+  loaded = lambda module, params: loading.Loaded(module, params, {})
   from msldm_jax.evaluation import stage as evaluation_stage
   facts = evaluation_stage.separation_table(config, loaded(vae, vae_params),
                                             loaded(denoiser, denoiser_params), reference,

@@ -281,7 +281,8 @@ def _summary_tags(logdir):
 
 @pytest.mark.slow
 def test_stages_end_to_end_with_samples(tmp_path):
-  """VAE checkpoint -> encode_latents -> train_ldm (with a sample) -> load_denoiser."""
+  """VAE checkpoint -> encode_latents -> train_ldm (with a sample) -> load_denoiser ->
+  sample, with the latents scaled per source (ldm.latent_scale) on the way."""
   tfds_dir = tmp_path / "tfds"
   synthetic.write_dataset(str(tfds_dir), {"train": synthetic.sine_tracks(3, 1.5)},
                           name="minislakh")
@@ -291,6 +292,7 @@ def test_stages_end_to_end_with_samples(tmp_path):
   config.ldm.train.log_every = 1
   config.ldm.train.sample_every = 2
   config.ldm.train.sample_steps = 2
+  config.ldm.latent_scale = "per_source"
   workdir = str(tmp_path / "work")
   test_latents.write_vae_checkpoint(config, os.path.join(workdir, "vae", "checkpoints"))
   latents_dir = main.run("encode_latents", config, workdir)
@@ -305,8 +307,15 @@ def test_stages_end_to_end_with_samples(tmp_path):
   model, params, identity = denoiser.module, denoiser.params, denoiser.identity
   manifest = store.load_manifest(latents_dir)
   assert identity["latents"]["vae"] == manifest["vae"] and identity["step"] == 2
+  assert len(loading.latent_scale(denoiser)) == stems.NUM_STEMS
   x = jnp.asarray(store.LatentStore(latents_dir, "train").read_all()[:2])
   joint = x.reshape(2, stems.NUM_STEMS * LATENT_DIM, FRAMES)
   denoised = edm.make_denoise_fn(model.apply, params, sigma_data=config.ldm.sigma_data)(
       joint, jnp.float32(0.5))
   assert denoised.shape == joint.shape and np.isfinite(np.asarray(denoised)).all()
+
+  config.sample.num_pieces, config.sample.batch_size, config.sample.num_steps = 1, 1, 2
+  samples = main.run("sample", config, workdir)
+  with open(os.path.join(samples, "piece_000", "piece.json")) as f:
+    record = json.load(f)
+  assert record["latent_scale"] == pytest.approx(list(loading.latent_scale(denoiser)))

@@ -61,6 +61,10 @@ class GenerationSpec:
     resample_steps: RePaint passes per step for partial generation.
     progress_every: log the sampler's steps/s and ETA every this many steps (0: off). An
       int, not a callback: a fresh callback would be a new static key, and recompile.
+    latent_scale: per source, what the denoiser's training divided the VAE's latents by
+      (`ldm.latent_scale`; the denoiser's record), or () for none. The sampler works in the
+      denoiser's scale: the given stems' encodings are divided by it, and the sampled
+      latents multiplied by it before decoding.
   """
   vae: source_vae.SourceVAE
   denoiser: nn.Module
@@ -72,6 +76,7 @@ class GenerationSpec:
   resample_steps: int = 1
   progress_every: int = 0
   sources: tuple[str, ...] = stems_lib.STEM_NAMES
+  latent_scale: tuple[float, ...] = ()
 
   def __post_init__(self):
     if self.sources not in (stems_lib.STEM_NAMES, (stems_lib.MIXTURE,)):
@@ -93,6 +98,10 @@ class GenerationSpec:
       raise ValueError(f"resample_steps must be >= 1, got {self.resample_steps}")
     if self.progress_every < 0:
       raise ValueError(f"progress_every must be >= 0, got {self.progress_every}")
+    if self.latent_scale and (len(self.latent_scale) != len(self.sources)
+                              or not all(s > 0 for s in self.latent_scale)):
+      raise ValueError(f"latent_scale {self.latent_scale}: one positive scale per source of "
+                       f"{self.sources}, or none")
     # Fails early, naming the setting, for a sampler that does not take one.
     samplers.get_sampler(self.sampler_name, dict(self.sampler_settings))
 
@@ -181,19 +190,23 @@ def replicate(tree, mesh: Mesh):
   return jax.device_put(tree, mesh_lib.replicated(mesh))
 
 
-@functools.partial(jax.jit, static_argnames=("vae",))
-def encode_given(vae_params, waveforms_bst: jax.Array, *, vae: source_vae.SourceVAE):
-  """Waveforms [batch, stems, samples] → joint latent [batch, stems·latent, frames] (means).
+@functools.partial(jax.jit, static_argnames=("vae", "latent_scale"))
+def encode_given(vae_params, waveforms_bst: jax.Array, *, vae: source_vae.SourceVAE,
+                 latent_scale: tuple[float, ...] = ()):
+  """Waveforms [batch, stems, samples] → joint latent [batch, stems·latent, frames] (means),
+  in the denoiser's scale (divided by `latent_scale`, the spec's: a static tuple).
 
   Stems that are not given may be zeros: their channels are masked out by the sampler.
   """
   mean, _ = vae.apply(vae_params, waveforms_bst, method=vae.encode)
-  return joint_latent.stack_sources(mean)
+  return joint_latent.stack_sources(joint_latent.unscale_sources(mean, latent_scale))
 
 
 def decode_stems(vae: source_vae.SourceVAE, vae_params, latents_bsct: jax.Array,
-                 stem_indices: Sequence[int]) -> jax.Array:
-  """Decodes the stems `stem_indices` of [batch, stems, latent, frames] latents.
+                 stem_indices: Sequence[int], latent_scale: Sequence[float] = ()
+                 ) -> jax.Array:
+  """Decodes the stems `stem_indices` of [batch, stems, latent, frames] latents (in the
+  denoiser's scale: multiplied by `latent_scale`, the spec's, first).
 
   Returns:
     float32 [batch, len(stem_indices), samples].
@@ -203,6 +216,7 @@ def decode_stems(vae: source_vae.SourceVAE, vae_params, latents_bsct: jax.Array,
   requested ones, which costs no more than its single-stem path would.
   """
   stem_indices = tuple(stem_indices)
+  latents_bsct = joint_latent.scale_sources(latents_bsct, latent_scale)
   batch, num_stems, latent_dim, frames = latents_bsct.shape
   if num_stems == vae.num_stems and (stem_indices == tuple(range(num_stems))
                                      or vae.num_groups > 1):
@@ -262,12 +276,14 @@ def generate_batch(vae_params, denoiser_params, keys: jax.Array,
     denoiser_params: the denoiser network's variables.
     keys: [batch] PRNG keys, one per piece (`piece_keys`).
     x_known: partial generation only: [1, stems·latent, frames] joint latent of the given
-      stems (`encode_given`); shared by every piece of the batch.
+      stems (`encode_given` with the spec's latent_scale); shared by every piece of the
+      batch.
     spec: the static `GenerationSpec`.
 
   Returns:
-    (latents [batch, stems·latent, frames] at σ = 0, with the given stems' channels equal to
-    x_known exactly; waveforms float32 [batch, len(spec.generate_stems), spec.num_samples]).
+    (latents [batch, stems·latent, frames] at σ = 0, in the denoiser's scale, with the
+    given stems' channels equal to x_known exactly; waveforms float32
+    [batch, len(spec.generate_stems), spec.num_samples]).
   """
   chex.assert_rank(keys, 1)
   sample = samplers.get_sampler(spec.sampler_name, dict(spec.sampler_settings))
@@ -294,7 +310,7 @@ def generate_batch(vae_params, denoiser_params, keys: jax.Array,
   stem_indices = [spec.sources.index(s) for s in spec.generate_stems]
   waveforms = decode_stems(spec.vae, vae_params,
                            joint_latent.split_sources(latents_bct, len(spec.sources)),
-                           stem_indices)
+                           stem_indices, spec.latent_scale)
   chex.assert_shape(waveforms, (keys.shape[0], len(stem_indices), spec.num_samples))
   return latents_bct, waveforms
 
@@ -386,7 +402,7 @@ def _sample_masked(vae_params, denoiser_params, keys, x_known, known, mixture, *
     piece_denoise_fn = denoise_fn
     if guidance is not None:
       codec = mixture_guidance.vae_codec(spec.vae, vae_params, mixture.shape[-1],
-                                         spec.num_frames)
+                                         spec.num_frames, spec.latent_scale)
       piece_denoise_fn = mixture_guidance.guided_denoise_fn(denoise_fn, codec, mixture,
                                                             guidance)
     inpaint = samplers.Inpaint(x_known[None], known[None].astype(bool), spec.resample_steps)
@@ -394,7 +410,7 @@ def _sample_masked(vae_params, denoiser_params, keys, x_known, known, mixture, *
 
   latents_bct = jax.vmap(one_piece)(keys, x_known, known, mixture)
   waveforms = decode_stems(spec.vae, vae_params, joint_latent.split_sources(latents_bct),
-                           range(stems_lib.NUM_STEMS))
+                           range(stems_lib.NUM_STEMS), spec.latent_scale)
   if guidance is not None:
     waveforms = mixture_guidance.fit_length(waveforms, mixture.shape[-1])
     if guidance.method == "dirac":

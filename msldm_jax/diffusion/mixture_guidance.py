@@ -36,6 +36,7 @@ prior sampling, for comparison).
 """
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Callable
 
 import jax
@@ -99,12 +100,16 @@ class Codec:
 
 
 def vae_codec(vae: source_vae.SourceVAE, vae_params, num_samples: int,
-              num_frames: int) -> Codec:
-  """The SourceVAE's decoder (every stem) and posterior-mean encoder as a `Codec`."""
+              num_frames: int, latent_scale: Sequence[float] = ()) -> Codec:
+  """The SourceVAE's decoder (every stem) and posterior-mean encoder as a `Codec`, on
+  latents in the denoiser's scale (`latent_scale`, the generation spec's)."""
   hop = source_vae.hop_length(vae.encoder_strides)
+  inverse = jnp.asarray([1.0 / float(s) for s in latent_scale] or [1.0] * vae.num_stems,
+                        jnp.float32)
 
   def decode(latents_ct):
-    stems_latents = joint_latent.split_sources(latents_ct[None])  # [1, S, latent, frames]
+    stems_latents = joint_latent.scale_sources(  # [1, S, latent, frames]
+        joint_latent.split_sources(latents_ct[None]), latent_scale)
     return fit_length(vae.apply(vae_params, stems_latents, method=vae.decode)[0], num_samples)
 
   def encode(waveform_t, stem):
@@ -112,7 +117,7 @@ def vae_codec(vae: source_vae.SourceVAE, vae_params, num_samples: int,
     padded = fit_length(waveform_t, hop * num_frames)[None]
     mean, _ = vae.apply(vae_params, padded, jnp.full((1,), stem, jnp.int32),
                         method=vae.encode_stem)
-    return mean[0]
+    return mean[0] * inverse[stem]
 
   return Codec(decode=decode, encode=encode, latent_dim=vae.latent_dim)
 

@@ -63,8 +63,8 @@ def partial_generation_runs(spec: generation_program.GenerationSpec, vae_params,
   vae_params = generation_program.replicate(vae_params, mesh)
   denoiser_params = generation_program.replicate(denoiser_params, mesh)
   # Each chunk's four stems encoded once; a piece keeps the channels of its given stems.
-  x_known = np.concatenate([np.asarray(generation_program.encode_given(vae_params, chunks[k:k + 1],
-                                                             vae=spec.vae))
+  x_known = np.concatenate([np.asarray(generation_program.encode_given(
+      vae_params, chunks[k:k + 1], vae=spec.vae, latent_scale=spec.latent_scale))
                             for k in range(num_chunks)])
   batch_sharding = mesh_lib.batch_sharding(mesh)
   logging.info("Partial generation for evaluation: %d subsets × %d chunks = %d pieces, %d "

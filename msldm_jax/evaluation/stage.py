@@ -188,7 +188,8 @@ def partial_generation_table(config: ml_collections.ConfigDict, vae: loading.Loa
       len(reference), num_chunks, replace=False))
   disjoint = bool(evaluate_config.partial_disjoint_reference)
   scored_against = (np.delete(reference, chosen, axis=0) if disjoint else reference)
-  spec = generation_stage.make_spec(config, vae.module, denoiser.module)
+  spec = generation_stage.make_spec(config, vae.module, denoiser.module,
+                                    latent_scale=loading.latent_scale(denoiser))
   runs = partial_generation.partial_generation_runs(
       spec, vae.params, denoiser.params, reference[chosen],
       seed=int(config.sample.seed), batch_size=int(config.sample.batch_size))
@@ -244,7 +245,8 @@ def separation_table(config: ml_collections.ConfigDict, vae: loading.Loaded,
                                            evaluate_config.seed)
   truth = reference[chosen]
   audible = separation_scores.audible_stems(truth, float(evaluate_config.empty_share))
-  spec = separation.separation_spec(config, vae.module, denoiser.module)
+  spec = separation.separation_spec(config, vae.module, denoiser.module,
+                                    loading.latent_scale(denoiser))
   methods = [m.strip() for m in str(evaluate_config.separation_methods).split(",") if m.strip()]
   if not methods:
     raise ValueError("config key evaluate.separation_methods is empty: name dps, dirac or both")

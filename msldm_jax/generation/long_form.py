@@ -212,7 +212,8 @@ def generate_long(spec: generation_program.GenerationSpec, vae_params, denoiser_
       known[:, :, :held] = True
     if given_flags.any():
       audio = segment(given, start * plan.hop, window_samples)[None]
-      encoded = np.asarray(generation_program.encode_given(vae_params, audio, vae=spec.vae))
+      encoded = np.asarray(generation_program.encode_given(
+          vae_params, audio, vae=spec.vae, latent_scale=spec.latent_scale))
       stem_known = np.asarray(generation_program.stem_mask(
           jnp.asarray(given_flags[None]), latent_dim, frames))[0]
       x_known = np.where(stem_known[None], encoded, x_known)

@@ -29,6 +29,7 @@ mixture's own rate and length:
 
 import os
 import shutil
+from collections.abc import Sequence
 
 from absl import logging
 import jax
@@ -47,6 +48,7 @@ from msldm_jax.generation import long_form
 from msldm_jax.generation import outputs
 from msldm_jax.generation import stage as generation_stage
 from msldm_jax.losses import vae_losses
+from msldm_jax.models import loading
 from msldm_jax.models import source_vae
 
 
@@ -62,9 +64,10 @@ def guidance_from_config(config: ml_collections.ConfigDict,
     raise ValueError(f"config section separate: {e}") from None
 
 
-def separation_spec(config: ml_collections.ConfigDict, vae, denoiser
-                    ) -> generation_program.GenerationSpec:
-  """The one-window program (every stem sampled) at `separate.num_steps` steps when set."""
+def separation_spec(config: ml_collections.ConfigDict, vae, denoiser,
+                    latent_scale: Sequence[float] = ()) -> generation_program.GenerationSpec:
+  """The one-window program (every stem sampled) at `separate.num_steps` steps when set
+  (`latent_scale`: the denoiser's, `loading.latent_scale`)."""
   if paper_config.latent_sources(config) != stems_lib.STEM_NAMES:
     raise ValueError(f"config key system={config.system!r} models the mixture alone: "
                      "separating into stems needs a model of the stems (msldm, isldm)")
@@ -72,7 +75,7 @@ def separation_spec(config: ml_collections.ConfigDict, vae, denoiser
   steps = int(config.separate.num_steps)
   if steps > 0:
     derived.sample.num_steps = steps
-  return generation_stage.make_spec(derived, vae, denoiser, stems_lib.STEM_NAMES)
+  return generation_stage.make_spec(derived, vae, denoiser, stems_lib.STEM_NAMES, latent_scale)
 
 
 def separate_chunks(spec: generation_program.GenerationSpec, vae_params, denoiser_params,
@@ -121,8 +124,10 @@ def output_dir_for(config: ml_collections.ConfigDict, workdir: str, mix_path: st
 
 
 def separate_to_dir(config: ml_collections.ConfigDict, mix_path: str, output_dir: str, vae,
-                    vae_params, denoiser, denoiser_params, checkpoints=None) -> str:
-  """Separates the mixture file `mix_path` into `output_dir`; returns it."""
+                    vae_params, denoiser, denoiser_params, checkpoints=None,
+                    latent_scale: Sequence[float] = ()) -> str:
+  """Separates the mixture file `mix_path` into `output_dir`; returns it (`latent_scale`:
+  the denoiser's, `loading.latent_scale`)."""
   sample_rate = int(config.data.sample_rate)
   mixture = read_mixture(mix_path, sample_rate)
   audio = mixture.waveforms[stems_lib.MIXTURE]
@@ -131,7 +136,7 @@ def separate_to_dir(config: ml_collections.ConfigDict, mix_path: str, output_dir
     raise ValueError(f"{mix_path}: {len(audio)} samples at {sample_rate} Hz is shorter than "
                      f"one latent frame ({hop} samples): nothing to separate")
   guidance = guidance_from_config(config)
-  spec = separation_spec(config, vae, denoiser)
+  spec = separation_spec(config, vae, denoiser, latent_scale)
   overlap_frames = long_form.overlap_frames_for(spec.num_frames, config.sample.overlap)
   plan = long_form.plan_for(spec, len(audio), overlap_frames)
   logging.info("separating %s (%.2f s, %d window%s) by %s with %s, %s steps", mix_path,
@@ -187,4 +192,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   output_dir = output_dir_for(config, workdir, mix_path)
   return separate_to_dir(config, mix_path, output_dir, vae.module, vae.params,
                          denoiser.module, denoiser.params,
-                         checkpoints=generation_stage.checkpoint_identities(vae, denoiser))
+                         checkpoints=generation_stage.checkpoint_identities(vae, denoiser),
+                         latent_scale=loading.latent_scale(denoiser))

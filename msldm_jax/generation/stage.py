@@ -160,10 +160,11 @@ def prepare_task(config: ml_collections.ConfigDict) -> Task:
 
 
 def make_spec(config: ml_collections.ConfigDict, vae, denoiser,
-              generate_stems: Sequence[str] | None = None
-              ) -> generation_program.GenerationSpec:
+              generate_stems: Sequence[str] | None = None,
+              latent_scale: Sequence[float] = ()) -> generation_program.GenerationSpec:
   """The compiled program's static description from the config and the two modules
-  (`generate_stems` None: every source of the config's system)."""
+  (`generate_stems` None: every source of the config's system; `latent_scale`: the
+  denoiser's, `loading.latent_scale`)."""
   sources = paper_config.latent_sources(config)
   generate_stems = sources if generate_stems is None else generate_stems
   name, settings = generation_program.sampler_settings(config.sample)
@@ -174,7 +175,8 @@ def make_spec(config: ml_collections.ConfigDict, vae, denoiser,
       sampler_settings=tuple(sorted(settings.items())),
       sigma_data=float(config.ldm.sigma_data), generate_stems=tuple(generate_stems),
       resample_steps=int(config.sample.resample_steps),
-      progress_every=int(config.sample.get("log_every_steps", 0)), sources=tuple(sources))
+      progress_every=int(config.sample.get("log_every_steps", 0)), sources=tuple(sources),
+      latent_scale=tuple(float(s) for s in latent_scale))
   if spec.num_samples < num_samples:
     raise ValueError(f"config.data.chunks.samples={num_samples}: the VAE decodes its "
                      f"{frames} latent frames to only {spec.num_samples} samples")
@@ -211,7 +213,7 @@ def generate_pieces(spec: generation_program.GenerationSpec, vae_params, denoise
                        f"{spec.given_stems}, got {None if given is None else given.names}")
     # One window: the given stems fitted to it (the output is cropped to them again).
     x_known = generation_program.encode_given(vae_params, given.stacked(spec.num_samples),
-                                              vae=spec.vae)
+                                              vae=spec.vae, latent_scale=spec.latent_scale)
     if x_known.shape != (1, spec.channels, spec.num_frames):
       raise ValueError(f"the given stems encode to {x_known.shape}, but the program samples "
                        f"{(1, spec.channels, spec.num_frames)}")
@@ -296,6 +298,7 @@ def _piece_metadata(config, spec, task: Task, piece: Piece, checkpoints,
       given=[s for s in spec.sources if s not in task.generate_stems],
       sampler=dict(name=spec.sampler_name, **dict(spec.sampler_settings)),
       sigma_data=spec.sigma_data,
+      latent_scale=list(spec.latent_scale),
       latent_frames=int(piece.latents.shape[-1]),
       window_frames=spec.num_frames,
       windows=windows,
@@ -336,7 +339,8 @@ def output_stems(piece: Piece, task: Task, sample_rate: int) -> tuple[dict[str, 
 
 def generate_to_dir(config: ml_collections.ConfigDict, output_dir: str, vae, vae_params,
                     denoiser, denoiser_params, *, task: Task | None = None,
-                    checkpoints: Mapping[str, Any] | None = None, devices=None) -> str:
+                    checkpoints: Mapping[str, Any] | None = None, devices=None,
+                    latent_scale: Sequence[float] = ()) -> str:
   """Generates `config.sample.num_pieces` pieces into `output_dir`; returns it.
 
   A piece of one chunk (`config.data.chunks.samples`) or less is one compiled call of the
@@ -352,6 +356,7 @@ def generate_to_dir(config: ml_collections.ConfigDict, output_dir: str, vae, vae
     task: from `prepare_task(config)` (read here when None).
     checkpoints: identities of the checkpoints used, recorded in each piece.json.
     devices: devices to generate on (default: all local ones).
+    latent_scale: the denoiser's (`loading.latent_scale`), () for latents as stored.
   """
   task = task or prepare_task(config)
   sample_config = config.sample
@@ -361,7 +366,8 @@ def generate_to_dir(config: ml_collections.ConfigDict, output_dir: str, vae, vae
   sample_rate = int(config.data.sample_rate)
   batch_size = min(int(sample_config.get("batch_size", 1)), max(num_pieces, 1))
   long = num_samples > chunk_samples
-  spec = make_spec(config, vae, denoiser, None if long else task.generate_stems)
+  spec = make_spec(config, vae, denoiser, None if long else task.generate_stems,
+                   latent_scale)
   windows = 1
   if long:
     overlap_frames = long_form.overlap_frames_for(spec.num_frames, sample_config.overlap)
@@ -455,4 +461,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   vae, denoiser = load_models(config, workdir)
   return generate_to_dir(config, workdir_layout.samples_dir(config, workdir), vae.module,
                          vae.params, denoiser.module, denoiser.params, task=task,
-                         checkpoints=checkpoint_identities(vae, denoiser))
+                         checkpoints=checkpoint_identities(vae, denoiser),
+                         latent_scale=loading.latent_scale(denoiser))

@@ -141,6 +141,13 @@ def save_imported_denoiser(directory: str, variables, record: Mapping[str, Any])
   _save_import(directory, variables, IMPORTED_DENOISER, record)
 
 
+def latent_scale(denoiser: Loaded) -> tuple[float, ...]:
+  """Per source, what the denoiser's training divided the VAE's latents by (its record's
+  "latents"/"scale", `ldm.latent_scale`); () when it used them as stored (imports, and
+  checkpoints from before the setting)."""
+  return tuple(float(s) for s in denoiser.identity.get("latents", {}).get("scale") or ())
+
+
 def _read_json(path: str) -> Any:
   try:
     with open(path) as f:

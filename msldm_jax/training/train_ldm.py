@@ -14,8 +14,10 @@ pure, jitted function with the whole state donated:
   3. AdamW (linear warmup to a constant rate, gradients clipped by global norm) and an EMA of
      the parameters in float32, in one pass over the parameters (`fused_adamw.py`: the
      update is memory-bound, and optax's chain takes several).
-Latents are used as stored (the reference does no normalisation); the manifest's per-channel
-statistics are there for inspection.
+Latents are used as stored (the reference does no normalisation) unless
+`config.ldm.latent_scale='per_source'`: then each source's latents are divided by its scale
+from the manifest's train-split statistics (`joint_latent.source_scales`: RMS σ_data), which
+the denoiser's record keeps ("latents"/"scale") so that generation undoes it before decoding.
 
 Precision: parameters, EMA and optimizer state in float32; the network computes in
 its settings' `dtype` (bfloat16 for the paper sizes), the loss in float32.
@@ -107,6 +109,8 @@ class LDMTrainSpec:
   sigma_max_train: float
   p_mean: float
   p_std: float
+  # Per source, what its stored latents are divided by (`ldm.latent_scale`); () for none.
+  latent_scale: tuple[float, ...] = ()
 
 
 def learning_rate_schedule(learning_rate: float, warmup_steps: int) -> optax.Schedule:
@@ -122,9 +126,11 @@ def learning_rate_schedule(learning_rate: float, warmup_steps: int) -> optax.Sch
 
 def make_train_spec(ldm_config: ml_collections.ConfigDict,
                     model_config: ml_collections.ConfigDict | None = None,
-                    independent_stems: int = 0) -> LDMTrainSpec:
+                    independent_stems: int = 0,
+                    latent_scale: tuple[float, ...] = ()) -> LDMTrainSpec:
   """The network (from `model_config`, default the settings `ldm_config` selects; ISLDM's
-  per-stem networks when independent_stems > 0), optimiser and settings."""
+  per-stem networks when independent_stems > 0), optimiser and settings; `latent_scale`
+  from `latent_scale_for`."""
   kind, selected = denoisers.selected(ldm_config)
   model_config = selected if model_config is None else model_config
   optim = ldm_config.optimizer
@@ -141,7 +147,29 @@ def make_train_spec(ldm_config: ml_collections.ConfigDict,
       sigma_data=float(ldm_config.sigma_data),
       sigma_distribution=str(ldm_config.sigma_distribution),
       sigma_max_train=float(ldm_config.sigma_max_train), p_mean=float(ldm_config.p_mean),
-      p_std=float(ldm_config.p_std))
+      p_std=float(ldm_config.p_std), latent_scale=tuple(latent_scale))
+
+
+def latent_scale_for(ldm_config: ml_collections.ConfigDict, manifest: dict,
+                     latents_dir: str) -> tuple[float, ...]:
+  """Per source, the divisor of its stored latents that `ldm.latent_scale` asks for (() for
+  'none'), from the latent store's train-split statistics."""
+  mode = str(ldm_config.get("latent_scale", "none"))
+  if mode not in joint_latent.LATENT_SCALES:
+    raise ValueError(f"config key ldm.latent_scale={mode!r}: one of "
+                     f"{', '.join(joint_latent.LATENT_SCALES)}")
+  if mode == "none":
+    return ()
+  statistics = manifest.get("statistics")
+  if not statistics:
+    raise ValueError(f"config key ldm.latent_scale={mode!r} needs the train split's "
+                     f"statistics, but the latent store at {latents_dir} has none (no train "
+                     "split?)")
+  try:
+    return joint_latent.source_scales(statistics["mean"], statistics["std"],
+                                      int(manifest["shape"][0]), float(ldm_config.sigma_data))
+  except ValueError as e:
+    raise ValueError(f"the latent store at {latents_dir}: {e}") from None
 
 
 def init_state(spec: LDMTrainSpec, rng: jax.Array, num_frames: int) -> LDMTrainState:
@@ -163,7 +191,8 @@ def sigma_buckets(sigma: jax.Array) -> jax.Array:
 
 def train_step(state: LDMTrainState, batch, *, spec: LDMTrainSpec, seed: int):
   """One AdamW update on the EDM loss of a batch of stem-major latents [b, S, D, T]."""
-  x = joint_latent.stack_sources(batch[store.LATENTS].astype(jnp.float32))
+  x = joint_latent.stack_sources(joint_latent.unscale_sources(
+      batch[store.LATENTS].astype(jnp.float32), spec.latent_scale))
   rng = jax.random.fold_in(jax.random.key(seed), state.step)
   sigma_key, noise_key = jax.random.split(rng)
   sigma = edm.sample_sigma(sigma_key, (x.shape[0],), distribution=spec.sigma_distribution,
@@ -253,7 +282,9 @@ class LDMTrainer:
       raise ValueError(f"config key system={paper_config.check_system(config)!r} trains "
                        f"on latents of {paper_config.latent_sources(config)}, but the store at "
                        f"{self.latents_dir} holds {tuple(self.sources)}")
-    self.spec = make_train_spec(self.ldm_config, self.model_config, self.independent_stems)
+    self.latent_scale = latent_scale_for(self.ldm_config, self.manifest, self.latents_dir)
+    self.spec = make_train_spec(self.ldm_config, self.model_config, self.independent_stems,
+                                self.latent_scale)
     self.compiled = loop.CompiledStep(
         functools.partial(init_state, self.spec, num_frames=self.spec.model.frame_multiple),
         functools.partial(train_step, spec=self.spec, seed=int(self.ldm_config.seed)),
@@ -267,7 +298,8 @@ class LDMTrainer:
   def latents_record(self) -> dict:
     manifest = self.manifest
     return {"latents_dir": os.path.abspath(self.latents_dir), "vae": manifest["vae"],
-            "shape": manifest["shape"], "sources": self.sources}
+            "shape": manifest["shape"], "sources": self.sources,
+            "scale": list(self.latent_scale)}
 
   def model_record(self) -> dict:
     return loading.denoiser_record(self.denoiser_kind, self.model_config,
@@ -287,12 +319,15 @@ class LDMTrainer:
     if os.path.exists(path):
       with open(path) as f:
         old = json.load(f)
-      for key in ("vae", "shape"):
+      # A record from before latent scales had none: the latents as stored.
+      old.setdefault("scale", [])
+      for key in ("vae", "shape", "scale"):
         if old[key] != record[key]:
           raise ValueError(
               f"{path}: this run was trained on latents with {key}={old[key]!r}, but "
-              f"{self.latents_dir} now holds {key}={record[key]!r}: use a new workdir (or "
-              "delete WORKDIR/ldm) to train on the new latents")
+              f"{self.latents_dir} now gives {key}={record[key]!r} (ldm.latent_scale "
+              f"{self.ldm_config.get('latent_scale', 'none')!r} for the scale): use a new "
+              "workdir (or delete WORKDIR/ldm) to train on the new latents")
     elif jax.process_index() == 0:
       os.makedirs(self.stage_dir, exist_ok=True)
       atomic_files.write_json_atomic(path, record)
@@ -308,7 +343,7 @@ class LDMTrainer:
         sampler_name=samplers.DEFAULT_SAMPLER,
         sampler_settings=(("num_steps", int(self.train_config.sample_steps)),),
         sigma_data=self.spec.sigma_data, generate_stems=tuple(self.sources),
-        sources=tuple(self.sources))
+        sources=tuple(self.sources), latent_scale=self.latent_scale)
 
     def generate(ema_params, key):
       _, waveforms = generation_program.generate_batch(vae.params, ema_params, key[None],
