@@ -405,6 +405,11 @@ def _departures(config: ml_collections.ConfigDict) -> list[str]:
       f"patch {ldm.model.patch_size}) unless named _unet; Adam at "
       f"{ldm.optimizer.learning_rate:g} with {ldm.optimizer.warmup_steps} warm-up steps, "
       f"batch {ldm.batch_size}, EMA {ldm.ema_decay}.",
+      ("- Each source's latents divided by its RMS over the train split over σ_data "
+       f"{ldm.sigma_data:g} for the latent models (ldm.latent_scale=per_source; the release "
+       "uses them as stored)." if ldm.get("latent_scale", "none") == "per_source" else
+       f"- Latents as stored (ldm.latent_scale=none, the release's), against σ_data "
+       f"{ldm.sigma_data:g} and a training σ up to {ldm.sigma_max_train:g}."),
       "- ISLDM: four DiTs of that size, one per stem (stacked and vmapped), so about 4× the "
       "parameters and FLOPs of msldm's one; partial generation is then each missing stem "
       "generated alone (the given stems cannot influence it).",
