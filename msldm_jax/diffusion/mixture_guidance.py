@@ -104,8 +104,6 @@ def vae_codec(vae: source_vae.SourceVAE, vae_params, num_samples: int,
   """The SourceVAE's decoder (every stem) and posterior-mean encoder as a `Codec`, on
   latents in the denoiser's scale (`latent_scale`, the generation spec's)."""
   hop = source_vae.hop_length(vae.encoder_strides)
-  inverse = jnp.asarray([1.0 / float(s) for s in latent_scale] or [1.0] * vae.num_stems,
-                        jnp.float32)
 
   def decode(latents_ct):
     stems_latents = joint_latent.scale_sources(  # [1, S, latent, frames]
@@ -117,7 +115,9 @@ def vae_codec(vae: source_vae.SourceVAE, vae_params, num_samples: int,
     padded = fit_length(waveform_t, hop * num_frames)[None]
     mean, _ = vae.apply(vae_params, padded, jnp.full((1,), stem, jnp.int32),
                         method=vae.encode_stem)
-    return mean[0] * inverse[stem]
+    if not latent_scale:
+      return mean[0]
+    return mean[0] / jnp.asarray(latent_scale, jnp.float32)[stem]
 
   return Codec(decode=decode, encode=encode, latent_dim=vae.latent_dim)
 
