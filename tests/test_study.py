@@ -148,6 +148,20 @@ def test_study_settings_are_checked(repo_root):
     runner.sampler_runs(config)
 
 
+def test_the_unet_system_is_msldm_with_the_releases_network_on_the_shared_latents(repo_root):
+  config = config_loading.load_config(os.path.join(repo_root, "configs/study.py"))
+  assert runner.study_systems(config) == ["msldm", "isldm", "mixldm", "msldm_unet"]
+  dit = runner.system_config(config, "/w", "msldm")
+  unet = runner.system_config(config, "/w", "msldm_unet")
+  assert (unet.system, unet.ldm.denoiser, dit.ldm.denoiser) == ("msldm", "unet", "dit")
+  # Everything else as msldm's: the same latents and VAE, scale, budget and sampling.
+  for config_ in (dit, unet):
+    del config_.ldm["denoiser"]
+  assert unet.to_dict() == dit.to_dict()
+  assert unet.ldm.latents_dir == "/w/latents" and unet.ldm.train.max_seconds == 600.0
+  assert runner.system_dir("/w", "msldm_unet") == "/w/systems/msldm_unet"
+
+
 def test_heun_steps_stay_within_the_evaluations():
   for evaluations in (1, 2, 9, 10, 25, 150):
     steps = samplers.steps_for_evaluations("heun", evaluations)
