@@ -110,6 +110,60 @@ def test_drum_bass_alignment_aligned_vs_shifted():
   assert mm.drum_bass_onset_alignment(shifted_piece) < 0.2
 
 
+def _pieces(rng, count, joint):
+  """Four-stem pieces, each with its rhythm and pitch class; with `joint` the stems of a piece
+  share them (bass on the drums' hits, every harmonic stem in one pitch class), otherwise
+  every stem draws its own."""
+  def draw():
+    return np.sort(rng.choice(np.arange(0.3, 3.4, 0.25), 6, replace=False)), rng.integers(12)
+  pieces = []
+  for _ in range(count):
+    (times, pitch_class), draws = draw(), [draw() for _ in range(3)]
+    if joint:
+      draws = [(times, pitch_class)] * 3
+    drums = _clicks(times)
+    bass = _clicks(draws[0][0], freq=110.0 * 2 ** (draws[0][1] / 12))
+    guitar = _tone(220.0 * 2 ** (draws[1][1] / 12), 4.0, amplitude=0.1)
+    piano = _tone(440.0 * 2 ** (draws[2][1] / 12), 4.0, amplitude=0.1)
+    pieces.append(np.stack([bass, drums, guitar, piano]))
+  return np.stack(pieces)
+
+
+def test_cross_stem_dependence_of_joint_and_of_independent_stems():
+  rng = np.random.default_rng(0)
+  joint = mm.cross_stem_dependence(_pieces(rng, 8, joint=True), SR, bootstrap_samples=100)
+  independent = mm.cross_stem_dependence(_pieces(rng, 8, joint=False), SR,
+                                         bootstrap_samples=100)
+  for name in (mm.HARMONIC_CHROMA, mm.DRUM_BASS_ONSETS):
+    scores = joint[name]
+    assert scores["same pieces"] > 0.75
+    assert scores["dependence"] == pytest.approx(scores["same pieces"] - scores["other pieces"])
+    # Stems that belong together: their own piece's partner beats any other piece's.
+    assert 0.4 < scores["low"] <= scores["dependence"] <= scores["high"]
+    # Stems drawn each on their own: about as related within a piece as across pieces
+    # (8 pieces: a 95 % interval may miss 0 by chance, so the bound is on the value).
+    assert abs(independent[name]["dependence"]) < 0.15 < scores["low"]
+  # The existing measures are the "same pieces" values.
+  pieces = _pieces(np.random.default_rng(1), 3, joint=True)
+  scores = mm.cross_stem_dependence(pieces, SR, bootstrap_samples=10)
+  assert scores[mm.HARMONIC_CHROMA]["same pieces"] == pytest.approx(
+      mm.harmonic_chroma_agreement(pieces, SR)["mean"])
+  assert scores[mm.DRUM_BASS_ONSETS]["same pieces"] == pytest.approx(
+      mm.drum_bass_onset_alignment(pieces, SR))
+  single = mm.cross_stem_dependence(pieces[:1], SR, bootstrap_samples=10)
+  assert single[mm.DRUM_BASS_ONSETS]["same pieces"] == 1.0
+  assert np.isnan(single[mm.DRUM_BASS_ONSETS]["dependence"])
+
+
+def test_stems_of_other_pieces_are_paired_cyclically():
+  times = [np.arange(0.5, 3.6, 0.5), np.arange(0.75, 3.6, 0.5)]
+  pieces = np.stack([np.stack([_clicks(t, freq=80.0), _clicks(t), 0 * _clicks(t),
+                               0 * _clicks(t)]) for t in times])
+  assert mm.drum_bass_onset_values(pieces, SR).tolist() == [1.0, 1.0]
+  assert mm.drum_bass_onset_values(pieces, SR, partner_offset=1).tolist() == [0.0, 0.0]
+  assert mm.drum_bass_onset_values(pieces, SR, partner_offset=2).tolist() == [1.0, 1.0]
+
+
 def test_reconstruction_quality():
   rng = np.random.default_rng(1)
   reference = rng.normal(size=(2, 4, SR // 2)).astype(np.float32) * 0.1

@@ -56,6 +56,14 @@ def test_mode_all_runs_every_stage_then_skips_them(mini_dataset, tmp_path):
   for side in ("generated", "real"):
     rates = metrics["music_measures"][side]
     assert 0.0 <= rates["empty stem rate (all)"] <= 1.0
+    # Each cross-stem measure on stems of other pieces too, and the difference with its
+    # interval (2 generated pieces: each pairs with the other).
+    for name, scores in metrics["cross_stem_dependence"][side].items():
+      np.testing.assert_equal(rates[f"{name}, dependence (own − other pieces)"],
+                              scores["dependence"])
+      np.testing.assert_allclose(scores["dependence"],
+                                 scores["same pieces"] - scores["other pieces"], equal_nan=True)
+  assert (out / "cross_stem_dependence.md").is_file()
   assert set(metrics["levels"]) == {"bass", "drums", "guitar", "piano"}
   # Chunks shorter than the tagger's 3 s patch: nothing to tag, said so, not a crash.
   assert metrics["instrument_tags"]["real"]["piano"]["stems"] == 0

@@ -90,6 +90,23 @@ def test_tiny_study_runs_end_to_end_and_resumes(repo_root, tmp_path, mini_datase
     assert (report_dir / f"spectrogram_{name}.png").exists()
   for plot in ("loss_by_sigma.png", "samplers.png"):
     assert (report_dir / plot).exists()
+  # Each system with stems: its cross-stem dependence beside the real stems'.
+  table = report[report.index("| measure | real | msldm | isldm |"):]
+  assert "| harmonic chroma agreement |" in table and "| drum-bass onset F-measure |" in table
+
+  # The same from the samples, as a finished study's user recomputes it.
+  recomputed = subprocess.run(
+      [sys.executable, "-m", "benchmarks.cross_stem_dependence",
+       "--config=configs/study.py:variant=tiny", f"--workdir={workdir}",
+       *mini_dataset.config_flags()], cwd=repo_root, capture_output=True, text=True,
+      timeout=600)
+  assert recomputed.returncode == 0, recomputed.stderr[-4000:]
+  with open(os.path.join(runner.system_dir(str(workdir), "isldm"), "evaluation",
+                         "metrics.json")) as f:
+    scores = json.load(f)["cross_stem_dependence"]["generated"]["drum-bass onset F-measure"]
+  row = next(line for line in recomputed.stdout.splitlines()
+             if line.startswith("| drum-bass onset F-measure |"))
+  assert row.split(" | ")[3].startswith(f"{float(scores['dependence']):+.3f} [")
 
   # Run again: every step is skipped, the report is rewritten.
   steps = (workdir / "study" / runner.STEPS_LOG).read_text().splitlines()

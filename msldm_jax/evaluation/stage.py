@@ -16,7 +16,12 @@ then writes into WORKDIR/evaluation:
                                   out of the reference (named in the table); partial/<subset>/
                                   holds the first such piece
   music_measures.{md,csv}         empty-stem rate (per 1 s window, the data's silence rule)
-                                  and cross-stem coherence, generated vs real
+                                  and cross-stem coherence, generated vs real: each measure
+                                  on a piece's own stems, on stems of different pieces (its
+                                  value without dependence) and their difference
+  cross_stem_dependence.{md,csv}  that difference with its bootstrap interval over pieces:
+                                  how far the generated stems depend on each other, against
+                                  the real stems' (music_metrics.cross_stem_dependence)
   levels.{md,csv}                 each stem's level (dB RMS), generated vs the real spread
   instrument_tags.{md,csv}        how often musicnn's MTT tagger ranks a guitar, piano or
                                   drums stem's own instrument first; real stems: the ceiling
@@ -122,7 +127,8 @@ def _embedding(evaluate_config, sample_rate: int):
                    "'statistics'")
 
 
-def _protocol(evaluate_config) -> distance_scores.Protocol:
+def protocol_of(evaluate_config) -> distance_scores.Protocol:
+  """The bootstrap protocol of every interval in the evaluation (`evaluate` config keys)."""
   return distance_scores.Protocol(bootstrap_samples=int(evaluate_config.bootstrap_samples),
                                   seed=int(evaluate_config.seed))
 
@@ -140,15 +146,21 @@ def finite_pieces(audio: np.ndarray, what: str) -> tuple[np.ndarray, list[str]]:
   return audio[finite], [note]
 
 
-def music_measures(audio: np.ndarray, empty_share: float) -> dict[str, float]:
-  """Empty-stem rate (per 1 s window) and cross-stem coherence of `[pieces, stems, samples]`."""
+def music_measures(audio: np.ndarray, empty_share: float, protocol: distance_scores.Protocol
+                   ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+  """Empty-stem rate (per 1 s window) and cross-stem coherence of `[pieces, stems, samples]`:
+  the measures, and each coherence measure's dependence with its interval
+  (`music_metrics.cross_stem_dependence`)."""
   rates = music_metrics.empty_stem_rates(audio, empty_share=empty_share)
   measures = {f"empty stem rate ({name})": float(value) for name, value in rates.items()}
-  measures["harmonic chroma agreement"] = float(
-      music_metrics.harmonic_chroma_agreement(audio, stems_lib.SAMPLE_RATE)["mean"])
-  measures["drum-bass onset F-measure"] = float(
-      music_metrics.drum_bass_onset_alignment(audio, stems_lib.SAMPLE_RATE))
-  return measures
+  dependence = music_metrics.cross_stem_dependence(
+      audio, stems_lib.SAMPLE_RATE, bootstrap_samples=protocol.bootstrap_samples,
+      confidence=protocol.confidence, seed=protocol.seed)
+  for name, scores in dependence.items():
+    measures[name] = scores["same pieces"]
+    measures[f"{name}, stems of other pieces"] = scores["other pieces"]
+    measures[f"{name}, dependence (own − other pieces)"] = scores["dependence"]
+  return measures, dependence
 
 
 def level_table(generated: np.ndarray, reference: np.ndarray, audible_generated: np.ndarray,
@@ -197,7 +209,7 @@ def partial_generation_table(config: ml_collections.ConfigDict, vae: loading.Loa
   for label in list(runs):
     runs[label], dropped = finite_pieces(runs[label], f"pieces of the {label} run")
     notes += dropped
-  protocol = _protocol(evaluate_config)
+  protocol = protocol_of(evaluate_config)
   try:
     mixtures = tables.partial_generation_scores(runs, scored_against, embed_fn, protocol,
                                                 mixture=True)
@@ -306,7 +318,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                len(reference), reference_note)
 
   embed_fn, embedding = _embedding(evaluate_config, sample_rate)
-  protocol = _protocol(evaluate_config)
+  protocol = protocol_of(evaluate_config)
   scope = str(evaluate_config.get("scope", "full"))
   if scope not in SCOPES:
     raise ValueError(f"config key evaluate.scope={scope!r}: one of {', '.join(SCOPES)}")
@@ -340,14 +352,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                       embed_fn, embedding, out_dir)
 
   empty_share = float(evaluate_config.empty_share)
+  dependence = {}
   if mixture_only:
     generated_measures, real_measures = (
         {f"empty stem rate ({name})": float(value) for name, value in
          music_metrics.empty_stem_rates(audio, sources, empty_share=empty_share).items()}
         for audio in (generated, reference))
   else:
-    generated_measures = music_measures(generated, empty_share)
-    real_measures = music_measures(reference, empty_share)
+    generated_measures, generated_dependence = music_measures(generated, empty_share,
+                                                              protocol)
+    real_measures, real_dependence = music_measures(reference, empty_share, protocol)
+    dependence = {"generated": generated_dependence, "real": real_dependence}
+    tables.write_table(out_dir, "cross_stem_dependence",
+                       {f"{name} ({side})": scores for side, measures in dependence.items()
+                        for name, scores in measures.items()}, row_label="measure")
   tables.write_table(out_dir, "music_measures",
                      {k: {"generated": generated_measures[k], "real": real_measures[k]}
                       for k in generated_measures}, row_label="measure")
@@ -380,6 +398,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   metrics.update(partial_generation=_as_json(partial), partial=partial_facts,
                  separation=separation_facts,
                  music_measures=dict(generated=generated_measures, real=real_measures),
+                 cross_stem_dependence=dependence,
                  levels=levels, instrument_tags=recognised,
                  vae_reconstruction=reconstruction,
                  checkpoints=generation_stage.checkpoint_identities(vae, denoiser))

@@ -303,6 +303,27 @@ def _total_table(results: dict) -> list[str]:
   return lines
 
 
+def _dependence_table(results: dict) -> list[str]:
+  """Each system's cross-stem dependence (own − other pieces) with its interval, beside the
+  real stems' (from its evaluation's metrics.json, where it has one)."""
+  names = [n for n in results if results[n]["metrics"].get("cross_stem_dependence")]
+  if not names:
+    return ["(not in these evaluations: `python -m benchmarks.cross_stem_dependence` "
+            "computes it from the samples)"]
+  def cell(scores):
+    return (f"{_num(scores['dependence']):+.3f} [{_num(scores['low']):+.3f}, "
+            f"{_num(scores['high']):+.3f}] ({_num(scores['same pieces']):.3f} / "
+            f"{_num(scores['other pieces']):.3f})")
+  real = results[names[0]]["metrics"]["cross_stem_dependence"]["real"]
+  lines = ["| measure | real | " + " | ".join(names) + " |",
+           "|---|---|" + "---|" * len(names)]
+  for measure in real:
+    lines.append(f"| {measure} | {cell(real[measure])} | " + " | ".join(
+        cell(results[n]["metrics"]["cross_stem_dependence"]["generated"][measure])
+        for n in names) + " |")
+  return lines
+
+
 def _partial_table(results: dict) -> list[str]:
   names = [n for n in results if results[n]["metrics"].get("partial_generation")]
   if not names:
@@ -523,6 +544,12 @@ def write(config: ml_collections.ConfigDict, workdir: str, out: str, steps: dict
   lines += ["", "The paper's ordering on the mixture:", ""] + (_ordering(results) or
                                                                  ["- (msldm or a baseline "
                                                                   "missing)"])
+  lines += ["", "Cross-stem dependence: each measure on a piece's own stems minus the same "
+            "measure on stems of different pieces (its value when nothing ties them), "
+            "[95 % interval over pieces] (own / other pieces). isldm's stems are generated "
+            "apart, so 0 is what no dependence scores; the real stems' is what a joint model "
+            "should reach.", ""]
+  lines += _dependence_table(results)
   lines += ["", "One piece per system (piece 0):", ""]
   lines += [f"![{name}](spectrogram_{name}.png)" for name in results
             if os.path.exists(os.path.join(out, f"spectrogram_{name}.png"))]
