@@ -179,6 +179,28 @@ def test_the_unet_system_is_msldm_with_the_releases_network_on_the_shared_latent
   assert runner.system_dir("/w", "msldm_unet") == "/w/systems/msldm_unet"
 
 
+def test_the_reports_commit_ignores_the_reports_own_files(tmp_path, monkeypatch):
+  from msldm_jax.study import report  # pylint: disable=g-import-not-at-top
+  def git(*args):
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                   check=True, capture_output=True)
+  (tmp_path / "docs").mkdir()
+  (tmp_path / "docs" / "README.md").write_text("old report")
+  (tmp_path / "code.py").write_text("x = 1")
+  git("init", "-q")
+  git("add", ".")
+  git("commit", "-q", "-m", "first")
+  monkeypatch.chdir(tmp_path)
+  head = report.commit()
+  assert len(head) >= 7 and "uncommitted" not in head
+  (tmp_path / "docs" / "README.md").write_text("the report rewritten")
+  assert report.commit(str(tmp_path / "docs")) == head
+  assert report.commit() == f"{head} with uncommitted changes"
+  (tmp_path / "code.py").write_text("x = 2")
+  assert report.commit(str(tmp_path / "docs")) == f"{head} with uncommitted changes"
+  assert report.commit("/elsewhere/report") == f"{head} with uncommitted changes"
+
+
 def test_heun_steps_stay_within_the_evaluations():
   for evaluations in (1, 2, 9, 10, 25, 150):
     steps = samplers.steps_for_evaluations("heun", evaluations)

@@ -33,13 +33,21 @@ KAD, FD = "KAD ×100", "FD"
 BASELINES = ("isldm", "mixldm")
 
 
-def commit() -> str:
-  """HEAD, marked when tracked files differ from it."""
+def commit(report_dir: str = "") -> str:
+  """HEAD, marked when tracked files differ from it, the report's own files in `report_dir`
+  aside (a report written into the repository, as docs/study is, and rewritten by a later
+  run would otherwise mark its own run)."""
+  def git(*args):
+    return subprocess.run(["git", *args], capture_output=True, text=True,
+                          check=True).stdout.strip()
   try:
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True, check=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True, check=True).stdout.strip()
+    head = git("rev-parse", "--short", "HEAD")
+    pathspec = []
+    if report_dir:
+      inside = os.path.relpath(os.path.abspath(report_dir), git("rev-parse", "--show-toplevel"))
+      if not inside.startswith(os.pardir):
+        pathspec = ["--", ".", f":(exclude){inside}"]
+    dirty = git("status", "--porcelain", "--untracked-files=no", *pathspec)
   except (OSError, subprocess.CalledProcessError):
     return "unknown"
   return head + (" with uncommitted changes" if dirty else "")
@@ -495,7 +503,7 @@ def write(config: ml_collections.ConfigDict, workdir: str, out: str, steps: dict
       + (f" --config.study.report_dir={_shown_path(out)}`" if config.study.report_dir
          else "`"),
       "",
-      f"Commit {commit()}. Machine: {machine()}. The steps took {total_wall / 60:.0f} min of "
+      f"Commit {commit(out)}. Machine: {machine()}. The steps took {total_wall / 60:.0f} min of "
       "wall time in all (the newest run of each, WORKDIR/study/steps.jsonl). Written by "
       "msldm_jax/study/report.py.",
       "",
