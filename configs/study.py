@@ -24,7 +24,7 @@ killed training resumes with what is left of its time budget):
      empty).
 
 Variants (one string argument):
-  --config=configs/study.py                 about 4.5 hours on 2 CPU cores
+  --config=configs/study.py                 about 5 hours on 2 CPU cores
   --config=configs/study.py:variant=tiny    seconds per step, for the end-to-end test
   --config=configs/study.py:variant=gpu     the paper's VAE and DiT base sizes, budgets in
                                             hours of wall time, for one accelerator
@@ -46,7 +46,7 @@ from msldm_jax import paper_config
 
 VARIANTS = ("default", "tiny", "gpu")
 
-# configs/demo.py's config → the study's (CPU, about 4.5 hours in all: the VAEs 2, the rest 2.5).
+# configs/demo.py's config → the study's (CPU, about 5 hours in all: the VAEs 2, the rest 3).
 OVERRIDES = dict(
     data=dict(
         # 200 chorales (~2.5 h of four-stem audio): the test split then holds more chunks
