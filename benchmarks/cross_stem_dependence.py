@@ -32,6 +32,7 @@ from msldm_jax import workdir_layout
 from msldm_jax.evaluation import music_metrics
 from msldm_jax.evaluation import reference_set
 from msldm_jax.evaluation import stage as evaluation_stage
+from msldm_jax.study import report
 from msldm_jax.study import runner
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/study.py",
@@ -39,11 +40,6 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/study.py",
 _WORKDIR = flags.DEFINE_string("workdir", "runs/study", "The study's workdir.")
 _SYSTEMS = flags.DEFINE_string(
     "systems", "", "Systems to score (default: the config's study.systems that have stems).")
-
-
-def _cell(scores: dict) -> str:
-  return (f"{scores['dependence']:+.3f} [{scores['low']:+.3f}, {scores['high']:+.3f}] "
-          f"({scores['same pieces']:.3f} / {scores['other pieces']:.3f})")
 
 
 def main(argv):
@@ -81,7 +77,8 @@ def main(argv):
   print("| measure | " + " | ".join(scores) + " |")
   print("|---|" + "---|" * len(scores))
   for measure in (music_metrics.HARMONIC_CHROMA, music_metrics.DRUM_BASS_ONSETS):
-    print(f"| {measure} | " + " | ".join(_cell(s[measure]) for s in scores.values()) + " |")
+    print(f"| {measure} | " + " | ".join(report.dependence_cell(s[measure])
+                                         for s in scores.values()) + " |")
 
 
 if __name__ == "__main__":

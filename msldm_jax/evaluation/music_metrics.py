@@ -149,17 +149,16 @@ def _chroma_summary(values: dict[str, np.ndarray], pieces=slice(None)) -> dict[s
 
 def harmonic_chroma_agreement(audio, sample_rate: int = stems.SAMPLE_RATE,
                               stem_names: Sequence[str] = stems.STEM_NAMES,
-                              harmonic_stems: Sequence[str] = HARMONIC_STEMS, *,
-                              partner_offset: int = 0) -> dict[str, float]:
+                              harmonic_stems: Sequence[str] = HARMONIC_STEMS
+                              ) -> dict[str, float]:
   """Chroma agreement of each pair of harmonic stems, mean over pieces, plus their "mean"
-  (`harmonic_chroma_values`: of stems of other pieces for a `partner_offset` other than 0).
+  (`harmonic_chroma_values`).
 
   Pieces where a pair has no jointly non-silent frame do not count for that pair (NaN if
   none counts).
   """
   return _chroma_summary(harmonic_chroma_values(audio, sample_rate, stem_names,
-                                                harmonic_stems,
-                                                partner_offset=partner_offset))
+                                                harmonic_stems))
 
 
 def onset_envelope(signal, sample_rate: int = stems.SAMPLE_RATE, *, n_fft: int = 1024,
@@ -247,15 +246,13 @@ def drum_bass_onset_values(audio, sample_rate: int = stems.SAMPLE_RATE,
 
 def drum_bass_onset_alignment(audio, sample_rate: int = stems.SAMPLE_RATE,
                               stem_names: Sequence[str] = stems.STEM_NAMES,
-                              tolerance: float = ONSET_TOLERANCE_SECONDS, *,
-                              partner_offset: int = 0) -> float:
+                              tolerance: float = ONSET_TOLERANCE_SECONDS) -> float:
   """Mean over pieces of the F-measure of bass onsets matched to drum onsets (±tolerance)
   (`drum_bass_onset_values`).
 
   Pieces whose bass or drums are silent are skipped (NaN if all are).
   """
-  return _finite_mean(drum_bass_onset_values(audio, sample_rate, stem_names, tolerance,
-                                             partner_offset=partner_offset))
+  return _finite_mean(drum_bass_onset_values(audio, sample_rate, stem_names, tolerance))
 
 
 # The cross-stem measures `cross_stem_dependence` reports.

@@ -311,6 +311,14 @@ def _total_table(results: dict) -> list[str]:
   return lines
 
 
+def dependence_cell(scores: dict) -> str:
+  """One measure's `music_metrics.cross_stem_dependence` scores as a table cell:
+  dependence [interval] (own / other pieces)."""
+  return (f"{_num(scores['dependence']):+.3f} [{_num(scores['low']):+.3f}, "
+          f"{_num(scores['high']):+.3f}] ({_num(scores['same pieces']):.3f} / "
+          f"{_num(scores['other pieces']):.3f})")
+
+
 def _dependence_table(results: dict) -> list[str]:
   """Each system's cross-stem dependence (own − other pieces) with its interval, beside the
   real stems' (from its evaluation's metrics.json, where it has one)."""
@@ -318,16 +326,12 @@ def _dependence_table(results: dict) -> list[str]:
   if not names:
     return ["(not in these evaluations: `python -m benchmarks.cross_stem_dependence` "
             "computes it from the samples)"]
-  def cell(scores):
-    return (f"{_num(scores['dependence']):+.3f} [{_num(scores['low']):+.3f}, "
-            f"{_num(scores['high']):+.3f}] ({_num(scores['same pieces']):.3f} / "
-            f"{_num(scores['other pieces']):.3f})")
   real = results[names[0]]["metrics"]["cross_stem_dependence"]["real"]
   lines = ["| measure | real | " + " | ".join(names) + " |",
            "|---|---|" + "---|" * len(names)]
   for measure in real:
-    lines.append(f"| {measure} | {cell(real[measure])} | " + " | ".join(
-        cell(results[n]["metrics"]["cross_stem_dependence"]["generated"][measure])
+    lines.append(f"| {measure} | {dependence_cell(real[measure])} | " + " | ".join(
+        dependence_cell(results[n]["metrics"]["cross_stem_dependence"]["generated"][measure])
         for n in names) + " |")
   return lines
 
