@@ -6,6 +6,9 @@ samplers against steps (msldm_jax/study/; docs/study/README.md holds a full run'
 
 One command, resumable (a finished step is skipped when run again under the same settings; a
 killed training resumes with what is left of its time budget):
+  0. the control (`--mode=control` runs it alone, in minutes): each system with stems trained
+     on synthetic latents whose stems share a planted sign pattern, then scored on whether
+     its pieces keep it (msldm_jax/study/control.py);
   1. the mini dataset, rendered and built (configs/demo.py's, with more chorales);
   2. the stems' SourceVAE (one per stem, on one-stem batches), trained for
      `vae.train.max_seconds`, and the mixture VAE (the same stage on mixture windows, for
@@ -164,6 +167,15 @@ def study_config(variant: str) -> ml_collections.ConfigDict:
       # musicnn windows, for a Fréchet distance over its 200 dimensions (16 had every FD
       # refused).
       sampler_pieces={"tiny": 2}.get(variant, 64),
+      # The control (msldm_jax/study/control.py, the study's first step, or
+      # --mode=control alone): each system with stems trained for `control_seconds` (on
+      # ldm.train.budget_clock) on `control_chunks` synthetic latents of the study's shape
+      # whose stems share a sign per segment (`control_segments` per chunk), then
+      # `control_pieces` pieces sampled, total and with bass and drums given.
+      control_seconds={"tiny": 0.0, "gpu": 1800.0}.get(variant, 300.0),
+      control_chunks={"tiny": 16}.get(variant, 256),
+      control_pieces={"tiny": 2}.get(variant, 64),
+      control_segments=8,
       # Where the report goes (README.md, plots); empty: WORKDIR/report.
       report_dir="",
       # Remarks about this run for the report (what was done by hand between its steps),

@@ -25,6 +25,9 @@ Modes:
   study       with configs/study.py: MSLDM against ISLDM and MixLDM and samplers against
               steps, each system through the stages above, then a report
               (msldm_jax/study/runner.py); resumable like all.
+  control     with configs/study.py: the study's first step alone, in minutes: each system
+              with stems trained on latents whose stems share a planted sign pattern, and
+              scored on whether its pieces keep it (msldm_jax/study/control.py).
 
 Several processes (a TPU pod slice, a GPU cluster, or processes on one machine): every one
 runs the same command with --multihost, plus --coordinator_address=HOST:PORT
@@ -59,6 +62,7 @@ MODES = {
     "evaluate_vae": "msldm_jax.evaluation.vae_quality",
     "all": "msldm_jax.main",
     "study": "msldm_jax.study.runner",
+    "control": "msldm_jax.study.control",
 }
 # What --mode=all runs, in order.
 ALL_STAGES = ("data", "train_vae", "encode_latents", "train_ldm", "sample", "evaluate")

@@ -14,6 +14,7 @@ from msldm_jax import config_loading
 from msldm_jax.diffusion import samplers
 from msldm_jax.evaluation import vae_quality
 from msldm_jax.latents import store
+from msldm_jax.study import control
 from msldm_jax.study import runner
 from msldm_jax.training import loop
 
@@ -77,18 +78,26 @@ def test_tiny_study_runs_end_to_end_and_resumes(repo_root, tmp_path, mini_datase
     with open(os.path.join(folder, "evaluation", "metrics.json")) as f:
       assert list(json.load(f)["total_generation"]) == ["mixture"]
 
+  # The control ran first: msldm and isldm (the systems with stems) on the planted latents.
+  with open(os.path.join(control.control_dir(str(workdir)), control.RESULTS_FILE)) as f:
+    assert list(json.load(f)["rows"]) == [control.DATA_ROW, "msldm", "isldm"]
+  steps_run = [json.loads(line)["step"] for line in
+               (workdir / "study" / runner.STEPS_LOG).read_text().splitlines()]
+  assert steps_run[0] == "control"
+
   # The report: every section, its plots, a spectrogram per system.
   with open(report_dir / "README.md") as f:
     report = f.read()
   assert "Against the goals" in report and "| SourceVAE (stems) | guitar |" in report
   for heading in ("## The SourceVAEs", "## The latent models, for the same training time",
                   "## Total generation", "## Partial generation",
-                  "## Samplers against network evaluations (msldm)"):
+                  "## Samplers against network evaluations (msldm)",
+                  "## The control: a dependence planted in the latents"):
     assert heading in report
   for name in ("msldm", "isldm", "mixldm"):
     assert f"| {name} |" in report
     assert (report_dir / f"spectrogram_{name}.png").exists()
-  for plot in ("loss_by_sigma.png", "samplers.png"):
+  for plot in ("loss_by_sigma.png", "samplers.png", control.PLOT_FILE):
     assert (report_dir / plot).exists()
   # Each system with stems: its cross-stem dependence beside the real stems'.
   table = report[report.index("| measure | real | msldm | isldm |"):]
@@ -145,9 +154,17 @@ def test_a_step_digests_only_what_its_stage_reads(repo_root):
   config.evaluate.bootstrap_samples += 1
   after = {mode: runner.step_digest(config, mode) for mode in runner.UNREAD_SECTIONS}
   assert [m for m in before if before[m] != after[m]] == ["evaluate_vae", "evaluate"]
+  # The control samples with the study's sampler.
   config.sample.num_steps += 1
   changed = [m for m in after if runner.step_digest(config, m) != after[m]]
-  assert changed == ["sample", "evaluate"]
+  assert changed == ["sample", "evaluate", "control"]
+  # Of the study's own keys the control's step digests those it reads.
+  control_step = runner.step_digest(runner.control_step_config(config), "control")
+  config.study.notes = "a remark"
+  config.study.samplers = "heun"
+  assert runner.step_digest(runner.control_step_config(config), "control") == control_step
+  config.study.control_segments += 1
+  assert runner.step_digest(runner.control_step_config(config), "control") != control_step
   config.vae.optimizer.learning_rate *= 2
   assert all(runner.step_digest(config, m) != before[m] for m in before)
 

@@ -14,6 +14,8 @@ system and per sampler run:
                                    mixture windows)
   WORKDIR/samplers/SAMPLER_E/      samples/ and evaluation/ of msldm's pieces by SAMPLER at
                                    E network evaluations
+  WORKDIR/control/                 the control: a planted dependence, each system with
+                                   stems trained on it and scored (study/control.py)
   WORKDIR/study/                   markers of finished steps (steps.jsonl: their times)
 
 Each step is a stage of `python -m msldm_jax.main` run with a config derived from the study's
@@ -55,6 +57,16 @@ STAGES: dict[str, Callable] = {
     "sample": generation_stage.run,
     "evaluate": evaluation_stage.run,
 }
+
+
+
+def _control(config: ml_collections.ConfigDict, workdir: str):
+  # Imported here: the control builds on this module's systems.
+  from msldm_jax.study import control  # pylint: disable=g-import-not-at-top
+  return control.run(config, workdir)
+
+
+STAGES["control"] = _control
 
 # The comparison's systems: name -> (config.system, denoiser network).
 SYSTEMS = {
@@ -171,7 +183,20 @@ UNREAD_SECTIONS = {
     "train_ldm": ("sample", "separate", "evaluate"),
     "sample": ("separate", "evaluate"),
     "evaluate": (),
+    "control": ("separate", "evaluate"),
 }
+# The study keys the control reads (its step's config keeps only these of the study's): its
+# own, and those `system_config` reads, whose systems it trains.
+CONTROL_KEYS = ("systems", "ldm_seconds", "mixture_vae_seconds", "control_seconds",
+                "control_chunks", "control_pieces", "control_segments")
+
+
+def control_step_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The study's config with only the study keys the control reads, so that e.g. new notes
+  or sampler runs do not re-run it."""
+  copy = ml_collections.ConfigDict(config.to_dict())
+  copy.study = ml_collections.ConfigDict({key: config.study[key] for key in CONTROL_KEYS})
+  return copy
 
 
 def step_digest(config: ml_collections.ConfigDict, mode: str) -> str:
@@ -237,6 +262,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
                      f"compared on {SAMPLER_SYSTEM}, which must be one of the systems")
   workdir = os.path.abspath(workdir)
   steps = Steps(workdir)
+  steps.run("control", "control", control_step_config(config), workdir)
   shared = _derived(config)
   for mode in ("data", "train_vae", "evaluate_vae", "encode_latents"):
     steps.run(f"shared/{mode}", mode, shared, workdir)

@@ -1,0 +1,104 @@
+"""The study's control (`--mode=control`, study/control.py): the planted dependence and its
+scores, then msldm and isldm trained on it from the command line: the joint model keeps the
+dependence, the independent one cannot."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from msldm_jax import config_loading
+from msldm_jax import stems
+from msldm_jax.latents import store
+from msldm_jax.study import control
+
+SHAPE = dict(num_stems=stems.NUM_STEMS, latent_dim=8, frames=72, segments=8, sigma_data=0.4)
+GIVEN = [stems.stem_index(stem) for stem in control.GIVEN_STEMS]
+
+
+def _planted(count, dependent, seed=0):
+  return control.planted_latents(count, seed=seed, dependent=dependent, **SHAPE)
+
+
+def _scores(total, partial):
+  return control.scores(total, partial, GIVEN, bootstrap_samples=200, confidence=0.95, seed=0)
+
+
+def test_coordinates_read_back_the_planted_signs_at_sigma_datas_scale():
+  latents, signs = _planted(32, dependent=True)
+  assert latents.shape == (32, 4, 8, 72)
+  # Every element's RMS near σ_data: the scale the denoiser's preconditioning expects.
+  assert np.sqrt(np.mean(latents ** 2)) == pytest.approx(0.4, rel=0.05)
+  coords = control.coordinates(latents, SHAPE["segments"], SHAPE["sigma_data"])
+  np.testing.assert_allclose(coords, signs, atol=0.05)
+  assert (signs == signs[:, :1]).all()  # one sign per chunk and segment for every stem
+
+
+def test_dependent_stems_score_one_and_independent_ones_a_half():
+  dependent, _ = _planted(64, dependent=True)
+  independent, signs = _planted(64, dependent=False)
+  assert not (signs == signs[:, :1]).all()
+  coords = {name: control.coordinates(x, SHAPE["segments"], SHAPE["sigma_data"])
+            for name, x in (("dependent", dependent), ("independent", independent))}
+  tied = _scores(coords["dependent"], coords["dependent"])
+  apart = _scores(coords["independent"], coords["independent"])
+  assert tied["agreement"]["value"] == 1.0 and tied["partial_agreement"]["value"] == 1.0
+  for key in ("agreement", "partial_agreement"):
+    assert abs(apart[key]["value"] - 0.5) < 0.05, (key, apart[key])
+    assert apart[key]["high"] < 0.6 and tied[key]["low"] == 1.0
+  # The marginals are the same either way: on the modes, fair signs.
+  for scores in (tied, apart):
+    assert scores["median_abs_coordinate"] == pytest.approx(1.0, abs=0.05)
+    assert scores["positive_share"] == pytest.approx(0.5, abs=0.06)
+
+
+def test_the_planted_store_is_kept_and_other_settings_are_refused(tmp_path):
+  config = config_loading.load_config("configs/study.py:variant=tiny")
+  directory = str(tmp_path / "latents")
+  manifest = control.write_store(config, directory)
+  assert manifest["shape"] == [4, 8, 72]
+  assert manifest["splits"]["train"]["num_chunks"] == config.study.control_chunks
+  held_out = store.LatentStore(directory, control.HELD_OUT_SPLIT).read_all()
+  assert len(held_out) == config.study.control_pieces
+  assert control.write_store(config, directory) == manifest
+  config.study.control_segments = 4
+  with pytest.raises(ValueError, match="planted store at .*other settings"):
+    control.write_store(config, directory)
+  config.study.control_segments = 100
+  with pytest.raises(ValueError, match="study.control_segments=100"):
+    control.segment_index(72, config.study.control_segments)
+
+
+@pytest.mark.slow
+def test_msldm_learns_the_planted_dependence_and_isldm_cannot(repo_root, tmp_path):
+  """The tiny study's DiT, 300 steps on 64 planted chunks (about a minute on 2 cores)."""
+  command = [sys.executable, "-m", "msldm_jax.main", "--config=configs/study.py:variant=tiny",
+             f"--workdir={tmp_path}", "--mode=control", "--config.ldm.train.num_steps=300",
+             "--config.ldm.train.checkpoint_every=300", "--config.ldm.train.log_every=50",
+             "--config.ldm.ema_decay=0.95", "--config.study.control_chunks=64",
+             "--config.study.control_pieces=32", "--config.sample.batch_size=16",
+             "--config.sample.num_steps=32"]
+  result = subprocess.run(command, cwd=repo_root, capture_output=True, text=True, timeout=1200)
+  assert result.returncode == 0, result.stderr[-4000:]
+  folder = control.control_dir(str(tmp_path))
+  with open(os.path.join(folder, control.RESULTS_FILE)) as f:
+    rows = json.load(f)["rows"]
+  assert list(rows) == [control.DATA_ROW, "msldm", "isldm"]
+  msldm, isldm = rows["msldm"], rows["isldm"]
+  assert msldm["steps"] == isldm["steps"] == 300
+  # Measured: msldm 0.91 [0.89, 0.95] and 1.00 given bass and drums; isldm 0.51 and 0.53.
+  assert msldm["agreement"]["value"] > 0.8, msldm
+  assert msldm["partial_agreement"]["value"] > 0.9, msldm
+  assert msldm["agreement"]["low"] > isldm["agreement"]["high"]
+  assert msldm["partial_agreement"]["low"] > isldm["partial_agreement"]["high"]
+  for key in ("agreement", "partial_agreement"):
+    assert 0.35 < isldm[key]["value"] < 0.65, (key, isldm)
+  # Both learned the marginals: signs on both sides.
+  for row in (msldm, isldm):
+    assert 0.3 < row["positive_share"] < 0.7, row
+  with open(os.path.join(folder, control.TABLE_FILE)) as f:
+    assert "| msldm | 300 |" in f.read()
+  assert os.path.getsize(os.path.join(folder, control.PLOT_FILE)) > 0
