@@ -52,6 +52,7 @@ def test_dependent_stems_score_one_and_independent_ones_a_half():
   # The marginals are the same either way: on the modes, fair signs.
   for scores in (tied, apart):
     assert scores["median_abs_coordinate"] == pytest.approx(1.0, abs=0.05)
+    assert 0.8 < scores["segment_spread"] <= 1.0
     assert scores["positive_share"] == pytest.approx(0.5, abs=0.06)
 
 
@@ -99,6 +100,7 @@ def test_msldm_learns_the_planted_dependence_and_isldm_cannot(repo_root, tmp_pat
   # Both learned the marginals: signs on both sides.
   for row in (msldm, isldm):
     assert 0.3 < row["positive_share"] < 0.7, row
+    assert row["segment_spread"] > 0.0, row
   with open(os.path.join(folder, control.TABLE_FILE)) as f:
     assert "| msldm | 300 |" in f.read()
   assert os.path.getsize(os.path.join(folder, control.PLOT_FILE)) > 0
