@@ -65,6 +65,13 @@ def test_the_planted_store_is_kept_and_other_settings_are_refused(tmp_path):
   held_out = store.LatentStore(directory, control.HELD_OUT_SPLIT).read_all()
   assert len(held_out) == config.study.control_pieces
   assert control.write_store(config, directory) == manifest
+  # A write killed before it completed is made again.
+  with open(os.path.join(directory, store.MANIFEST)) as f:
+    unfinished = json.load(f)
+  unfinished["status"] = store.STATUS_ENCODING
+  with open(os.path.join(directory, store.MANIFEST), "w") as f:
+    json.dump(unfinished, f)
+  assert control.write_store(config, directory)["status"] == store.STATUS_COMPLETE
   config.study.control_segments = 4
   with pytest.raises(ValueError, match="planted store at .*other settings"):
     control.write_store(config, directory)

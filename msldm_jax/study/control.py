@@ -32,6 +32,7 @@ coordinates, ±1 on the data):
 
 import functools
 import os
+import shutil
 from collections.abc import Sequence
 
 from absl import logging
@@ -233,6 +234,8 @@ def write_store(config: ml_collections.ConfigDict, directory: str) -> dict:
                        f"({manifest['settings']}, shape {manifest['shape']}): delete it "
                        "to make it again")
     return manifest
+  if manifest is not None:  # A write that was killed: the store is cheap to make again.
+    shutil.rmtree(directory)
   planted = settings["planted"]
   splits = {}
   for seed, (split, count) in enumerate(((TRAIN_SPLIT, planted["train_chunks"]),
@@ -306,7 +309,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if "study" not in config:
     raise ValueError("--mode=control needs a study config (config.study): "
                      "--config=configs/study.py")
-  folder = control_dir(os.path.abspath(workdir))
+  workdir = os.path.abspath(workdir)
+  folder = control_dir(workdir)
   num_stems, _, _ = latent_shape(config)
   segments = int(config.study.control_segments)
   sigma_data = float(config.ldm.sigma_data)
