@@ -16,9 +16,6 @@ setuptools.setup(
         "tensorflow-cpu>=2.19,<2.22",
         "tensorflow-datasets>=4.9.9,<4.10",
         "librosa>=0.11,<0.12",
-        # librosa's JIT compiler: 0.68.1 segfaults in librosa.util.peak_pick (the onset
-        # detector of the drum-bass onset measures) on every input; 0.67 does not.
-        "numba>=0.60,<0.68",
         "ml-collections>=1.1,<1.2",
         "chex>=0.1.90,<0.2",
         "ml_dtypes>=0.5",

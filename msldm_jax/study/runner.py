@@ -59,7 +59,6 @@ STAGES: dict[str, Callable] = {
 }
 
 
-
 def _control(config: ml_collections.ConfigDict, workdir: str):
   # Imported here: the control builds on this module's systems.
   from msldm_jax.study import control  # pylint: disable=g-import-not-at-top
