@@ -183,9 +183,10 @@ def peak_pick(x: np.ndarray, *, pre_max: int, post_max: int, pre_avg: int, post_
   n + post_avg] plus delta, and more than `wait` frames after the previous peak (the first
   frame's windows start at it). Returns the peaks' frame indices.
 
-  librosa runs this as a numba gufunc cached on disk in its package folder; processes
-  compiling it at once (pytest-xdist workers, the study's stages) left a cache that crashed
-  later processes with SIGSEGV, so the evaluation does not depend on that cache."""
+  librosa runs this as a numba gufunc cached on disk in its package folder; after a test
+  run (pytest-xdist workers and the stages' subprocesses compiling it at once) that cache
+  crashed every later process that loaded it with SIGSEGV, so the evaluation does not
+  depend on it."""
   x = np.asarray(x, np.float64)
   frames = x.shape[0]
   peaks = []
