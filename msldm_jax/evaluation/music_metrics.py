@@ -192,9 +192,9 @@ def peak_pick(x: np.ndarray, *, pre_max: int, post_max: int, pre_avg: int, post_
   peaks = []
   n = 0
   while n < frames:
-    window = x[max(0, n - pre_max):min(n + post_max, frames)]
-    average = x[max(0, n - pre_avg):min(n + post_avg, frames)].mean()
-    if x[n] == window.max() and x[n] >= average + delta:
+    # The mean only where the maximum holds, as librosa's loop does.
+    if (x[n] == x[max(0, n - pre_max):min(n + post_max, frames)].max() and
+        x[n] >= x[max(0, n - pre_avg):min(n + post_avg, frames)].mean() + delta):
       peaks.append(n)
       n += wait + 1
     else:
