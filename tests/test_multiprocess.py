@@ -385,6 +385,11 @@ def test_files_are_written_once_by_process_zero_and_read_by_both(run):
     assert "encode_latents: complete" in child.log()
 
 
+# What the surviving process's log says when it aborts on a lost peer.
+LOST_PEER_ABORTS = ("stopped sending heartbeats", "heartbeat timeout", "terminate called after "
+                    "throwing an instance of 'gloo::")
+
+
 @pytest.mark.slow
 def test_a_killed_process_stops_the_other_within_the_heartbeat_timeout(run, tmp_path):
   """The run's diffusion training resumed (from a copy) by both processes, then one killed."""
@@ -421,7 +426,12 @@ def test_a_killed_process_stops_the_other_within_the_heartbeat_timeout(run, tmp_
     _kill(children)
   assert code != 0
   assert elapsed < bound
-  assert "stopped sending heartbeats" in children[0].log()
+  # Either way names the lost peer. Process 0 is stopped by the coordination service's
+  # heartbeat check, or, when process 1 died inside a step's all-reduce, sooner by gloo's
+  # TCP transport aborting the step (a partial message: "Received data size doesn't match
+  # expected size"; seen in 1 of 3 runs alone and in a CI run).
+  log = children[0].log()
+  assert any(cause in log for cause in LOST_PEER_ABORTS), log[-3000:]
 
 
 # (name, process ids, --num_processes and --initialization_timeout of each, flags, what the

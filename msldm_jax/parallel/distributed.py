@@ -18,9 +18,11 @@ Failures end in a bounded time with an error naming the setting, never a hang:
   - disagreement: the processes compare their --num_processes once joined (a process that
     counts more processes than the coordinator does is otherwise accepted);
   - later: JAX's coordination service stops every process within `heartbeat_timeout` s of
-    one dying, and a process failing with an error waits up to `shutdown_timeout` s for the
-    others before all stop (JAX's defaults: 100 s and 300 s; a slow host must fit in them,
-    e.g. process 0 finishing its plots while the others wait at exit).
+    one dying (on CPU, a process that dies inside a collective often aborts the others
+    sooner, in gloo's transport, with a misleading "collective mismatch" message), and a
+    process failing with an error waits up to `shutdown_timeout` s for the others before
+    all stop (JAX's defaults: 100 s and 300 s; a slow host must fit in them, e.g. process 0
+    finishing its plots while the others wait at exit).
 
 Cross-process collectives on CPU use gloo (named explicitly: it was not always the default).
 """
