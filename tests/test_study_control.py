@@ -116,3 +116,23 @@ def test_msldm_learns_the_planted_dependence_and_isldm_cannot(repo_root, tmp_pat
   with open(os.path.join(folder, control.TABLE_FILE)) as f:
     assert "| msldm | 300 |" in f.read()
   assert os.path.getsize(os.path.join(folder, control.PLOT_FILE)) > 0
+
+  # The samplers' benchmark on the trained control: one row per system, sampler and budget.
+  flags = [f for f in command[3:] if f.startswith(("--config=", "--workdir=", "--config.sample"))]
+  benchmark = subprocess.run(
+      [sys.executable, "-m", "benchmarks.control_samplers", *flags, "--systems=msldm,isldm",
+       "--samplers=heun,dpmpp_2m", "--evaluations=4,16"],
+      cwd=repo_root, capture_output=True, text=True, timeout=600, env=env)
+  assert benchmark.returncode == 0, benchmark.stderr[-4000:]
+  table_rows = [line.split(" | ") for line in benchmark.stdout.splitlines()
+                if line.startswith(("| msldm |", "| isldm |"))]
+  assert [(r[0], r[2], r[3], r[4]) for r in table_rows] == [
+      (f"| {name}", sampler, evaluations, steps) for name in ("msldm", "isldm")
+      for sampler, evaluations, steps in (("heun", "4", "2"), ("heun", "16", "8"),
+                                          ("dpmpp_2m", "4", "4"), ("dpmpp_2m", "16", "16"))]
+  # At the control's own budget msldm keeps the dependence under either sampler; isldm has
+  # none to keep.
+  agreement = {(r[0], r[2], r[3]): float(r[5].split()[0]) for r in table_rows}
+  for sampler in ("heun", "dpmpp_2m"):
+    assert agreement[("| msldm", sampler, "16")] > 0.7, benchmark.stdout
+    assert agreement[("| isldm", sampler, "16")] < 0.65, benchmark.stdout

@@ -264,7 +264,8 @@ def _number(value) -> str:
   return "–" if value is None else f"{value:.2f}"
 
 
-def _cell(score: dict) -> str:
+def interval_cell(score: dict) -> str:
+  """"value [low, high]" of a mean with its interval."""
   return f"{score['value']:.3f} [{score['low']:.3f}, {score['high']:.3f}]"
 
 
@@ -275,8 +276,9 @@ def table(results: dict) -> list[str]:
            "spread over segments | positive share (data 0.5) |",
            "|---|---|---|---|---|---|---|"]
   for name, row in results["rows"].items():
-    lines.append(f"| {name} | {row.get('steps', '')} | {_cell(row['agreement'])} | "
-                 f"{_cell(row['partial_agreement'])} | {row['median_abs_coordinate']:.2f} | "
+    lines.append(f"| {name} | {row.get('steps', '')} | {interval_cell(row['agreement'])} | "
+                 f"{interval_cell(row['partial_agreement'])} | "
+                 f"{row['median_abs_coordinate']:.2f} | "
                  f"{_number(row.get('segment_spread'))} | {row['positive_share']:.2f} |")
   return lines
 
