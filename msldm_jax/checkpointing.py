@@ -357,15 +357,21 @@ def decode_unlogged(unlogged: Mapping[str, Any] | None) -> list[tuple[int, dict]
           for step, values in unlogged["steps"]]
 
 
-def latest_step(directory: str) -> int | None:
-  """The newest complete step of a checkpoint folder; None when it holds none (or is absent).
+def saved_steps(directory: str) -> list[int]:
+  """The complete steps of a checkpoint folder, oldest first; [] when it holds none (or is
+  absent).
 
   Opens the folder without creating anything, so probing a wrong path leaves no trace;
   incomplete step folders are skipped with a warning, and left where they are.
   """
   if not os.path.isdir(directory):
-    return None
-  steps = complete_steps(make_manager(directory, create=False))
+    return []
+  return complete_steps(make_manager(directory, create=False))
+
+
+def latest_step(directory: str) -> int | None:
+  """The newest complete step of a checkpoint folder (`saved_steps`); None when none."""
+  steps = saved_steps(directory)
   return steps[-1] if steps else None
 
 

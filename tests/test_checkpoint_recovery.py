@@ -80,6 +80,14 @@ def test_an_incomplete_step_folder_is_skipped_with_a_warning(tmp_path, caplog):
       caplog.text)
   assert f"skipped {unfinished}, a save that never finished" in caplog.text
   assert os.path.isdir(truncated) and os.path.isdir(unfinished)
+  # An earlier step on request (a run's progress), never an incomplete one.
+  assert checkpointing.saved_steps(directory) == [2, 4]
+  earlier = loading.load_denoiser(str(workdir), step=2)
+  assert earlier.identity["step"] == 2
+  assert earlier.identity["params_sha256"] != loading.load_denoiser(str(workdir)).identity[
+      "params_sha256"]
+  with pytest.raises(ValueError, match="no complete checkpoint at step 6; saved steps: 2, 4"):
+    loading.load_denoiser(str(workdir), step=6)
 
   caplog.clear()
   config.ldm.train.num_steps = 6

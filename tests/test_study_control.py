@@ -85,8 +85,10 @@ def test_msldm_learns_the_planted_dependence_and_isldm_cannot(repo_root, tmp_pat
   """The tiny study's DiT, 300 steps on 64 planted chunks (about a minute on 2 cores)."""
   command = [sys.executable, "-m", "msldm_jax.main", "--config=configs/study.py:variant=tiny",
              f"--workdir={tmp_path}", "--mode=control", "--config.ldm.train.num_steps=300",
-             "--config.ldm.train.checkpoint_every=300", "--config.ldm.train.log_every=50",
+             "--config.ldm.train.checkpoint_every=150", "--config.ldm.train.log_every=50",
              "--config.ldm.ema_decay=0.95", "--config.study.control_chunks=64",
+             # A budget that the 300 steps stay within: the trainer logs the CPU seconds spent.
+             "--config.study.control_seconds=3600",
              "--config.study.control_pieces=32", "--config.sample.batch_size=16",
              "--config.sample.num_steps=32"]
   # One device: this is about learning, not sharding, and 8 fake devices on 2 loaded cores
@@ -117,22 +119,30 @@ def test_msldm_learns_the_planted_dependence_and_isldm_cannot(repo_root, tmp_pat
     assert "| msldm | 300 |" in f.read()
   assert os.path.getsize(os.path.join(folder, control.PLOT_FILE)) > 0
 
-  # The samplers' benchmark on the trained control: one row per system, sampler and budget.
+  # The samplers' benchmark on the trained control: one row per system, checkpoint (150 and
+  # 300 steps kept), sampler and budget; the plot against the budget spent.
   flags = [f for f in command[3:] if f.startswith(("--config=", "--workdir=", "--config.sample"))]
+  plot = tmp_path / "progress.png"
   benchmark = subprocess.run(
       [sys.executable, "-m", "benchmarks.control_samplers", *flags, "--systems=msldm,isldm",
-       "--samplers=heun,dpmpp_2m", "--evaluations=4,16"],
+       "--samplers=heun,dpmpp_2m", "--evaluations=4,16", "--every_checkpoint",
+       f"--plot={plot}"],
       cwd=repo_root, capture_output=True, text=True, timeout=600, env=env)
   assert benchmark.returncode == 0, benchmark.stderr[-4000:]
   table_rows = [line.split(" | ") for line in benchmark.stdout.splitlines()
                 if line.startswith(("| msldm |", "| isldm |"))]
-  assert [(r[0], r[2], r[3], r[4]) for r in table_rows] == [
-      (f"| {name}", sampler, evaluations, steps) for name in ("msldm", "isldm")
+  assert [(r[0], r[1], r[3], r[4], r[5]) for r in table_rows] == [
+      (f"| {name}", trained, sampler, evaluations, steps) for name in ("msldm", "isldm")
+      for trained in ("150", "300")
       for sampler, evaluations, steps in (("heun", "4", "2"), ("heun", "16", "8"),
                                           ("dpmpp_2m", "4", "4"), ("dpmpp_2m", "16", "16"))]
+  # The CPU seconds each checkpoint had trained for, from the trainer's log.
+  spent = {(r[0], r[1]): float(r[2]) for r in table_rows}
+  assert 0 < spent[("| msldm", "150")] < spent[("| msldm", "300")]
   # At the control's own budget msldm keeps the dependence under either sampler; isldm has
   # none to keep.
-  agreement = {(r[0], r[2], r[3]): float(r[5].split()[0]) for r in table_rows}
+  agreement = {(r[0], r[1], r[3], r[4]): float(r[6].split()[0]) for r in table_rows}
   for sampler in ("heun", "dpmpp_2m"):
-    assert agreement[("| msldm", sampler, "16")] > 0.7, benchmark.stdout
-    assert agreement[("| isldm", sampler, "16")] < 0.65, benchmark.stdout
+    assert agreement[("| msldm", "300", sampler, "16")] > 0.7, benchmark.stdout
+    assert agreement[("| isldm", "300", sampler, "16")] < 0.65, benchmark.stdout
+  assert plot.stat().st_size > 0

@@ -293,9 +293,10 @@ def load_vae(path: str, *, mesh=None) -> Loaded:
   return Loaded(model, params, identity)
 
 
-def load_denoiser(path: str, *, use_ema: bool = True, mesh=None) -> Loaded:
+def load_denoiser(path: str, *, use_ema: bool = True, mesh=None,
+                  step: int | None = None) -> Loaded:
   """The diffusion network at PATH (an import, the trainer's checkpoints, its folder, or a
-  workdir).
+  workdir): its newest checkpoint, or the one at `step` (e.g. to follow a run's progress).
 
   The identity's "latents" holds what the run learned: latents_dir, shape, and "vae" (the
   identity of the VAE that encoded them: decode its samples with that VAE only). An import
@@ -306,6 +307,9 @@ def load_denoiser(path: str, *, use_ema: bool = True, mesh=None) -> Loaded:
     raise ValueError("load_denoiser: empty path")
   path = os.path.abspath(path)
   if _has_import(path, IMPORTED_DENOISER):
+    if step is not None:
+      raise ValueError(f"{path} holds an imported network, not a trainer's checkpoints: "
+                       f"there is no step {step} to choose")
     return _load_imported_denoiser(path, _replicated(mesh))
   found = _find_checkpoints(path, workdir_layout.LDM)
   if found is None:
@@ -313,7 +317,12 @@ def load_denoiser(path: str, *, use_ema: bool = True, mesh=None) -> Loaded:
         f"no diffusion model checkpoint at {path} (nor in {workdir_layout.CHECKPOINTS}/ or "
         f"{workdir_layout.LDM}/{workdir_layout.CHECKPOINTS}/ below it): run --mode=train_ldm "
         f"first; found there: {_describe(path)}")
-  directory, step = found
+  directory, latest = found
+  if step is None:
+    step = latest
+  elif step not in (saved := checkpointing.saved_steps(directory)):
+    raise ValueError(f"{directory}: no complete checkpoint at step {step}; saved steps: "
+                     f"{', '.join(map(str, saved))}")
   record = _read_record(directory, step, denoisers.KINDS)
   model = denoiser_from_record(record, f"{directory} step {step}")
   field = "ema_params" if use_ema else "params"
