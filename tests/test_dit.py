@@ -166,3 +166,76 @@ def test_paper_size_parameter_counts(variant):
         f"patch {config.patch_size}: {count / 1e6:.1f} M parameters (target "
         f"{target / 1e6:.0f} M)")
   assert abs(count / target - 1) < 0.05
+
+
+def test_width_bottleneck_share():
+  assert dit.width_bottleneck(dit.model_config("tiny", in_channels=64)) == 0.75  # the study's
+  assert dit.width_bottleneck(dit.model_config("tiny", in_channels=16)) == 0.0  # one stem
+  assert dit.width_bottleneck(dit.model_config("base", in_channels=320)) == 0.8  # the paper's
+
+
+def _fit_noise_only_latents(patch_skip: bool, steps: int = 400) -> float:
+  """σ-weighted loss at σ = σ_data of a DiT of width 8 over patches of 2 × 8 channels
+  (f = 0.5), trained on latents that are small white noise (nothing to predict: the optimal
+  denoiser shrinks its input towards 0): the mean over the last 50 steps."""
+  import optax  # pylint: disable=g-import-not-at-top
+  sigma_data, sigma = 0.5, 0.5
+  model = dit.build_model(dit.model_config("tiny", in_channels=8, width=8, depth=1,
+                                           num_heads=1, patch_size=2, patch_skip=patch_skip))
+  params = model.init(jax.random.key(0), jnp.zeros((1, 8, 16)), jnp.zeros((1,)))
+  optimizer = optax.adam(1e-2)
+
+  def loss_fn(params, key):
+    data_key, noise_key = jax.random.split(key)
+    x = 0.05 * jax.random.normal(data_key, (16, 8, 16))
+    noise = jax.random.normal(noise_key, x.shape)
+    return edm.training_loss(model.apply, params, x, jnp.full((16,), sigma), noise,
+                             sigma_data=sigma_data).mean()
+
+  @jax.jit
+  def step(params, state, key):
+    loss, grads = jax.value_and_grad(loss_fn)(params, key)
+    updates, state = optimizer.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, loss
+
+  state, losses = optimizer.init(params), []
+  for key in jax.random.split(jax.random.key(1), steps):
+    params, state, loss = step(params, state, key)
+    losses.append(float(loss))
+  return float(np.mean(losses[-50:]))
+
+
+def test_the_width_floor_holds_and_patch_skip_lifts_it():
+  """Without the skip the loss stays at f·c_skip(σ) = 0.5 · 0.5 = 0.25 or above, whatever the
+  training; the skip's σ-gated linear path gets close to the optimum (about 0.02)."""
+  floor = 0.5 * float(edm.c_skip(0.5, 0.5))
+  bottlenecked = _fit_noise_only_latents(patch_skip=False)
+  skipped = _fit_noise_only_latents(patch_skip=True)
+  assert bottlenecked > 0.95 * floor, bottlenecked
+  assert skipped < 0.5 * floor, skipped
+
+
+def test_patch_skip_starts_at_zero_and_its_gate_is_hoisted_with_the_conditioning():
+  model = dit.build_model(dit.model_config("tiny", in_channels=8, patch_skip=True))
+  x = jax.random.normal(jax.random.key(0), (2, 8, 16))
+  c_noise = jnp.array([-1.0, 0.5])
+  params = model.init(jax.random.key(1), x, c_noise)
+  np.testing.assert_array_equal(np.asarray(model.apply(params, x, c_noise)), 0.0)
+  # Trained-like parameters: every leaf moved, so the gate and the skip both act.
+  moved = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape),
+                       params)
+  conditioning = model.apply(moved, c_noise, method="conditioning")
+  assert conditioning["skip"].shape == (2, 4 * 8)
+  direct = model.apply(moved, x, c_noise)
+  np.testing.assert_allclose(model.apply(moved, x, c_noise, conditioning=conditioning),
+                             direct, rtol=1e-5, atol=1e-6)
+  without = dit.build_model(dit.model_config("tiny", in_channels=8))
+  assert not np.allclose(direct, without.apply({"params": {
+      k: v for k, v in moved["params"].items() if not k.startswith("skip")}}, x, c_noise))
+  # Sampling's cast (bfloat16 compute) keeps the gate in float32, as the other modulations,
+  # and casts the skip's matmul as the other token matmuls.
+  bf16 = dit.build_model(dit.model_config("tiny", in_channels=8, patch_skip=True,
+                                          dtype="bfloat16"))
+  cast = bf16.inference_params(moved)["params"]
+  assert cast["skip_gate"]["kernel"].dtype == jnp.float32
+  assert cast["skip"]["kernel"].dtype == jnp.bfloat16

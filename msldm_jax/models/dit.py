@@ -14,6 +14,20 @@ statistics, the noise embedding and the modulation (one row per example, see
 `_CONDITIONING_MODULES`) and the output stay float32, and `jax.nn.dot_product_attention`
 takes its softmax in float32. For sampling, `DiT.inference_params` casts the parameters once.
 
+The width bottleneck, and `patch_skip`. A token carries patch_size·channels numbers (256
+for the study's 4 × 16 channels in patches of 4; 5120 for the paper's 320 in patches of 16)
+and the linear patch embedding keeps `width` of them. Whatever lies in the embedding's null
+space never reaches the output, so F cannot cancel the noise there, and the EDM denoiser
+D = c_skip·x + c_out·F keeps c_skip·noise in those directions: whatever the data, the
+σ-weighted loss at σ is at least f·c_skip(σ) = f·σ_data²/(σ² + σ_data²), f = 1 − width /
+(patch_size·channels) (`width_bottleneck`). The study's control measured exactly that floor
+for width 64 in patches of 4 (f = 0.75: 0.51 at σ ≈ 0.3, where the optimum is 0.03).
+`patch_skip` adds a path around it: a linear map of each input patch to its output patch
+(patch_size·channels square, identity at init), scaled per output feature by a gate computed
+from c_noise (zero at init, so a fresh model is still F ≡ 0). That is the σ-dependent
+linear shrinkage the blocks cannot express for what they cannot see, at the cost of one
+(patch_size·channels)² matmul per token.
+
 Print the parameter counts of all variants:
 
   python -m msldm_jax.models.dit
@@ -72,6 +86,7 @@ def model_config(variant: str = "base", **overrides) -> ml_collections.ConfigDic
       freq_dim=256,
       noise_embed_scale=250.0,
       remat=False,
+      patch_skip=False,
   ))
   return config_loading.update_known(config, overrides, f"dit.model_config({variant!r})")
 
@@ -121,6 +136,11 @@ def _layer_norm():
 _xavier = nn.initializers.xavier_uniform()
 
 
+def _identity(key, shape, dtype=jnp.float32):
+  del key
+  return jnp.eye(*shape, dtype=dtype)
+
+
 def _dense(features: int, dtype, param_dtype, name: str, kernel_init=_xavier) -> nn.Dense:
   """A Dense whose matmul takes `dtype` inputs and accumulates and returns float32.
 
@@ -139,7 +159,14 @@ def _dense(features: int, dtype, param_dtype, name: str, kernel_init=_xavier) ->
 # compute in float32 whatever `dtype` is: the modulation sets every block's scale, shift and
 # gate, and XLA:CPU runs a one-row bfloat16 matmul (matrix-vector) 6.7× slower than the
 # float32 one, while the token matmuls are the other way round.
-_CONDITIONING_MODULES = ("noise_embed", "adaLN_modulation")
+_CONDITIONING_MODULES = ("noise_embed", "adaLN_modulation", "skip_gate")
+
+
+def width_bottleneck(config) -> float:
+  """f = 1 − width / (patch_size·in_channels) (0 when the width holds a whole patch): the
+  share of each patch that the DiT's blocks cannot see (see the module's docstring)."""
+  patch_features = int(config.patch_size) * int(config.in_channels)
+  return max(0.0, 1.0 - int(config.width) / patch_features)
 
 
 class NoiseEmbedder(nn.Module):
@@ -283,6 +310,9 @@ class DiT(nn.Module):
   freq_dim: int = 256
   noise_embed_scale: float = 250.0
   remat: bool = False  # Recompute each block in the backward pass (activation memory).
+  # A gated linear path from each input patch to its output patch, around the width
+  # bottleneck (the module's docstring).
+  patch_skip: bool = False
 
   @property
   def frame_multiple(self) -> int:
@@ -298,8 +328,14 @@ class DiT(nn.Module):
     self.blocks = [block_cls(self.width, self.num_heads, self.mlp_ratio, dtype=dtype,
                              param_dtype=param_dtype, name=f"block_{i}")
                    for i in range(self.depth)]
-    self.final = FinalLayer(self.width, self.patch_size * self.in_channels, dtype=dtype,
+    patch_features = self.patch_size * self.in_channels
+    self.final = FinalLayer(self.width, patch_features, dtype=dtype,
                             param_dtype=param_dtype, name="final")
+    if self.patch_skip:
+      self.skip_gate = _dense(patch_features, jnp.float32, param_dtype, "skip_gate",
+                              kernel_init=nn.initializers.zeros)
+      self.skip = _dense(patch_features, dtype, param_dtype, "skip",
+                         kernel_init=_identity)
 
   def inference_params(self, params):
     """`params` cast once to the dtypes the model computes in, for sampling.
@@ -321,11 +357,15 @@ class DiT(nn.Module):
 
   def conditioning(self, c_noise):
     """c_noise [batch] -> the modulations {"blocks": (depth × [batch, 6·width]),
-    "final": [batch, 2·width]}, all float32: everything that depends on σ alone."""
+    "final": [batch, 2·width]} and, with `patch_skip`, the gate {"skip": [batch,
+    patch_size·in_channels]}, all float32: everything that depends on σ alone."""
     c_noise = jnp.atleast_1d(jnp.asarray(c_noise, jnp.float32))
     cond = self.noise_embed(c_noise)
-    return {"blocks": tuple(block.modulation(cond) for block in self.blocks),
-            "final": self.final.modulation(cond)}
+    conditioning = {"blocks": tuple(block.modulation(cond) for block in self.blocks),
+                    "final": self.final.modulation(cond)}
+    if self.patch_skip:
+      conditioning["skip"] = self.skip_gate(nn.silu(cond))
+    return conditioning
 
   def __call__(self, x_bct, c_noise, conditioning=None):
     """F(x, c_noise); with `conditioning` (from `conditioning(c_noise)`, batch 1 or x's
@@ -346,7 +386,10 @@ class DiT(nn.Module):
     x = x + sinusoidal_embedding(jnp.arange(x.shape[1]), self.width)[None]
     for block, modulation in zip(self.blocks, conditioning["blocks"], strict=True):
       x = block(x, modulation)
-    out = self.final(x, conditioning["final"])
+    out = self.final(x, conditioning["final"]).astype(jnp.float32)
+    if self.patch_skip:
+      out = out + conditioning["skip"][:, None, :] * self.skip(
+          tokens.astype(jnp.dtype(self.dtype))).astype(jnp.float32)
     out_bct = unpatchify(out, self.patch_size, channels)
     chex.assert_shape(out_bct, (batch, channels, frames))
     return out_bct

@@ -70,6 +70,7 @@ from msldm_jax.diffusion import generation_program
 from msldm_jax.diffusion import samplers
 from msldm_jax.latents import store
 from msldm_jax.models import denoisers
+from msldm_jax.models import dit
 from msldm_jax.models import loading
 from msldm_jax.parallel import mesh as mesh_lib
 from msldm_jax.training import fused_adamw
@@ -141,6 +142,8 @@ def make_train_spec(ldm_config: ml_collections.ConfigDict,
       learning_rate, b1=float(optim.b1), b2=float(optim.b2),
       weight_decay=float(optim.weight_decay), clip=float(optim.clip),
       ema_decay=float(ldm_config.ema_decay))
+  if kind == "dit":
+    _warn_of_width_bottleneck(model_config, independent_stems)
   return LDMTrainSpec(
       model=denoisers.build(kind, model_config, independent_stems), optimizer=optimizer,
       learning_rate=learning_rate,
@@ -221,6 +224,22 @@ def train_step(state: LDMTrainState, batch, *, spec: LDMTrainSpec, seed: int):
   new_state = LDMTrainState(step=state.step + 1, params=params, ema_params=ema_params,
                             opt_state=opt_state)
   return new_state, metrics
+
+
+def _warn_of_width_bottleneck(model_config: ml_collections.ConfigDict, independent_stems: int):
+  """Logs the floor a DiT narrower than its patches puts under its loss (models/dit.py)."""
+  per_network = ml_collections.ConfigDict(model_config.to_dict())
+  if independent_stems and int(per_network.in_channels):
+    per_network.in_channels = int(per_network.in_channels) // independent_stems
+  share = dit.width_bottleneck(per_network) if int(per_network.in_channels) else 0.0
+  if share > 0 and not per_network.get("patch_skip", False):
+    features = int(per_network.patch_size) * int(per_network.in_channels)
+    logging.warning(
+        "ldm.model: the DiT's width %d holds %.0f%% of a patch's %d features (patch_size %d "
+        "x %d channels), so its loss at σ cannot fall below %.2f·σ_data²/(σ² + σ_data²) "
+        "(the noise it cannot see stays in its output); ldm.model.patch_skip=True or a "
+        "width of %d lifts that floor", int(per_network.width), 100 * (1 - share), features,
+        int(per_network.patch_size), int(per_network.in_channels), share, features)
 
 
 def model_config_for_latents(ldm_config: ml_collections.ConfigDict, manifest: dict,
