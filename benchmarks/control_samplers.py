@@ -11,14 +11,14 @@ r"""Samplers against network evaluations on the control, where the right answer 
 
 On real music a sampler's pieces can only be scored against a reference set (KAD, FD). On the
 control's planted latents every piece can be read exactly (`msldm_jax/study/control.py`):
-whether the stems' signs agree, whether generated stems follow given ones, and whether a
-segment reaches the data's ±1 or stays a blur near 0. For each system, sampler and budget of
-network evaluations this samples the control's held-out count of pieces, total and with bass
-and drums given, and prints those scores with the element RMS of the pieces against the
-data's (below 1: the pieces shrink; above 1: noise is left in them) and the milliseconds per
-piece (wall, batches of `sample.batch_size`, compilation excluded). It tells a sampler's own
-loss apart from the network's: a network that has not learned the ±1 segments gives a blur
-under every sampler.
+whether the stems' signs agree, whether generated stems follow given ones, whether each
+frame has the data's level, and whether a segment's frames share it (±1) or cancel (near
+0). For each system, sampler and budget of network evaluations this samples the control's
+held-out count of pieces, total and with bass and drums given, and prints those scores with
+the element RMS of the pieces against the data's (below 1: the pieces shrink; above 1: noise
+is left in them) and the milliseconds per piece (wall, batches of `sample.batch_size`,
+compilation excluded). It tells a sampler's own loss apart from the network's: a network
+that has not learned the ±1 segments gives a blur under every sampler.
 
 Prints a markdown table; the numbers belong in benchmarks/RESULTS.md with the machine, the
 command and the commit.
@@ -161,7 +161,8 @@ def main(argv):
           score = control.scores(
               control.coordinates(total, segments, sigma_data),
               control.coordinates(partial, segments, sigma_data), given,
-              bootstrap_samples=control.BOOTSTRAP_SAMPLES, confidence=0.95, seed=seed)
+              bootstrap_samples=control.BOOTSTRAP_SAMPLES, confidence=0.95, seed=seed,
+              total_frames=control.frame_coordinates(total, sigma_data))
           rows.append(dict(score, system=name, trained=trained,
                            budget_seconds=budget_spent(trainer_dir, trained),
                            sampler=sampler, evaluations=count,
@@ -172,16 +173,18 @@ def main(argv):
         "each, total generation and with "
         f"{' and '.join(control.GIVEN_STEMS)} given; [95 % bootstrap interval over pieces]\n")
   print(f"| system | steps trained | {clock} s trained | sampler | evaluations | sampler "
-        "steps | agreement (data 1) | partial (data 1) | median abs coordinate (data 1) | "
-        "spread over segments (data 0.97) | RMS / data's | ms per piece |")
-  print("|---|" + "---|" * 11)
+        "steps | agreement (data 1) | partial (data 1) | median abs frame coordinate "
+        "(data 1) | median abs coordinate (data 1) | spread over segments (data 0.97) | "
+        "RMS / data's | ms per piece |")
+  print("|---|" + "---|" * 12)
   for row in rows:
     spent = "–" if row["budget_seconds"] is None else f"{row['budget_seconds']:.0f}"
     print(f"| {row['system']} | {row['trained']} | {spent} | {row['sampler']} | "
           f"{row['evaluations']} | {row['sampler_steps']} | "
           f"{control.interval_cell(row['agreement'])} | "
           f"{control.interval_cell(row['partial_agreement'])} | "
-          f"{row['median_abs_coordinate']:.2f} | {row['segment_spread']:.2f} | "
+          f"{row['median_abs_frame_coordinate']:.2f} | {row['median_abs_coordinate']:.2f} | "
+          f"{row['segment_spread']:.2f} | "
           f"{row['rms_ratio']:.2f} | {1000 * row['seconds']:.1f} |")
   if _PLOT.value:
     plot(_PLOT.value, rows, clock)

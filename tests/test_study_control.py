@@ -35,6 +35,23 @@ def test_coordinates_read_back_the_planted_signs_at_sigma_datas_scale():
   coords = control.coordinates(latents, SHAPE["segments"], SHAPE["sigma_data"])
   np.testing.assert_allclose(coords, signs, atol=0.05)
   assert (signs == signs[:, :1]).all()  # one sign per chunk and segment for every stem
+  frames = control.frame_coordinates(latents, SHAPE["sigma_data"])
+  assert frames.shape == (32, 4, 72)
+  np.testing.assert_allclose(np.abs(frames), 1.0, atol=0.2)
+
+
+def test_frames_at_the_datas_level_whose_signs_disagree_within_segments():
+  """What a network that learned each frame but not the segments generates: the frame
+  coordinates at ±1, the segments' near 0."""
+  latents, _ = _planted(32, dependent=True)
+  flipped = latents * np.where(np.arange(72) % 2, 1.0, -1.0)  # every other frame's sign
+  segments = control.coordinates(flipped, SHAPE["segments"], SHAPE["sigma_data"])
+  frames = control.frame_coordinates(flipped, SHAPE["sigma_data"])
+  scores = control.scores(segments, segments, GIVEN, bootstrap_samples=200, confidence=0.95,
+                          seed=0, total_frames=frames)
+  assert scores["median_abs_frame_coordinate"] == pytest.approx(1.0, abs=0.05)
+  assert scores["median_abs_coordinate"] < 0.2  # 1 of 9 frames per segment left over
+  assert "median_abs_frame_coordinate" not in _scores(segments, segments)
 
 
 def test_dependent_stems_score_one_and_independent_ones_a_half():

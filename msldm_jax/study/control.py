@@ -23,6 +23,8 @@ coordinates, ±1 on the data):
 - partial agreement: bass and drums given (held-out planted chunks), guitar and piano
   generated; the share of generated segments whose sign is the given stems'. 1 for a model
   that learned the dependence, 0.5 for one that generates the missing stems alone.
+- |frame coordinate| (median over every frame's projection; 1 on the data): whether each
+  frame has the data's level, even where a segment's frames disagree in sign.
 - |coordinate| (median; 1 on the data, near 0 for a blur between the two signs), the
   spread over segments (the median over pieces and stems of the coordinates' standard
   deviation across a piece's segments: about 0.9 on the data, 0 for a piece without the
@@ -108,16 +110,22 @@ def planted_latents(num_chunks: int, num_stems: int, latent_dim: int, frames: in
   return latents.astype(np.float32), np.ascontiguousarray(signs, np.float32)
 
 
-def coordinates(latents: np.ndarray, segments: int, sigma_data: float) -> np.ndarray:
-  """Each stem's mean projection on its u_k per segment, in units of the planted amplitude:
-  [n, stems, segments], ±1 on the planted data."""
+def frame_coordinates(latents: np.ndarray, sigma_data: float) -> np.ndarray:
+  """Each stem's projection on its u_k per frame, in units of the planted amplitude:
+  [n, stems, frames], ±1 (up to the noise) on the planted data."""
   latents = np.asarray(latents, np.float64)
-  _, num_stems, latent_dim, frames = latents.shape
+  _, num_stems, latent_dim, _ = latents.shape
   projected = np.einsum("nsdt,sd->nst", latents, profiles(num_stems, latent_dim))
-  index = segment_index(frames, segments)
-  per_segment = np.stack([projected[:, :, index == j].mean(axis=-1)
-                          for j in range(segments)], axis=-1)
-  return per_segment / (sigma_data * np.sqrt(latent_dim))
+  return projected / (sigma_data * np.sqrt(latent_dim))
+
+
+def coordinates(latents: np.ndarray, segments: int, sigma_data: float) -> np.ndarray:
+  """Each stem's mean frame coordinate per segment: [n, stems, segments], ±1 on the planted
+  data."""
+  per_frame = frame_coordinates(latents, sigma_data)
+  index = segment_index(per_frame.shape[-1], segments)
+  return np.stack([per_frame[:, :, index == j].mean(axis=-1) for j in range(segments)],
+                  axis=-1)
 
 
 def agreement_per_piece(coords: np.ndarray) -> np.ndarray:
@@ -149,12 +157,19 @@ def mean_with_interval(values: np.ndarray, bootstrap_samples: int, confidence: f
 
 
 def scores(total: np.ndarray, partial: np.ndarray, given: Sequence[int], *,
-           bootstrap_samples: int, confidence: float, seed: int) -> dict:
-  """The control's scores of total-generation and partial-generation coordinates."""
+           bootstrap_samples: int, confidence: float, seed: int,
+           total_frames: np.ndarray | None = None) -> dict:
+  """The control's scores of total-generation and partial-generation coordinates; with
+  `total_frames` (total generation's `frame_coordinates`) also the median |frame
+  coordinate|: 1 when each frame has the data's level, whether or not a segment's frames
+  share their sign (the median |coordinate| is 1 only when they do)."""
   interval = functools.partial(mean_with_interval, bootstrap_samples=bootstrap_samples,
                                confidence=confidence, seed=seed)
+  frames = ({} if total_frames is None else
+            {"median_abs_frame_coordinate": float(np.median(np.abs(total_frames)))})
   return {"agreement": interval(agreement_per_piece(total)),
           "partial_agreement": interval(partial_agreement_per_piece(partial, given)),
+          **frames,
           "median_abs_coordinate": float(np.median(np.abs(total))),
           "segment_spread": float(np.median(np.std(total, axis=-1))),
           "positive_share": float(np.mean(total > 0)),
@@ -272,12 +287,14 @@ def interval_cell(score: dict) -> str:
 def table(results: dict) -> list[str]:
   """The control's markdown table, a row per system and one for the planted data."""
   lines = ["| system | steps | agreement across stems (data 1, independent 0.5) | "
-           "partial: generated with given (1 / 0.5) | median abs coordinate (data 1) | "
-           "spread over segments | positive share (data 0.5) |",
-           "|---|---|---|---|---|---|---|"]
+           "partial: generated with given (1 / 0.5) | median abs frame coordinate (data 1) "
+           "| median abs coordinate (data 1) | spread over segments | positive share "
+           "(data 0.5) |",
+           "|---|---|---|---|---|---|---|---|"]
   for name, row in results["rows"].items():
     lines.append(f"| {name} | {row.get('steps', '')} | {interval_cell(row['agreement'])} | "
                  f"{interval_cell(row['partial_agreement'])} | "
+                 f"{_number(row.get('median_abs_frame_coordinate'))} | "
                  f"{row['median_abs_coordinate']:.2f} | "
                  f"{_number(row.get('segment_spread'))} | {row['positive_share']:.2f} |")
   return lines
@@ -328,7 +345,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     multihost_utils.sync_global_devices("control store")
   held_out = store.LatentStore(store_dir, HELD_OUT_SPLIT).read_all()
   data = coordinates(held_out, segments, sigma_data)
-  rows = {DATA_ROW: score(data, data)}
+  rows = {DATA_ROW: score(data, data, total_frames=frame_coordinates(held_out, sigma_data))}
   total_coords = {DATA_ROW: data}
   for name in stem_systems(config):
     derived, system_dir = system_config(config, workdir, name), os.path.join(folder, name)
@@ -341,7 +358,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     partial = sample_latents(denoiser, derived.sample, sigma_data, held_out, given, seed)
     total_coords[name] = coordinates(total, segments, sigma_data)
     rows[name] = {"steps": denoiser.identity["step"],
-                  **score(total_coords[name], coordinates(partial, segments, sigma_data))}
+                  **score(total_coords[name], coordinates(partial, segments, sigma_data),
+                          total_frames=frame_coordinates(total, sigma_data))}
   name, settings = generation_program.sampler_settings(config.sample)
   results = {"rows": rows, "num_stems": num_stems, "segments": segments,
              "given": list(GIVEN_STEMS), "sampler": {"name": name, **settings},
