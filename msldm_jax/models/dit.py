@@ -20,8 +20,9 @@ and the linear patch embedding keeps `width` of them. Whatever lies in the embed
 space never reaches the output, so F cannot cancel the noise there, and the EDM denoiser
 D = c_skip·x + c_out·F keeps c_skip·noise in those directions: whatever the data, the
 σ-weighted loss at σ is at least f·c_skip(σ) = f·σ_data²/(σ² + σ_data²), f = 1 − width /
-(patch_size·channels) (`width_bottleneck`). The study's control measured exactly that floor
-for width 64 in patches of 4 (f = 0.75: 0.51 at σ ≈ 0.3, where the optimum is 0.03).
+(patch_size·channels) (`width_bottleneck`). The study's control sat on that floor for
+width 64 in patches of 4 (f = 0.75: loss 0.50 for σ in 0.17–0.45, the floor 0.51, the
+optimum 0.03; benchmarks/RESULTS.md).
 `patch_skip` adds a path around it: a linear map of each input patch to its output patch
 (patch_size·channels square, identity at init), scaled per output feature by a gate computed
 from c_noise (zero at init, so a fresh model is still F ≡ 0). That is the σ-dependent
