@@ -166,7 +166,10 @@ def study_config(variant: str) -> ml_collections.ConfigDict:
       # leaves the U-Net out: its step's compilation would double the end-to-end test's
       # time, and tests/test_study.py checks its system's config instead.
       systems="msldm,isldm,mixldm" if variant == "tiny" else "msldm,isldm,mixldm,msldm_unet",
-      ldm_seconds={"tiny": 0.0, "gpu": 6 * 3600.0}.get(variant, 600.0),
+      # 1200 CPU-s each: on the control, msldm with the gated path kept its segments' ±1
+      # (median |coordinate| 0.81) after 1200 CPU-s but blurred them (0.13) after 300
+      # (benchmarks/RESULTS.md, "The DiT's width bottleneck").
+      ldm_seconds={"tiny": 0.0, "gpu": 6 * 3600.0}.get(variant, 1200.0),
       # The mixture VAE's time budget (MixLDM's; on vae.train.budget_clock): one VAE's
       # share of the stems' `vae.train.max_seconds` when those are one VAE per stem, so
       # that every VAE trains for the same time.

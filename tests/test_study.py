@@ -192,7 +192,8 @@ def test_the_unet_system_is_msldm_with_the_releases_network_on_the_shared_latent
   for config_ in (dit, unet):
     del config_.ldm["denoiser"]
   assert unet.to_dict() == dit.to_dict()
-  assert unet.ldm.latents_dir == "/w/latents" and unet.ldm.train.max_seconds == 600.0
+  assert unet.ldm.latents_dir == "/w/latents"
+  assert unet.ldm.train.max_seconds == config.study.ldm_seconds == 1200.0
   assert runner.system_dir("/w", "msldm_unet") == "/w/systems/msldm_unet"
 
 
