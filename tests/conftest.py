@@ -105,13 +105,20 @@ def mini_dataset(tmp_path_factory, repo_root) -> MiniDataset:
 
 
 def pytest_configure(config):
-  """A persistent compilation cache shared by the tests of a run: trainers built again from
-  the same config (resume tests, end-to-end runs) then reuse compiled steps instead of paying
-  XLA:CPU's compile time again."""
+  """A persistent compilation cache shared by the tests of a run and the command-line runs
+  they start: trainers built again from the same config (resume tests, end-to-end runs run
+  again, a study rescored) then reuse compiled programs instead of paying XLA:CPU's compile
+  time again. A program's key is its HLO, flags and devices, so a cache left by other code
+  is never reused wrongly."""
   import tempfile  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   cache_dir = os.environ.get("MSLDM_TEST_COMPILATION_CACHE") or os.path.join(
       tempfile.gettempdir(), "msldm_jax_test_compilation_cache")
-  jax.config.update("jax_compilation_cache_dir", cache_dir)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  settings = {"jax_compilation_cache_dir": cache_dir,
+              "jax_persistent_cache_min_compile_time_secs": 1.0,
+              "jax_persistent_cache_min_entry_size_bytes": 0}
+  for name, value in settings.items():
+    jax.config.update(name, value)
+    # The same for the command-line runs the tests start (`python -m msldm_jax.main`, the
+    # benchmarks): a resumed or rescored run then reuses what the first run compiled.
+    os.environ[name.upper()] = str(value)

@@ -38,12 +38,8 @@ def kernel_env(tmp_path, monkeypatch):
   workdir = tmp_path / "workdir"
   workdir.mkdir()
   monkeypatch.setenv("MSLDM_NOTEBOOK_WORKDIR", str(workdir))
-  # The persistent compilation cache conftest gives the tests, for the kernel's JAX too.
-  import jax  # pylint: disable=g-import-not-at-top
-  cache_dir = jax.config.jax_compilation_cache_dir
-  if cache_dir:
-    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", cache_dir)
-    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+  # The kernel's JAX shares the tests' compilation cache through the environment
+  # (conftest.pytest_configure).
   return workdir
 
 
