@@ -6,8 +6,9 @@ r"""Cross-stem dependence of a finished study's systems: do their stems belong t
 
 `--config` and its `--config.KEY=VALUE` overrides are the study's, as `--mode=study` ran.
 
-For the real reference chunks and for each system's generated pieces (WORKDIR/systems/NAME/
-samples, total generation), `music_metrics.cross_stem_dependence`: each cross-stem measure
+For the real reference chunks, their reconstructions by the stems' VAE (what a generator
+decoding through it can reach at most) and each system's generated pieces (WORKDIR/systems/
+NAME/samples, total generation), `music_metrics.cross_stem_dependence`: each cross-stem measure
 (harmonic chroma agreement, drum-bass onset F-measure) on a piece's own stems, on stems of
 different pieces (its value without dependence) and the difference with its bootstrap
 interval over pieces, under the config's evaluate protocol and reference set. The same
@@ -32,6 +33,8 @@ from msldm_jax import workdir_layout
 from msldm_jax.evaluation import music_metrics
 from msldm_jax.evaluation import reference_set
 from msldm_jax.evaluation import stage as evaluation_stage
+from msldm_jax.evaluation import vae_quality
+from msldm_jax.models import loading
 from msldm_jax.study import report
 from msldm_jax.study import runner
 
@@ -60,6 +63,9 @@ def main(argv):
           derived, workdir, derived.evaluate.reference_split,
           int(derived.evaluate.max_reference_chunks), int(derived.evaluate.seed))
       columns[f"real ({len(reference)} chunks)"] = reference
+      # Every system with stems decodes through the study's one stems' VAE.
+      columns["real through the VAE"] = vae_quality.reconstruct(
+          loading.load_vae(derived.ldm.vae_checkpoint), reference, sources)
     samples = workdir_layout.samples_dir(derived, runner.system_dir(workdir, name))
     generated, _ = evaluation_stage.finite_pieces(
         evaluation_stage.read_total_generation(samples, sources), "generated pieces")

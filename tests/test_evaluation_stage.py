@@ -64,6 +64,13 @@ def test_mode_all_runs_every_stage_then_skips_them(mini_dataset, tmp_path):
       np.testing.assert_allclose(scores["dependence"],
                                  scores["same pieces"] - scores["other pieces"], equal_nan=True)
   assert (out / "cross_stem_dependence.md").is_file()
+  # The real chunks through the VAE too: the dependence a generator can reach through it.
+  reconstructed = metrics["cross_stem_dependence"]["reconstructed"]
+  assert set(reconstructed) == set(metrics["cross_stem_dependence"]["real"])
+  for scores in reconstructed.values():
+    np.testing.assert_allclose(scores["dependence"],
+                               scores["same pieces"] - scores["other pieces"], equal_nan=True)
+  assert "(reconstructed)" in (out / "cross_stem_dependence.md").read_text()
   assert set(metrics["levels"]) == {"bass", "drums", "guitar", "piano"}
   # Chunks shorter than the tagger's 3 s patch: nothing to tag, said so, not a crash.
   assert metrics["instrument_tags"]["real"]["piano"]["stems"] == 0

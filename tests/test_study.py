@@ -100,8 +100,11 @@ def test_tiny_study_runs_end_to_end_and_resumes(repo_root, tmp_path, mini_datase
   for plot in ("loss_by_sigma.png", "samplers.png", control.PLOT_FILE):
     assert (report_dir / plot).exists()
   # Each system with stems: its cross-stem dependence beside the real stems'.
-  table = report[report.index("| measure | real | msldm | isldm |"):]
+  table = report[report.index("| measure | real | real through the VAE | msldm | isldm |"):]
   assert "| harmonic chroma agreement |" in table and "| drum-bass onset F-measure |" in table
+  onsets_row = next(line for line in table.splitlines()
+                    if line.startswith("| drum-bass onset F-measure |"))
+  assert onsets_row.split(" | ")[2][0] in "+-", onsets_row  # the reconstructions' cell
 
   # The same from the samples, as a finished study's user recomputes it.
   recomputed = subprocess.run(
@@ -113,9 +116,12 @@ def test_tiny_study_runs_end_to_end_and_resumes(repo_root, tmp_path, mini_datase
   with open(os.path.join(runner.system_dir(str(workdir), "isldm"), "evaluation",
                          "metrics.json")) as f:
     scores = json.load(f)["cross_stem_dependence"]["generated"]["drum-bass onset F-measure"]
-  row = next(line for line in recomputed.stdout.splitlines()
-             if line.startswith("| drum-bass onset F-measure |"))
-  assert row.split(" | ")[3].startswith(f"{float(scores['dependence']):+.3f} [")
+  lines = recomputed.stdout.splitlines()
+  header = next(line for line in lines if line.startswith("| measure |")).split(" | ")
+  assert header[2] == "real through the VAE", header
+  isldm_column = next(i for i, name in enumerate(header) if name.startswith("isldm"))
+  row = next(line for line in lines if line.startswith("| drum-bass onset F-measure |"))
+  assert row.split(" | ")[isldm_column].startswith(f"{float(scores['dependence']):+.3f} [")
 
   # Run again: every step is skipped, the report is rewritten.
   steps = (workdir / "study" / runner.STEPS_LOG).read_text().splitlines()

@@ -21,7 +21,9 @@ then writes into WORKDIR/evaluation:
                                   value without dependence) and their difference
   cross_stem_dependence.{md,csv}  that difference with its bootstrap interval over pieces:
                                   how far the generated stems depend on each other, against
-                                  the real stems' (music_metrics.cross_stem_dependence)
+                                  the real stems' and their VAE reconstructions' (what a
+                                  generator decoding through this VAE can reach at most)
+                                  (music_metrics.cross_stem_dependence)
   levels.{md,csv}                 each stem's level (dB RMS), generated vs the real spread
   instrument_tags.{md,csv}        how often musicnn's MTT tagger ranks a guitar, piano or
                                   drums stem's own instrument first; real stems: the ceiling
@@ -346,6 +348,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # The VAE whose latents the diffusion model learned: it decoded the pieces, and its
   # reconstructions bound what generation can reach.
   vae, denoiser = generation_stage.load_models(config, workdir)
+  reconstructed = vae_quality.reconstruct(vae, reference, sources)
   partial, partial_facts = {}, {}
   if int(evaluate_config.partial_chunks) > 0 and not mixture_only:
     partial, partial_facts = partial_generation_table(config, vae, denoiser, reference,
@@ -362,7 +365,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     generated_measures, generated_dependence = music_measures(generated, empty_share,
                                                               protocol)
     real_measures, real_dependence = music_measures(reference, empty_share, protocol)
-    dependence = {"generated": generated_dependence, "real": real_dependence}
+    # The real stems through the VAE too: the dependence its decoder keeps, so that a
+    # generated piece's shortfall can be told apart from the codec's.
+    dependence = {"generated": generated_dependence, "real": real_dependence,
+                  "reconstructed": music_metrics.cross_stem_dependence(
+                      reconstructed, sample_rate, bootstrap_samples=protocol.bootstrap_samples,
+                      confidence=protocol.confidence, seed=protocol.seed)}
     tables.write_table(out_dir, "cross_stem_dependence",
                        {f"{name} ({side})": scores for side, measures in dependence.items()
                         for name, scores in measures.items()}, row_label="measure")
@@ -386,9 +394,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                for side in recognised for k in ("recognised", "stems")}
                         for stem in instrument_tags.STEM_TAGS}, row_label="stem")
 
-  reconstruction = vae_quality.reconstruction_scores(
-      vae_quality.reconstruct(vae, reference, sources), reference, sources, tag_fn,
-      empty_share)
+  reconstruction = vae_quality.reconstruction_scores(reconstructed, reference, sources, tag_fn,
+                                                     empty_share)
   tables.write_table(out_dir, "vae_reconstruction", reconstruction, row_label="source")
 
   separation_facts = {}
