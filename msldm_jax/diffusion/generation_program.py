@@ -198,7 +198,7 @@ def encode_given(vae_params, waveforms_bst: jax.Array, *, vae: source_vae.Source
 
   Stems that are not given may be zeros: their channels are masked out by the sampler.
   """
-  mean, _ = vae.apply(vae_params, waveforms_bst, method=vae.encode)
+  mean, _ = source_vae.encode_sources(vae, vae_params, waveforms_bst)
   return joint_latent.stack_sources(joint_latent.unscale_sources(mean, latent_scale))
 
 
@@ -212,15 +212,15 @@ def decode_stems(vae: source_vae.SourceVAE, vae_params, latents_bsct: jax.Array,
     float32 [batch, len(stem_indices), samples].
 
   A shared VAE decodes only the requested stems (partial generation of one stem costs one
-  decoding, not four); a per-source VAE decodes all its groups in one pass and keeps the
-  requested ones, which costs no more than its single-stem path would.
+  decoding, not four); a per-source VAE decodes every stem, each through its own parameter
+  set (`source_vae.decode_sources`), and keeps the requested ones.
   """
   stem_indices = tuple(stem_indices)
   latents_bsct = joint_latent.scale_sources(latents_bsct, latent_scale)
   batch, num_stems, latent_dim, frames = latents_bsct.shape
   if num_stems == vae.num_stems and (stem_indices == tuple(range(num_stems))
                                      or vae.num_groups > 1):
-    waveforms = vae.apply(vae_params, latents_bsct, method=vae.decode)
+    waveforms = source_vae.decode_sources(vae, vae_params, latents_bsct)
     return waveforms[:, list(stem_indices)]
   selected = latents_bsct[:, list(stem_indices)].reshape(-1, latent_dim, frames)
   waveforms = vae.apply(vae_params, selected, jnp.zeros((selected.shape[0],), jnp.int32),

@@ -108,7 +108,8 @@ def vae_codec(vae: source_vae.SourceVAE, vae_params, num_samples: int,
   def decode(latents_ct):
     stems_latents = joint_latent.scale_sources(  # [1, S, latent, frames]
         joint_latent.split_sources(latents_ct[None]), latent_scale)
-    return fit_length(vae.apply(vae_params, stems_latents, method=vae.decode)[0], num_samples)
+    return fit_length(source_vae.decode_sources(vae, vae_params, stems_latents)[0],
+                      num_samples)
 
   def encode(waveform_t, stem):
     # Zero-padded to whole latent frames, as the encoder was trained.

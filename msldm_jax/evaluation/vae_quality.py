@@ -54,8 +54,8 @@ def output_dir(workdir: str) -> str:
 @functools.partial(jax.jit, static_argnames=("vae",))
 def _reconstruct_stems(vae_params, waveforms_bst, *, vae: source_vae.SourceVAE):
   # The parameters are an argument, not constants folded into the program.
-  mean, _ = vae.apply(vae_params, waveforms_bst, method=vae.encode)
-  return vae.apply(vae_params, mean, method=vae.decode)
+  mean, _ = source_vae.encode_sources(vae, vae_params, waveforms_bst)
+  return source_vae.decode_sources(vae, vae_params, mean)
 
 
 @functools.partial(jax.jit, static_argnames=("vae",))

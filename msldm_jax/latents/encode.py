@@ -280,7 +280,7 @@ def make_encode_fn(vae: source_vae.SourceVAE, mesh, mixture: bool = False):
       mean, _ = vae.apply(params, mix_bt, jnp.zeros(mix_bt.shape[:1], jnp.int32),
                           method=vae.encode_stem)
       return mean[:, None]
-    mean, _ = vae.apply(params, waveforms_bst, method=vae.encode)
+    mean, _ = source_vae.encode_sources(vae, params, waveforms_bst)
     return mean
 
   return jax.jit(encode, in_shardings=(mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)),

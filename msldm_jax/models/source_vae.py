@@ -307,6 +307,41 @@ def one_group(model: SourceVAE, variables, group: Array) -> tuple[SourceVAE, Any
   return model.clone(per_source=False), sliced
 
 
+def encode_sources(model: SourceVAE, variables, waveforms_bst: Array) -> tuple[Array, Array]:
+  """`model.encode` of [batch, stems, samples], a per-source model's stems one parameter set
+  at a time (`one_group`): the same (mean, logvar), each [batch, stems, latent, frames].
+
+  Why not the vmapped groups `encode` runs: XLA:CPU lowers them to grouped convolutions,
+  which took 2.6 s where the four networks one after another took 1.4 s (encode + decode of
+  a 14.86 s chunk, the study's VAE, 2 CPU cores; benchmarks/RESULTS.md, "Per-source VAE
+  inference").
+  """
+  if model.num_groups == 1:
+    return model.apply(variables, waveforms_bst, method=model.encode)
+  chex.assert_axis_dimension(waveforms_bst, 1, model.num_stems)
+  zero = jnp.zeros(waveforms_bst.shape[:1], jnp.int32)
+  moments = []
+  for group in range(model.num_groups):
+    one, params = one_group(model, variables, group)
+    moments.append(one.apply(params, waveforms_bst[:, group], zero, method=one.encode_stem))
+  means, logvars = zip(*moments)
+  return jnp.stack(means, axis=1), jnp.stack(logvars, axis=1)
+
+
+def decode_sources(model: SourceVAE, variables, latents_bsct: Array) -> Array:
+  """`model.decode` of [batch, stems, latent, frames], a per-source model's stems one
+  parameter set at a time (see `encode_sources`): float32 [batch, stems, samples]."""
+  if model.num_groups == 1:
+    return model.apply(variables, latents_bsct, method=model.decode)
+  chex.assert_axis_dimension(latents_bsct, 1, model.num_stems)
+  zero = jnp.zeros(latents_bsct.shape[:1], jnp.int32)
+  waveforms = []
+  for group in range(model.num_groups):
+    one, params = one_group(model, variables, group)
+    waveforms.append(one.apply(params, latents_bsct[:, group], zero, method=one.decode_stem))
+  return jnp.stack(waveforms, axis=1)
+
+
 def posterior_sample(mean: Array, logvar: Array, rng: Array) -> Array:
   """z = mean + exp(logvar / 2) · ε, ε ~ N(0, I) (any layout; mean and logvar alike)."""
   chex.assert_equal_shape((mean, logvar))
