@@ -318,13 +318,7 @@ def encode_sources(model: SourceVAE, variables, waveforms_bst: Array) -> tuple[A
   """
   if model.num_groups == 1:
     return model.apply(variables, waveforms_bst, method=model.encode)
-  chex.assert_axis_dimension(waveforms_bst, 1, model.num_stems)
-  zero = jnp.zeros(waveforms_bst.shape[:1], jnp.int32)
-  moments = []
-  for group in range(model.num_groups):
-    one, params = one_group(model, variables, group)
-    moments.append(one.apply(params, waveforms_bst[:, group], zero, method=one.encode_stem))
-  means, logvars = zip(*moments)
+  means, logvars = zip(*_each_group(model, variables, waveforms_bst, "encode_stem"))
   return jnp.stack(means, axis=1), jnp.stack(logvars, axis=1)
 
 
@@ -333,13 +327,19 @@ def decode_sources(model: SourceVAE, variables, latents_bsct: Array) -> Array:
   parameter set at a time (see `encode_sources`): float32 [batch, stems, samples]."""
   if model.num_groups == 1:
     return model.apply(variables, latents_bsct, method=model.decode)
-  chex.assert_axis_dimension(latents_bsct, 1, model.num_stems)
-  zero = jnp.zeros(latents_bsct.shape[:1], jnp.int32)
-  waveforms = []
+  return jnp.stack(_each_group(model, variables, latents_bsct, "decode_stem"), axis=1)
+
+
+def _each_group(model: SourceVAE, variables, inputs_bs: Array, method: str) -> list:
+  """`method` (encode_stem or decode_stem) of each stem's slice of `inputs_bs` through that
+  stem's own parameter set, in stem order."""
+  chex.assert_axis_dimension(inputs_bs, 1, model.num_stems)
+  zero = jnp.zeros(inputs_bs.shape[:1], jnp.int32)
+  outputs = []
   for group in range(model.num_groups):
     one, params = one_group(model, variables, group)
-    waveforms.append(one.apply(params, latents_bsct[:, group], zero, method=one.decode_stem))
-  return jnp.stack(waveforms, axis=1)
+    outputs.append(one.apply(params, inputs_bs[:, group], zero, method=getattr(one, method)))
+  return outputs
 
 
 def posterior_sample(mean: Array, logvar: Array, rng: Array) -> Array:
