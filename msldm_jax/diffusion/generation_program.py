@@ -211,17 +211,16 @@ def decode_stems(vae: source_vae.SourceVAE, vae_params, latents_bsct: jax.Array,
   Returns:
     float32 [batch, len(stem_indices), samples].
 
-  A shared VAE decodes only the requested stems (partial generation of one stem costs one
-  decoding, not four); a per-source VAE decodes every stem, each through its own parameter
-  set (`source_vae.decode_sources`), and keeps the requested ones.
+  Only the requested stems are decoded (partial generation of one stem costs one stem's
+  decoding, not four): a per-source VAE through their own parameter sets
+  (`source_vae.decode_sources`), a shared one as one batch of stems.
   """
   stem_indices = tuple(stem_indices)
   latents_bsct = joint_latent.scale_sources(latents_bsct, latent_scale)
   batch, num_stems, latent_dim, frames = latents_bsct.shape
   if num_stems == vae.num_stems and (stem_indices == tuple(range(num_stems))
                                      or vae.num_groups > 1):
-    waveforms = source_vae.decode_sources(vae, vae_params, latents_bsct)
-    return waveforms[:, list(stem_indices)]
+    return source_vae.decode_sources(vae, vae_params, latents_bsct, stem_indices)
   selected = latents_bsct[:, list(stem_indices)].reshape(-1, latent_dim, frames)
   waveforms = vae.apply(vae_params, selected, jnp.zeros((selected.shape[0],), jnp.int32),
                         method=vae.decode_stem)

@@ -322,21 +322,35 @@ def encode_sources(model: SourceVAE, variables, waveforms_bst: Array) -> tuple[A
   return jnp.stack(means, axis=1), jnp.stack(logvars, axis=1)
 
 
-def decode_sources(model: SourceVAE, variables, latents_bsct: Array) -> Array:
+def decode_sources(model: SourceVAE, variables, latents_bsct: Array,
+                   stem_indices: Sequence[int] | None = None) -> Array:
   """`model.decode` of [batch, stems, latent, frames], a per-source model's stems one
-  parameter set at a time (see `encode_sources`): float32 [batch, stems, samples]."""
+  parameter set at a time (see `encode_sources`): float32 [batch, stems, samples].
+
+  `stem_indices` (default: every stem) picks the stems to decode, in that order; a
+  per-source model runs only their parameter sets (partial generation of one stem costs
+  one stem's decoding, not four).
+  """
+  all_stems = tuple(range(latents_bsct.shape[1]))
+  stem_indices = all_stems if stem_indices is None else tuple(int(i) for i in stem_indices)
   if model.num_groups == 1:
-    return model.apply(variables, latents_bsct, method=model.decode)
-  return jnp.stack(_each_group(model, variables, latents_bsct, "decode_stem"), axis=1)
+    waveforms = model.apply(variables, latents_bsct, method=model.decode)
+    return waveforms if stem_indices == all_stems else waveforms[:, list(stem_indices)]
+  return jnp.stack(_each_group(model, variables, latents_bsct, "decode_stem", stem_indices),
+                   axis=1)
 
 
-def _each_group(model: SourceVAE, variables, inputs_bs: Array, method: str) -> list:
+def _each_group(model: SourceVAE, variables, inputs_bs: Array, method: str,
+                groups: Sequence[int] | None = None) -> list:
   """`method` (encode_stem or decode_stem) of each stem's slice of `inputs_bs` through that
-  stem's own parameter set, in stem order."""
+  stem's own parameter set, for the stems `groups` (default: all, in stem order)."""
   chex.assert_axis_dimension(inputs_bs, 1, model.num_stems)
   zero = jnp.zeros(inputs_bs.shape[:1], jnp.int32)
   outputs = []
-  for group in range(model.num_groups):
+  for group in (range(model.num_groups) if groups is None else groups):
+    if not 0 <= group < model.num_groups:
+      raise ValueError(f"stem index {group} is outside the VAE's {model.num_groups} "
+                       "per-source parameter sets")
     one, params = one_group(model, variables, group)
     outputs.append(one.apply(params, inputs_bs[:, group], zero, method=getattr(one, method)))
   return outputs
