@@ -76,16 +76,6 @@ def rms_ratio(pieces: np.ndarray, data: np.ndarray) -> float:
                        / np.mean(np.square(data, dtype=np.float64))))
 
 
-def budget_spent(trainer_dir: str, step: int) -> float | None:
-  """The budget clock's seconds at `step` from the trainer's log (None when unlogged)."""
-  path = os.path.join(trainer_dir, workdir_layout.METRICS_FILE)
-  if not os.path.exists(path):
-    return None
-  spent = {r["step"]: r[loop.BUDGET_SECONDS] for r in loop.read_metrics(trainer_dir)
-           if loop.BUDGET_SECONDS in r}
-  return spent.get(step)
-
-
 def plot(path: str, rows: list[dict], clock: str):
   """Agreement, median |coordinate| and RMS against the budget spent, a line per system,
   sampler and evaluations."""
@@ -164,7 +154,7 @@ def main(argv):
               bootstrap_samples=control.BOOTSTRAP_SAMPLES, confidence=0.95, seed=seed,
               total_frames=control.frame_coordinates(total, sigma_data))
           rows.append(dict(score, system=name, trained=trained,
-                           budget_seconds=budget_spent(trainer_dir, trained),
+                           budget_seconds=loop.budget_spent(trainer_dir, trained),
                            sampler=sampler, evaluations=count,
                            sampler_steps=int(sample_config.num_steps),
                            rms_ratio=rms_ratio(total, held_out), seconds=seconds))

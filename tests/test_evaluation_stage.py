@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from msldm_jax import main
+from msldm_jax.evaluation import latent_dependence
 
 
 # Every stage, three times over: minutes on 2 CPU cores.
@@ -71,6 +72,14 @@ def test_mode_all_runs_every_stage_then_skips_them(mini_dataset, tmp_path):
     np.testing.assert_allclose(scores["dependence"],
                                scores["same pieces"] - scores["other pieces"], equal_nan=True)
   assert "(reconstructed)" in (out / "cross_stem_dependence.md").read_text()
+  # The same question asked of the denoiser in latents: a row per stem and σ, and all stems.
+  information = metrics["cross_stem_information"]
+  assert len(information) == 5 * len(latent_dependence.SIGMAS)
+  for row in information.values():
+    assert np.isfinite([row["own"], row["swapped"], row["low"], row["high"]]).all()
+    np.testing.assert_allclose(row["information"], row["swapped"] - row["own"], rtol=1e-6,
+                               atol=1e-9)
+  assert "| piano at σ=" in (out / "cross_stem_information.md").read_text()
   assert set(metrics["levels"]) == {"bass", "drums", "guitar", "piano"}
   # Chunks shorter than the tagger's 3 s patch: nothing to tag, said so, not a crash.
   assert metrics["instrument_tags"]["real"]["piano"]["stems"] == 0

@@ -61,12 +61,20 @@ def test_tiny_study_runs_end_to_end_and_resumes(repo_root, tmp_path, mini_datase
                for row in vae_scores["reconstruction"].values())
 
   # ISLDM and MSLDM share the joint latents; each system has scored pieces.
+  information = {}
   for name in ("msldm", "isldm"):
     with open(os.path.join(runner.system_dir(str(workdir), name), "evaluation",
                            "metrics.json")) as f:
       metrics = json.load(f)
     assert set(metrics["total_generation"]) == {"mixture", "bass", "drums", "guitar", "piano"}
     assert len(metrics["partial_generation"]) == 14
+    information[name] = np.array([row["information"] for row in
+                                  metrics["cross_stem_information"].values()])
+  # isldm's networks never see the other stems: its losses (~1) do not move when they
+  # change, up to float32 round-off; msldm's one network reads them all (after 6 steps its
+  # output layer is still near its zero start: ~1e-5).
+  np.testing.assert_allclose(information["isldm"], 0.0, atol=1e-6)
+  assert np.abs(information["msldm"]).max() > 2e-6
   # The sampler runs: each at its sampler and step count, scored on the mixture alone.
   config = config_loading.load_config(os.path.join(repo_root, "configs/study.py:variant=tiny"))
   for sampler, evaluations in runner.sampler_runs(config):
@@ -105,6 +113,9 @@ def test_tiny_study_runs_end_to_end_and_resumes(repo_root, tmp_path, mini_datase
   onsets_row = next(line for line in table.splitlines()
                     if line.startswith("| drum-bass onset F-measure |"))
   assert onsets_row.split(" | ")[2][0] in "+-", onsets_row  # the reconstructions' cell
+  # And the denoisers' cross-stem information in latents, one row per σ.
+  table = report[report.index("| noise level | msldm | isldm |"):]
+  assert table.splitlines()[2].startswith("| σ=0.0161 | +"), table.splitlines()[2]
 
   # The same from the samples, as a finished study's user recomputes it.
   recomputed = subprocess.run(
@@ -122,6 +133,22 @@ def test_tiny_study_runs_end_to_end_and_resumes(repo_root, tmp_path, mini_datase
   isldm_column = next(i for i, name in enumerate(header) if name.startswith("isldm"))
   row = next(line for line in lines if line.startswith("| drum-bass onset F-measure |"))
   assert row.split(" | ")[isldm_column].startswith(f"{float(scores['dependence']):+.3f} [")
+
+  # The denoisers' cross-stem information over their kept checkpoints, as a user follows
+  # a run: isldm's 0 at every one, and a plot.
+  plot = tmp_path / "information.png"
+  followed = subprocess.run(
+      [sys.executable, "-m", "benchmarks.cross_stem_information", "--every_checkpoint",
+       f"--plot={plot}", "--splits=test", "--denoisers=" + ",".join(
+           runner.system_dir(str(workdir), name) for name in ("isldm", "msldm"))],
+      cwd=repo_root, capture_output=True, text=True, timeout=600)
+  assert followed.returncode == 0, followed.stderr[-4000:]
+  assert plot.exists()
+  isldm_rows = [line for line in followed.stdout.splitlines()
+                if line.startswith(f"| {runner.system_dir(str(workdir), 'isldm')} |")]
+  assert len(isldm_rows) == 2, followed.stdout  # the checkpoints at steps 3 and 6
+  assert all(cell.strip().startswith(("+0.000 [", "-0.000 ["))
+             for row in isldm_rows for cell in row.split(" | ")[3:-1]), isldm_rows
 
   # Run again: every step is skipped, the report is rewritten.
   steps = (workdir / "study" / runner.STEPS_LOG).read_text().splitlines()

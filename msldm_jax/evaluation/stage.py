@@ -24,6 +24,10 @@ then writes into WORKDIR/evaluation:
                                   the real stems' and their VAE reconstructions' (what a
                                   generator decoding through this VAE can reach at most)
                                   (music_metrics.cross_stem_dependence)
+  cross_stem_information.{md,csv} the same question asked of the denoiser, in latents: per
+                                  stem and σ, how much its loss on the held-out chunks of
+                                  the reference splits grows when the other stems come from
+                                  another chunk (0 for isldm; latent_dependence.py)
   levels.{md,csv}                 each stem's level (dB RMS), generated vs the real spread
   instrument_tags.{md,csv}        how often musicnn's MTT tagger ranks a guitar, piano or
                                   drums stem's own instrument first; real stems: the ceiling
@@ -59,6 +63,7 @@ from msldm_jax import stems as stems_lib
 from msldm_jax import workdir_layout
 from msldm_jax.evaluation import distance_scores
 from msldm_jax.evaluation import instrument_tags
+from msldm_jax.evaluation import latent_dependence
 from msldm_jax.evaluation import music_metrics
 from msldm_jax.evaluation import musicnn
 from msldm_jax.evaluation import partial_generation
@@ -286,6 +291,28 @@ def separation_table(config: ml_collections.ConfigDict, vae: loading.Loaded,
               sampler=spec.sampler_name, methods=methods, note=note)
 
 
+def latent_information_table(config: ml_collections.ConfigDict, denoiser: loading.Loaded,
+                             out_dir: str) -> dict:
+  """The denoiser's cross-stem information on the held-out latents of the reference splits
+  (latent_dependence.py), written as cross_stem_information.{md,csv}; {} for a denoiser
+  that records no latent store (an import)."""
+  if not (denoiser.identity.get("latents") or {}).get("latents_dir"):
+    logging.info("The denoiser records no latent store (an import?): no cross-stem "
+                 "information table")
+    return {}
+  evaluate_config = config.evaluate
+  protocol = protocol_of(evaluate_config)
+  latents, sources = latent_dependence.held_out_latents(
+      denoiser, reference_set.split_names(evaluate_config.reference_split),
+      int(evaluate_config.max_reference_chunks), protocol.seed)
+  rows = latent_dependence.cross_stem_information(
+      denoiser, latents, stem_names=sources, seed=protocol.seed,
+      bootstrap_samples=protocol.bootstrap_samples, confidence=protocol.confidence,
+      sigma_data=float(config.ldm.sigma_data))
+  tables.write_table(out_dir, "cross_stem_information", rows, row_label="stem at σ")
+  return rows
+
+
 def _as_json(scores):
   return {row: {column: {m: s.as_dict() for m, s in measures.items()}
                 for column, measures in columns.items()} for row, columns in scores.items()}
@@ -354,6 +381,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     partial, partial_facts = partial_generation_table(config, vae, denoiser, reference,
                                                       embed_fn, embedding, out_dir)
 
+  information = ({} if mixture_only else
+                 latent_information_table(config, denoiser, out_dir))
+
   empty_share = float(evaluate_config.empty_share)
   dependence = {}
   if mixture_only:
@@ -405,7 +435,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   metrics.update(partial_generation=_as_json(partial), partial=partial_facts,
                  separation=separation_facts,
                  music_measures=dict(generated=generated_measures, real=real_measures),
-                 cross_stem_dependence=dependence,
+                 cross_stem_dependence=dependence, cross_stem_information=information,
                  levels=levels, instrument_tags=recognised,
                  vae_reconstruction=reconstruction,
                  checkpoints=generation_stage.checkpoint_identities(vae, denoiser))

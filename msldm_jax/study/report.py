@@ -345,6 +345,28 @@ def _dependence_table(results: dict) -> list[str]:
   return lines
 
 
+def _information_table(results: dict) -> list[str]:
+  """Each system's cross-stem information in latents (all stems, relative, per σ), from its
+  evaluation's metrics.json (evaluation/latent_dependence.py)."""
+  names = [n for n in results if results[n]["metrics"].get("cross_stem_information")]
+  if not names:
+    return ["(not in these evaluations: `python -m benchmarks.cross_stem_information` "
+            "computes it from the checkpoints)"]
+  rows = [row for row in results[names[0]]["metrics"]["cross_stem_information"]
+          if row.startswith("all stems at ")]
+  lines = ["| noise level | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+  for row in rows:
+    cells = []
+    for name in names:
+      scores = results[name]["metrics"]["cross_stem_information"].get(row)
+      cells.append("–" if scores is None else
+                   f"{_num(scores['relative']):+.4f} [{_num(scores['low'] / scores['own']):+.4f}"
+                   f", {_num(scores['high'] / scores['own']):+.4f}] (own "
+                   f"{_num(scores['own']):.3f})")
+    lines.append(f"| {row.removeprefix('all stems at ')} | " + " | ".join(cells) + " |")
+  return lines
+
+
 def _control_section(workdir: str, out: str) -> list[str]:
   """The control (study/control.py): can each system learn a dependence it is shown?"""
   path = os.path.join(control.control_dir(workdir), control.RESULTS_FILE)
@@ -595,6 +617,13 @@ def write(config: ml_collections.ConfigDict, workdir: str, out: str, steps: dict
             "apart, so 0 is what no dependence scores; the real stems' is what a joint model "
             "should reach, and their reconstructions' what it can reach through this VAE.", ""]
   lines += _dependence_table(results)
+  lines += ["", "The same question asked of each denoiser, in latents: on the held-out chunks "
+            "of the reference splits, how much its loss grows when a stem's partners come "
+            "from another chunk (the same noise), relative to its loss with its own, all "
+            "stems, [95 % interval over chunks] (evaluation/latent_dependence.py). isldm's "
+            "is 0 by construction; a joint model that uses the other stems scores above "
+            "it.", ""]
+  lines += _information_table(results)
   lines += ["", "One piece per system (piece 0):", ""]
   lines += [f"![{name}](spectrogram_{name}.png)" for name in results
             if os.path.exists(os.path.join(out, f"spectrogram_{name}.png"))]

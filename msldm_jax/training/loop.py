@@ -213,6 +213,16 @@ BUDGET_CLOCKS = {"wall": time.monotonic, "cpu": time.process_time}
 BUDGET_SECONDS = "budget_seconds"  # The log records' key for the budget clock's total.
 
 
+
+def budget_spent(stage_dir: str, step: int) -> float | None:
+  """The budget clock's seconds a trainer had spent at `step`, from its log (None when the
+  log has no record of that step, or none at all)."""
+  if not os.path.exists(os.path.join(stage_dir, workdir_layout.METRICS_FILE)):
+    return None
+  spent = {r["step"]: r[BUDGET_SECONDS] for r in read_metrics(stage_dir)
+           if BUDGET_SECONDS in r}
+  return spent.get(step)
+
 class Budget:
   """Whether `max_seconds` of `clock` have passed, counting `spent_before` (from the runs
   before a restart) plus this run's since `start()` (never, for max_seconds 0)."""
