@@ -4,11 +4,14 @@ cannot use the other stems, positive where it does and the data pairs them."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from msldm_jax.diffusion import edm
 from msldm_jax.evaluation import latent_dependence
+from msldm_jax.evaluation import stage as evaluation_stage
+from msldm_jax.latents import store
 from msldm_jax.models import denoisers
 from msldm_jax.models import dit
 from msldm_jax.models import loading
@@ -104,3 +107,35 @@ def test_the_independent_stems_network_has_exactly_none():
       np.testing.assert_allclose(differences, 0.0, atol=1e-6)
     else:
       assert np.all(np.abs(differences[:-1]) > 1e-4)
+
+
+def test_held_out_latents_come_from_the_denoisers_store_in_its_scale(tmp_path):
+  rng = np.random.default_rng(2)
+  splits = {name: rng.normal(size=(count, 2, DIM, FRAMES)).astype(np.float32)
+            for name, count in (("train", 3), ("validation", 2), ("test", 1))}
+  directory = str(tmp_path / "latents")
+  store.write_latents(directory, splits, vae_identity={"params_sha256": "x"},
+                      settings={"stems": ["a", "b"]})
+  record = {"latents": {"latents_dir": directory, "sources": ["a", "b"], "scale": [2.0, 0.5]}}
+  denoiser = loading.Loaded(_two_copy_denoiser(use_other=False).module, {}, record)
+  latents, sources = latent_dependence.held_out_latents(denoiser, ("validation", "test"))
+  assert sources == ("a", "b")
+  expected = np.concatenate([splits["validation"], splits["test"]]) / np.array(
+      [2.0, 0.5], np.float32)[None, :, None, None]
+  np.testing.assert_allclose(latents, expected, rtol=1e-6)
+
+  # The evaluation leaves the table out, with a warning, where it cannot pair chunks or the
+  # store lacks a split; an import records no store at all.
+  config = ml_collections.ConfigDict(dict(
+      evaluate=dict(reference_split="test", max_reference_chunks=0, seed=0,
+                    bootstrap_samples=10), ldm=dict(sigma_data=0.4)))
+  assert evaluation_stage.latent_information_table(config, denoiser, str(tmp_path)) == {}
+  config.evaluate.reference_split = "holdout"
+  assert evaluation_stage.latent_information_table(config, denoiser, str(tmp_path)) == {}
+  imported = loading.Loaded(denoiser.module, {}, {"format": "imported"})
+  assert evaluation_stage.latent_information_table(config, imported, str(tmp_path)) == {}
+  assert not (tmp_path / "cross_stem_information.md").exists()
+  config.evaluate.reference_split = "validation"
+  rows = evaluation_stage.latent_information_table(config, denoiser, str(tmp_path))
+  assert len(rows) == 3 * len(latent_dependence.SIGMAS)
+  assert "| a at σ=0.0161 |" in (tmp_path / "cross_stem_information.md").read_text()

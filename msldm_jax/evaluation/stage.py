@@ -302,9 +302,17 @@ def latent_information_table(config: ml_collections.ConfigDict, denoiser: loadin
     return {}
   evaluate_config = config.evaluate
   protocol = protocol_of(evaluate_config)
-  latents, sources = latent_dependence.held_out_latents(
-      denoiser, reference_set.split_names(evaluate_config.reference_split),
-      int(evaluate_config.max_reference_chunks), protocol.seed)
+  splits = reference_set.split_names(evaluate_config.reference_split)
+  try:
+    latents, sources = latent_dependence.held_out_latents(
+        denoiser, splits, int(evaluate_config.max_reference_chunks), protocol.seed)
+  except ValueError as e:  # a store without those splits: the other tables still stand
+    logging.warning("No cross-stem information table: %s", e)
+    return {}
+  if len(latents) < 2:
+    logging.warning("No cross-stem information table: the latent store's %s hold %d chunk(s), "
+                    "and pairing needs 2", "+".join(splits), len(latents))
+    return {}
   rows = latent_dependence.cross_stem_information(
       denoiser, latents, stem_names=sources, seed=protocol.seed,
       bootstrap_samples=protocol.bootstrap_samples, confidence=protocol.confidence,
