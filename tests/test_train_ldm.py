@@ -217,6 +217,19 @@ def test_time_budget_stops_at_a_log_step_with_a_checkpoint(tmp_path, clock):
     train_ldm.run(config, str(tmp_path / "other"))
 
 
+def test_budget_spent_reads_or_interpolates_the_log(tmp_path):
+  assert loop.budget_spent(str(tmp_path), 10) is None  # no log
+  with open(tmp_path / workdir_layout.METRICS_FILE, "w") as f:
+    for step, seconds in ((25, 10.0), (50, 20.0), (75, 40.0)):
+      f.write(json.dumps({"step": step, loop.BUDGET_SECONDS: seconds}) + "\n")
+    f.write(json.dumps({"step": 80, "loss": 1.0}) + "\n")  # a record without the clock
+  assert loop.budget_spent(str(tmp_path), 50) == 20.0
+  # A checkpoint written when a run was stopped, between two logging steps.
+  assert loop.budget_spent(str(tmp_path), 60) == pytest.approx(28.0)
+  assert loop.budget_spent(str(tmp_path), 10) is None
+  assert loop.budget_spent(str(tmp_path), 80) is None
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
   config = make_config(tmp_path, num_steps=8, checkpoint_every=4)
   workdir = str(tmp_path / "run")

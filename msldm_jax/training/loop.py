@@ -215,13 +215,18 @@ BUDGET_SECONDS = "budget_seconds"  # The log records' key for the budget clock's
 
 
 def budget_spent(stage_dir: str, step: int) -> float | None:
-  """The budget clock's seconds a trainer had spent at `step`, from its log (None when the
-  log has no record of that step, or none at all)."""
+  """The budget clock's seconds a trainer had spent at `step`, from its log: the record of
+  that step, else interpolated between the records around it (a checkpoint written when a
+  run was stopped falls between two logging steps); None outside the logged steps, or
+  without a log."""
   if not os.path.exists(os.path.join(stage_dir, workdir_layout.METRICS_FILE)):
     return None
-  spent = {r["step"]: r[BUDGET_SECONDS] for r in read_metrics(stage_dir)
-           if BUDGET_SECONDS in r}
-  return spent.get(step)
+  spent = sorted({r["step"]: r[BUDGET_SECONDS] for r in read_metrics(stage_dir)
+                  if BUDGET_SECONDS in r}.items())
+  if not spent or not spent[0][0] <= step <= spent[-1][0]:
+    return None
+  steps, seconds = zip(*spent)
+  return float(np.interp(step, steps, seconds))
 
 class Budget:
   """Whether `max_seconds` of `clock` have passed, counting `spent_before` (from the runs
