@@ -11,8 +11,9 @@ each was trained from (its record names it), `evaluation/latent_dependence`: per
 how much the denoiser's loss on that stem grows when the other stems come from another chunk
 (the same table `--mode=evaluate` writes to cross_stem_information.md). With
 `--every_checkpoint`, every complete checkpoint the trainer kept (keep them with
-`--config.ldm.train.keep_checkpoints` when training), oldest first, against the budget the
-trainer had spent there: whether a joint model learns to use the other stems, and when.
+`--config.ldm.train.keep_checkpoints` when training; `--steps` picks some), oldest first,
+against the budget the trainer had spent there: whether a joint model learns to use the
+other stems, and when.
 
 Prints markdown tables; the numbers belong in benchmarks/RESULTS.md with the machine, the
 command and the commit.
@@ -37,6 +38,8 @@ _MAX_CHUNKS = flags.DEFINE_integer("max_chunks", 0, "A seeded sample of this man
                                    "(0: all).")
 _EVERY_CHECKPOINT = flags.DEFINE_bool("every_checkpoint", False,
                                       "Every kept checkpoint, not only the newest.")
+_STEPS = flags.DEFINE_string("steps", "", "With --every_checkpoint: only these of the kept "
+                             "checkpoints' steps (comma-separated; the others are skipped).")
 _SIGMA_DATA = flags.DEFINE_float("sigma_data", 0.4, "σ_data the denoisers were trained with.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seeds the pairing, the noise and the bootstrap.")
 _PLOT = flags.DEFINE_string("plot", "", "With --every_checkpoint: a PNG of the information "
@@ -73,8 +76,8 @@ def plot(path: str, curves: dict[str, list[tuple[int, float | None, dict]]]):
 
 def main(argv):
   del argv
-  if _PLOT.value and not _EVERY_CHECKPOINT.value:
-    raise app.UsageError("--plot draws the information against training: add "
+  if (_PLOT.value or _STEPS.value) and not _EVERY_CHECKPOINT.value:
+    raise app.UsageError("--plot and --steps are about a run's checkpoints: add "
                          "--every_checkpoint")
   splits = reference_set.split_names(_SPLITS.value, "--splits")
   curves = {}
@@ -85,6 +88,9 @@ def main(argv):
     trainer_dir = os.path.dirname(directory)
     steps = (checkpointing.saved_steps(directory) if _EVERY_CHECKPOINT.value
              else [newest.identity["step"]])
+    if _STEPS.value:
+      chosen = {int(step) for step in _STEPS.value.split(",") if step.strip()}
+      steps = [step for step in steps if step in chosen]
     latents, sources = latent_dependence.held_out_latents(newest, splits, _MAX_CHUNKS.value,
                                                           _SEED.value)
     for step in steps:

@@ -135,18 +135,18 @@ def test_tiny_study_runs_end_to_end_and_resumes(repo_root, tmp_path, mini_datase
   assert row.split(" | ")[isldm_column].startswith(f"{float(scores['dependence']):+.3f} [")
 
   # The denoisers' cross-stem information over their kept checkpoints, as a user follows
-  # a run: isldm's 0 at every one, and a plot.
+  # a run (here the one at step 3 of the two kept): isldm's 0 at every σ, and a plot.
   plot = tmp_path / "information.png"
   followed = subprocess.run(
       [sys.executable, "-m", "benchmarks.cross_stem_information", "--every_checkpoint",
-       f"--plot={plot}", "--splits=test", "--denoisers=" + ",".join(
+       "--steps=3", f"--plot={plot}", "--splits=test", "--denoisers=" + ",".join(
            runner.system_dir(str(workdir), name) for name in ("isldm", "msldm"))],
       cwd=repo_root, capture_output=True, text=True, timeout=600)
   assert followed.returncode == 0, followed.stderr[-4000:]
   assert plot.exists()
   isldm_rows = [line for line in followed.stdout.splitlines()
                 if line.startswith(f"| {runner.system_dir(str(workdir), 'isldm')} |")]
-  assert len(isldm_rows) == 2, followed.stdout  # the checkpoints at steps 3 and 6
+  assert len(isldm_rows) == 1, followed.stdout  # of the checkpoints at steps 3 and 6
   assert all(cell.strip().startswith(("+0.000 [", "-0.000 ["))
              for row in isldm_rows for cell in row.split(" | ")[3:-1]), isldm_rows
 
