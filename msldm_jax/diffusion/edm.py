@@ -17,6 +17,7 @@ from typing import Any
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 SIGMA_DATA = 0.4  # Standard deviation of the data the preconditioning assumes (release).
 
@@ -26,6 +27,12 @@ SIGMA_DATA = 0.4  # Standard deviation of the data the preconditioning assumes (
 # floor removes nothing the model could learn.
 SIGMA_FLOOR = 1e-4
 SIGMA_MAX_TRAIN = 3.0
+
+# Noise levels by bucket, for the trainer's loss per bucket and the evaluation's per-σ
+# measures: 6 log-spaced buckets over the sampler's range [σ_min, σ_max] = [0.01, 3]; the
+# outer buckets also take σ below 0.01 (uniform training draws down to the floor) and above
+# 3 (log-normal draws).
+SIGMA_BUCKET_EDGES = tuple(float(e) for e in np.geomspace(0.01, 3.0, 7))
 
 # σ below this is treated as this when computing c_noise only, so that σ = 0 gives D = x
 # exactly (c_out = 0 times a finite F) instead of 0·F(−∞) = NaN.

@@ -31,12 +31,12 @@ import numpy as np
 from msldm_jax import joint_latent
 from msldm_jax import stems as stems_lib
 from msldm_jax.diffusion import edm
+from msldm_jax.latents import store
 from msldm_jax.models import loading
-from msldm_jax.training import train_ldm
 
 # One σ per bucket of training's loss logs: each bucket's geometric centre.
 SIGMAS = tuple(float(np.sqrt(lo * hi)) for lo, hi in
-               zip(train_ldm.SIGMA_BUCKET_EDGES[:-1], train_ldm.SIGMA_BUCKET_EDGES[1:]))
+               zip(edm.SIGMA_BUCKET_EDGES[:-1], edm.SIGMA_BUCKET_EDGES[1:]))
 
 
 def derangement(count: int, seed: int) -> np.ndarray:
@@ -149,8 +149,6 @@ def held_out_latents(denoiser: loading.Loaded, splits: Sequence[str], max_chunks
   Returns ([n, S, D, T] latents, the store's source names). `max_chunks` > 0 keeps a seeded
   random sample of that many.
   """
-  # Imported to keep this module's import light for callers that pass their own latents.
-  from msldm_jax.latents import store  # pylint: disable=import-outside-toplevel
   record = denoiser.identity.get("latents")
   if not record or not record.get("latents_dir"):
     raise ValueError(f"the denoiser at {denoiser.identity.get('checkpoint_dir', '?')} records "

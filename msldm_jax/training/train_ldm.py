@@ -79,10 +79,8 @@ from msldm_jax.training import loop
 LATENTS_RECORD = "latents.json"
 LOSS_PLOT = "loss.png"
 
-# Loss per noise level: 6 log-spaced buckets over the sampler's range [σ_min, σ_max] =
-# [0.01, 3]; the outer buckets also take σ below 0.01 (uniform training draws down to the
-# floor) and above 3 (log-normal draws).
-SIGMA_BUCKET_EDGES = tuple(float(e) for e in np.geomspace(0.01, 3.0, 7))
+# Loss per noise level, in edm.SIGMA_BUCKET_EDGES' buckets.
+SIGMA_BUCKET_EDGES = edm.SIGMA_BUCKET_EDGES
 SIGMA_BUCKET_NAMES = tuple(
     f"loss/sigma_bucket_{k}_{lo:.3g}-{hi:.3g}"
     for k, (lo, hi) in enumerate(zip(SIGMA_BUCKET_EDGES[:-1], SIGMA_BUCKET_EDGES[1:])))
