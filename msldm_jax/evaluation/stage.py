@@ -295,18 +295,14 @@ def latent_information_table(config: ml_collections.ConfigDict, denoiser: loadin
                              out_dir: str) -> dict:
   """The denoiser's cross-stem information on the held-out latents of the reference splits
   (latent_dependence.py), written as cross_stem_information.{md,csv}; {} for a denoiser
-  that records no latent store (an import)."""
-  if not (denoiser.identity.get("latents") or {}).get("latents_dir"):
-    logging.info("The denoiser records no latent store (an import?): no cross-stem "
-                 "information table")
-    return {}
+  that records no latent store (an import), or one without the reference splits."""
   evaluate_config = config.evaluate
   protocol = protocol_of(evaluate_config)
   splits = reference_set.split_names(evaluate_config.reference_split)
   try:
     latents, sources = latent_dependence.held_out_latents(
         denoiser, splits, int(evaluate_config.max_reference_chunks), protocol.seed)
-  except ValueError as e:  # a store without those splits: the other tables still stand
+  except ValueError as e:  # no store, or none with those splits: the other tables stand
     logging.warning("No cross-stem information table: %s", e)
     return {}
   if len(latents) < 2:

@@ -213,7 +213,6 @@ BUDGET_CLOCKS = {"wall": time.monotonic, "cpu": time.process_time}
 BUDGET_SECONDS = "budget_seconds"  # The log records' key for the budget clock's total.
 
 
-
 def budget_spent(stage_dir: str, step: int) -> float | None:
   """The budget clock's seconds a trainer had spent at `step`, from its log: the record of
   that step, else interpolated between the records around it (a checkpoint written when a
@@ -227,6 +226,7 @@ def budget_spent(stage_dir: str, step: int) -> float | None:
     return None
   steps, seconds = zip(*spent)
   return float(np.interp(step, steps, seconds))
+
 
 class Budget:
   """Whether `max_seconds` of `clock` have passed, counting `spent_before` (from the runs
