@@ -249,12 +249,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
 
 
-@pytest.mark.parametrize("denoiser,system", [("dit", "msldm"), ("unet", "msldm"),
-                                            ("dit", "isldm")])
-def test_loss_goes_down_on_a_handful_of_latents(tmp_path, denoiser, system):
+@pytest.mark.parametrize("denoiser,system,streams", [
+    ("dit", "msldm", 0), ("unet", "msldm", 0), ("dit", "isldm", 0), ("dit", "msldm", 4)])
+def test_loss_goes_down_on_a_handful_of_latents(tmp_path, denoiser, system, streams):
   config = make_config(tmp_path, num_chunks=8, num_steps=50, checkpoint_every=50)
   config.ldm.denoiser = denoiser
   config.system = system
+  config.ldm.model.stem_streams = streams  # 4: the stem-coupled DiT
   metrics = train_ldm.run(config, str(tmp_path))
   losses = [loss for _, loss in _losses(str(tmp_path))]
   assert len(losses) == 50 and np.isfinite(metrics["loss"])
@@ -268,7 +269,10 @@ def test_loss_goes_down_on_a_handful_of_latents(tmp_path, denoiser, system):
     assert type(network).__name__ == "IndependentStems"
     assert network.num_stems == stems.NUM_STEMS
     network = network.per_stem
-  assert type(network).__name__ == {"dit": "DiT", "unet": "UNet1d"}[denoiser]
+  if streams:
+    assert type(network).__name__ == "CoupledStemsDiT" and network.stem_streams == streams
+  else:
+    assert type(network).__name__ == {"dit": "DiT", "unet": "UNet1d"}[denoiser]
   x = jnp.asarray(synthetic_latents(1).reshape(1, -1, FRAMES))
   assert np.isfinite(np.asarray(loaded.module.apply(loaded.params, x, jnp.zeros((1,))))).all()
 
@@ -281,6 +285,10 @@ def test_latent_store_must_fit_the_model(tmp_path):
   config = make_config(tmp_path)
   config.ldm.model.in_channels = 2 * stems.NUM_STEMS * LATENT_DIM
   with pytest.raises(ValueError, match="ldm.model.in_channels=64"):
+    train_ldm.run(config, str(tmp_path))
+  config = make_config(tmp_path)
+  config.ldm.model.stem_streams = 2
+  with pytest.raises(ValueError, match="ldm.model.stem_streams=2, but the latent store"):
     train_ldm.run(config, str(tmp_path))
 
 

@@ -1,7 +1,9 @@
 """The denoiser networks F of the EDM denoiser, one choice in the config: `ldm.denoiser`.
 
   dit   the diffusion transformer (`models/dit.py`), the design card's choice and the default;
-        its settings are `ldm.model`.
+        its settings are `ldm.model`. With `ldm.model.stem_streams` = S > 0 it is the
+        stem-coupled DiT instead (`models/coupled_stems.py`): one stream per stem, each of
+        ISLDM's size, coupled by mixers after every block.
   unet  the MSLDM release's 1-D U-Net (`models/unet1d.py`, audio-diffusion-pytorch 0.0.43's
         UNet1d); its settings are `ldm.unet`.
 
@@ -24,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from msldm_jax import config_loading
+from msldm_jax.models import coupled_stems
 from msldm_jax.models import dit
 from msldm_jax.models import independent_stems as independent_stems_lib
 from msldm_jax.models import unet1d
@@ -34,7 +37,14 @@ KINDS = (DIT, UNET)
 # The config subtree holding each kind's settings.
 CONFIG_KEYS = {DIT: "model", UNET: "unet"}
 
-_BUILDERS = {DIT: dit.build_model, UNET: unet1d.build_model}
+
+def _build_dit(config: ml_collections.ConfigDict) -> nn.Module:
+  if int(config.get("stem_streams", 0)):
+    return coupled_stems.build_model(config)
+  return dit.build_model(config)
+
+
+_BUILDERS = {DIT: _build_dit, UNET: unet1d.build_model}
 # The preset whose keys a recorded config is checked against (any preset has them all).
 _PRESETS = {DIT: lambda: dit.model_config("tiny"), UNET: lambda: unet1d.model_config("tiny")}
 
@@ -63,6 +73,9 @@ def build(kind: str, config: ml_collections.ConfigDict, independent_stems: int =
   builder = _BUILDERS[check_kind(kind)]
   if not independent_stems:
     return builder(config)
+  if int(config.get("stem_streams", 0)):
+    raise ValueError(f"stem_streams={config.stem_streams} couples the stems; ISLDM "
+                     f"(independent_stems={independent_stems}) keeps them apart: set one")
   channels = int(config.in_channels)
   if independent_stems < 0 or channels % independent_stems:
     raise ValueError(f"independent_stems={independent_stems} must be a positive divisor of "

@@ -88,13 +88,25 @@ def model_config(variant: str = "base", **overrides) -> ml_collections.ConfigDic
       noise_embed_scale=250.0,
       remat=False,
       patch_skip=False,
+      # > 0: one stream per stem (S = stem_streams), coupled by stem mixers after every
+      # block (models/coupled_stems.py); width and heads are then each stream's.
+      stem_streams=0,
+      stem_mixer_hidden=0,  # The mixers' hidden width; 0: the stream width.
   ))
   return config_loading.update_known(config, overrides, f"dit.model_config({variant!r})")
 
 
+# The settings of the stem-coupled DiT (models/coupled_stems.py), which the DiT lacks.
+COUPLING_KEYS = ("stem_streams", "stem_mixer_hidden")
+
+
 def build_model(config) -> "DiT":
-  """The DiT of a `model_config`."""
-  return DiT(**dict(config))
+  """The DiT of a `model_config` without stem streams (`denoisers.build` builds either)."""
+  values = dict(config)
+  if int(values.get("stem_streams", 0)):
+    raise ValueError(f"stem_streams={values['stem_streams']}: that is the stem-coupled DiT "
+                     "(models/coupled_stems.py), built by models/denoisers.build")
+  return DiT(**{k: v for k, v in values.items() if k not in COUPLING_KEYS})
 
 
 def sinusoidal_embedding(positions, dim: int, max_period: float = 10000.0):
@@ -129,7 +141,7 @@ def _modulate(h, shift, scale):
   return h * (1.0 + scale[:, None, :]) + shift[:, None, :]
 
 
-def _layer_norm():
+def layer_norm():
   # No affine: adaLN supplies the scale and shift. float32 whatever the compute dtype.
   return nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, dtype=jnp.float32)
 
@@ -137,12 +149,12 @@ def _layer_norm():
 _xavier = nn.initializers.xavier_uniform()
 
 
-def _identity(key, shape, dtype=jnp.float32):
+def identity_init(key, shape, dtype=jnp.float32):
   del key
   return jnp.eye(*shape, dtype=dtype)
 
 
-def _dense(features: int, dtype, param_dtype, name: str, kernel_init=_xavier) -> nn.Dense:
+def dense(features: int, dtype, param_dtype, name: str, kernel_init=_xavier) -> nn.Dense:
   """A Dense whose matmul takes `dtype` inputs and accumulates and returns float32.
 
   float32 accumulation is the usual mixed-precision choice, and on XLA:CPU it is also the
@@ -161,6 +173,19 @@ def _dense(features: int, dtype, param_dtype, name: str, kernel_init=_xavier) ->
 # gate, and XLA:CPU runs a one-row bfloat16 matmul (matrix-vector) 6.7× slower than the
 # float32 one, while the token matmuls are the other way round.
 _CONDITIONING_MODULES = ("noise_embed", "adaLN_modulation", "skip_gate")
+
+
+def cast_for_inference(params, dtype):
+  """`params` with every floating leaf outside `_CONDITIONING_MODULES` cast to `dtype`."""
+  dtype = jnp.dtype(dtype)
+
+  def cast(path, leaf):
+    names = {getattr(entry, "key", None) for entry in path}
+    if names & set(_CONDITIONING_MODULES) or not jnp.issubdtype(leaf.dtype, jnp.floating):
+      return leaf
+    return leaf.astype(dtype)
+
+  return jax.tree_util.tree_map_with_path(cast, params)
 
 
 def width_bottleneck(config) -> float:
@@ -185,10 +210,10 @@ class NoiseEmbedder(nn.Module):
   @nn.compact
   def __call__(self, c_noise):
     features = sinusoidal_embedding(c_noise * self.noise_embed_scale, self.freq_dim)
-    dense = lambda name: _dense(self.width, jnp.float32, self.param_dtype, name,
-                                kernel_init=nn.initializers.normal(0.02))
-    h = nn.silu(dense("dense_0")(features))
-    return dense("dense_1")(h).astype(jnp.float32)
+    layer = lambda name: dense(self.width, jnp.float32, self.param_dtype, name,
+                               kernel_init=nn.initializers.normal(0.02))
+    h = nn.silu(layer("dense_0")(features))
+    return layer("dense_1")(h).astype(jnp.float32)
 
 
 class Attention(nn.Module):
@@ -202,13 +227,13 @@ class Attention(nn.Module):
   def __call__(self, h):
     batch, num_tokens, _ = h.shape
     head_dim = self.width // self.num_heads
-    qkv = _dense(3 * self.width, self.dtype, self.param_dtype, "qkv")(h).astype(self.dtype)
+    qkv = dense(3 * self.width, self.dtype, self.param_dtype, "qkv")(h).astype(self.dtype)
     # [batch, tokens, 3, heads, head_dim]: the BTNH layout dot_product_attention expects.
     qkv = qkv.reshape(batch, num_tokens, 3, self.num_heads, head_dim)
     query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     out = jax.nn.dot_product_attention(query, key, value, implementation=None)
     out = out.reshape(batch, num_tokens, self.width)
-    return _dense(self.width, self.dtype, self.param_dtype, "proj")(out)
+    return dense(self.width, self.dtype, self.param_dtype, "proj")(out)
 
 
 class Mlp(nn.Module):
@@ -219,9 +244,9 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, h):
-    h = _dense(self.hidden, self.dtype, self.param_dtype, "fc1")(h)
+    h = dense(self.hidden, self.dtype, self.param_dtype, "fc1")(h)
     h = nn.gelu(h, approximate=True).astype(self.dtype)  # GELU in float32, stored in dtype.
-    return _dense(self.width, self.dtype, self.param_dtype, "fc2")(h)
+    return dense(self.width, self.dtype, self.param_dtype, "fc2")(h)
 
 
 class DiTBlock(nn.Module):
@@ -239,14 +264,14 @@ class DiTBlock(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   def setup(self):
-    self.adaLN_modulation = _dense(6 * self.width, jnp.float32, self.param_dtype,
+    self.adaLN_modulation = dense(6 * self.width, jnp.float32, self.param_dtype,
                                    "adaLN_modulation", kernel_init=nn.initializers.zeros)
     self.attn = Attention(self.width, self.num_heads, dtype=self.dtype,
                           param_dtype=self.param_dtype, name="attn")
     self.mlp = Mlp(self.width, int(self.width * self.mlp_ratio), dtype=self.dtype,
                    param_dtype=self.param_dtype, name="mlp")
-    self.norm_msa = _layer_norm()
-    self.norm_mlp = _layer_norm()
+    self.norm_msa = layer_norm()
+    self.norm_mlp = layer_norm()
 
   def modulation(self, cond):
     """cond [batch, width] -> float32 [batch, 6·width]: shifts, scales and gates."""
@@ -271,11 +296,11 @@ class FinalLayer(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   def setup(self):
-    self.adaLN_modulation = _dense(2 * self.width, jnp.float32, self.param_dtype,
+    self.adaLN_modulation = dense(2 * self.width, jnp.float32, self.param_dtype,
                                    "adaLN_modulation", kernel_init=nn.initializers.zeros)
-    self.linear = _dense(self.out_features, self.dtype, self.param_dtype, "linear",
+    self.linear = dense(self.out_features, self.dtype, self.param_dtype, "linear",
                          kernel_init=nn.initializers.zeros)
-    self.norm = _layer_norm()
+    self.norm = layer_norm()
 
   def modulation(self, cond):
     """cond [batch, width] -> float32 [batch, 2·width]: shift and scale."""
@@ -322,7 +347,7 @@ class DiT(nn.Module):
 
   def setup(self):
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
-    self.patch_embed = _dense(self.width, dtype, param_dtype, "patch_embed")
+    self.patch_embed = dense(self.width, dtype, param_dtype, "patch_embed")
     self.noise_embed = NoiseEmbedder(self.width, self.freq_dim, self.noise_embed_scale,
                                      param_dtype=param_dtype, name="noise_embed")
     block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
@@ -333,10 +358,10 @@ class DiT(nn.Module):
     self.final = FinalLayer(self.width, patch_features, dtype=dtype,
                             param_dtype=param_dtype, name="final")
     if self.patch_skip:
-      self.skip_gate = _dense(patch_features, jnp.float32, param_dtype, "skip_gate",
+      self.skip_gate = dense(patch_features, jnp.float32, param_dtype, "skip_gate",
                               kernel_init=nn.initializers.zeros)
-      self.skip = _dense(patch_features, dtype, param_dtype, "skip",
-                         kernel_init=_identity)
+      self.skip = dense(patch_features, dtype, param_dtype, "skip",
+                         kernel_init=identity_init)
 
   def inference_params(self, params):
     """`params` cast once to the dtypes the model computes in, for sampling.
@@ -346,15 +371,7 @@ class DiT(nn.Module):
     sampler's loop, saves re-reading and converting the float32 parameters at every network
     evaluation, and halves the weight traffic in bfloat16.
     """
-    dtype = jnp.dtype(self.dtype)
-
-    def cast(path, leaf):
-      names = {getattr(entry, "key", None) for entry in path}
-      if names & set(_CONDITIONING_MODULES) or not jnp.issubdtype(leaf.dtype, jnp.floating):
-        return leaf
-      return leaf.astype(dtype)
-
-    return jax.tree_util.tree_map_with_path(cast, params)
+    return cast_for_inference(params, self.dtype)
 
   def conditioning(self, c_noise):
     """c_noise [batch] -> the modulations {"blocks": (depth × [batch, 6·width]),

@@ -227,8 +227,10 @@ def train_step(state: LDMTrainState, batch, *, spec: LDMTrainSpec, seed: int):
 def _warn_of_width_bottleneck(model_config: ml_collections.ConfigDict, independent_stems: int):
   """Logs the floor a DiT narrower than its patches puts under its loss (models/dit.py)."""
   per_network = ml_collections.ConfigDict(model_config.to_dict())
-  if independent_stems and int(per_network.in_channels):
-    per_network.in_channels = int(per_network.in_channels) // independent_stems
+  # ISLDM's networks and the stem-coupled DiT's streams each see one stem's channels.
+  networks = independent_stems or int(per_network.get("stem_streams", 0))
+  if networks and int(per_network.in_channels):
+    per_network.in_channels = int(per_network.in_channels) // networks
   share = dit.width_bottleneck(per_network) if int(per_network.in_channels) else 0.0
   if share > 0 and not per_network.get("patch_skip", False):
     features = int(per_network.patch_size) * int(per_network.in_channels)
@@ -256,6 +258,12 @@ def model_config_for_latents(ldm_config: ml_collections.ConfigDict, manifest: di
         f"config key {key}.in_channels={config.in_channels}, but the latent store at "
         f"{latents_dir} holds {num_stems} stems x {latent_dim} channels = {channels} (set it "
         "to 0 to take the store's)")
+  streams = int(config.get("stem_streams", 0))
+  if streams and streams != num_stems:
+    raise ValueError(
+        f"config key {key}.stem_streams={streams}, but the latent store at {latents_dir} "
+        f"holds {num_stems} source(s): one stream per stem (0 for the DiT on the joint "
+        "latent)")
   multiple = denoisers.build(kind, config).frame_multiple
   if frames % multiple:
     raise ValueError(
