@@ -230,6 +230,19 @@ def test_the_unet_system_is_msldm_with_the_releases_network_on_the_shared_latent
   assert runner.system_dir("/w", "msldm_unet") == "/w/systems/msldm_unet"
 
 
+def test_the_coupled_system_is_msldm_with_one_stream_per_stem(repo_root):
+  config = config_loading.load_config(os.path.join(repo_root, "configs/study.py"))
+  config.study.systems = "msldm,isldm,msldm_coupled"
+  assert runner.study_systems(config) == ["msldm", "isldm", "msldm_coupled"]
+  dit = runner.system_config(config, "/w", "msldm")
+  coupled = runner.system_config(config, "/w", "msldm_coupled")
+  assert (coupled.system, coupled.ldm.denoiser) == ("msldm", "dit")
+  assert (coupled.ldm.model.stem_streams, dit.ldm.model.stem_streams) == (4, 0)
+  # Everything else as msldm's: the same latents, VAE, network sizes, budget and sampling.
+  coupled.ldm.model.stem_streams = 0
+  assert coupled.to_dict() == dit.to_dict()
+
+
 def test_the_reports_commit_ignores_the_reports_own_files(tmp_path, monkeypatch):
   from msldm_jax.study import report  # pylint: disable=g-import-not-at-top
   def git(*args):

@@ -301,9 +301,11 @@ def _summary_tags(logdir):
 
 
 @pytest.mark.slow
-def test_stages_end_to_end_with_samples(tmp_path):
+@pytest.mark.parametrize("streams", [0, 4])
+def test_stages_end_to_end_with_samples(tmp_path, streams):
   """VAE checkpoint -> encode_latents -> train_ldm (with a sample) -> load_denoiser ->
-  sample, with the latents scaled per source (ldm.latent_scale) on the way."""
+  sample, with the latents scaled per source (ldm.latent_scale) on the way; with the DiT on
+  the joint latent and with the stem-coupled DiT (`ldm.model.stem_streams`)."""
   tfds_dir = tmp_path / "tfds"
   synthetic.write_dataset(str(tfds_dir), {"train": synthetic.sine_tracks(3, 1.5)},
                           name="minislakh")
@@ -314,6 +316,7 @@ def test_stages_end_to_end_with_samples(tmp_path):
   config.ldm.train.sample_every = 2
   config.ldm.train.sample_steps = 2
   config.ldm.latent_scale = "per_source"
+  config.ldm.model.stem_streams = streams
   workdir = str(tmp_path / "work")
   test_latents.write_vae_checkpoint(config, os.path.join(workdir, "vae", "checkpoints"))
   latents_dir = main.run("encode_latents", config, workdir)
@@ -329,6 +332,7 @@ def test_stages_end_to_end_with_samples(tmp_path):
   manifest = store.load_manifest(latents_dir)
   assert identity["latents"]["vae"] == manifest["vae"] and identity["step"] == 2
   assert len(loading.latent_scale(denoiser)) == stems.NUM_STEMS
+  assert getattr(model, "stem_streams", 0) == streams
   x = jnp.asarray(store.LatentStore(latents_dir, "train").read_all()[:2])
   joint = x.reshape(2, stems.NUM_STEMS * LATENT_DIM, FRAMES)
   denoised = edm.make_denoise_fn(model.apply, params, sigma_data=config.ldm.sigma_data)(

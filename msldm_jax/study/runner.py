@@ -36,6 +36,7 @@ import jax
 import ml_collections
 
 from msldm_jax import atomic_files
+from msldm_jax import stems
 from msldm_jax import workdir_layout
 from msldm_jax.data import prepare
 from msldm_jax.diffusion import samplers
@@ -73,6 +74,12 @@ SYSTEMS = {
     "isldm": ("isldm", denoisers.DIT),
     "mixldm": ("mixldm", denoisers.DIT),
     "msldm_unet": ("msldm", denoisers.UNET),
+    "msldm_coupled": ("msldm", denoisers.DIT),
+}
+# Settings of a system's network on top of the study's (ldm.model for the DiT): the
+# stem-coupled DiT is isldm's four networks joined by mixers (models/coupled_stems.py).
+MODEL_SETTINGS = {
+    "msldm_coupled": {"stem_streams": stems.NUM_STEMS},
 }
 # The system whose samplers are compared against network evaluations.
 SAMPLER_SYSTEM = "msldm"
@@ -140,6 +147,8 @@ def system_config(config: ml_collections.ConfigDict, workdir: str,
   derived = _derived(config)
   derived.system = system
   derived.ldm.denoiser = denoiser
+  for key, value in MODEL_SETTINGS.get(name, {}).items():
+    derived.ldm[denoisers.CONFIG_KEYS[denoiser]][key] = value
   derived.data.tfds_dir = workdir_layout.tfds_dir(config, workdir)
   if system == "mixldm":
     # The mixture is one source: one parameter set, whatever the stems' VAE has.
