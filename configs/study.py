@@ -17,7 +17,8 @@ killed training resumes with what is left of its time budget):
   4. every system in `study.systems` trained for `study.ldm_seconds` on the same clock,
      with the FLOPs of one denoiser evaluation stated: msldm (the DiT on the joint latent),
      isldm (one DiT per stem, each on its stem's latent), mixldm (a DiT on the mixture's
-     latent), msldm_unet (the release's U-Net on the joint latent);
+     latent), msldm_unet (the release's U-Net on the joint latent), msldm_coupled (isldm's
+     four DiTs joined after every block by mixers of all stems' tokens);
   5. `sample.num_pieces` pieces from each with the release's sampler, scored by
      `--mode=evaluate` against the same reference set (musicnn FD and KAD with intervals and
      floors, levels, empty stems, tags, cross-stem measures; partial generation for the
@@ -27,7 +28,7 @@ killed training resumes with what is left of its time budget):
      empty).
 
 Variants (one string argument):
-  --config=configs/study.py                 about 5 hours on 2 CPU cores
+  --config=configs/study.py                 about 5.5 hours on 2 CPU cores
   --config=configs/study.py:variant=tiny    seconds per step, for the end-to-end test
   --config=configs/study.py:variant=gpu     the paper's VAE and DiT base sizes, budgets in
                                             hours of wall time, for one accelerator
@@ -50,7 +51,7 @@ from msldm_jax import paper_config
 
 VARIANTS = ("default", "tiny", "gpu")
 
-# configs/demo.py's config → the study's (CPU, about 5 hours in all: the VAEs 2, the rest 3).
+# configs/demo.py's config → the study's (CPU, about 5.5 hours in all: the VAEs 2, the rest 3.5).
 OVERRIDES = dict(
     data=dict(
         # 200 chorales (~2.5 h of four-stem audio): the test split then holds more chunks
@@ -164,10 +165,15 @@ def study_config(variant: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       # The latent systems compared, each trained for the same time on the same clock:
       # msldm, isldm, mixldm, msldm_unet (msldm with the release's U-Net for the DiT; its
-      # step costs several DiT steps, which the equal budget charges it). The tiny variant
-      # leaves the U-Net out: its step's compilation would double the end-to-end test's
-      # time, and tests/test_study.py checks its system's config instead.
-      systems="msldm,isldm,mixldm" if variant == "tiny" else "msldm,isldm,mixldm,msldm_unet",
+      # step costs several DiT steps, which the equal budget charges it) and msldm_coupled
+      # (msldm with isldm's four DiTs joined by stem mixers, models/coupled_stems.py: it
+      # tells a joint model's gain from the other stems apart from the width the plain
+      # DiT's stems share). The tiny variant leaves the U-Net and the coupled DiT out: their
+      # compilations would add minutes to the end-to-end test, and tests/test_study.py
+      # checks their systems' configs instead (tests/test_train_ldm.py runs the coupled
+      # DiT through the stages).
+      systems=("msldm,isldm,mixldm" if variant == "tiny"
+               else "msldm,isldm,mixldm,msldm_unet,msldm_coupled"),
       # 1200 CPU-s each: on the control, msldm with the gated path kept its segments' ±1
       # (median |coordinate| 0.81) after 1200 CPU-s but blurred them (0.13) after 300
       # (benchmarks/RESULTS.md, "The DiT's width bottleneck").
