@@ -20,7 +20,8 @@ stems"). This network separates "joint" from "a quarter of the width":
 The gates start at zero, so a fresh network is exactly ISLDM (with the same per-stem
 parameters) and every cross-stem dependence it shows was learned. The mixer costs
 2·S·width·stem_mixer_hidden multiply-adds per token and block, against about 12·S·width²
-for the S streams' blocks (hidden = width: a sixth more).
+for the S streams' blocks (hidden = width: a sixth more; 9 % more FLOPs in all for the
+study's tiny streams on 1024 frames).
 
 Selected by the DiT setting `stem_streams` = S > 0 (`ldm.model.stem_streams=4`); the
 recorded config carries it, so checkpoints rebuild it like any DiT (`models/denoisers.py`).
@@ -101,7 +102,7 @@ class StemMixer(nn.Module):
         3 * width, param_dtype=self.param_dtype, kernel_init=nn.initializers.zeros,
         name="adaLN_modulation")(nn.silu(cond))
     shift, scale, gate = jnp.split(modulation, 3, axis=-1)  # [S, batch, width] each
-    normed = jax.vmap(lambda x: dit.layer_norm()(x))(h)
+    normed = dit.layer_norm()(h)  # over each token's width, stem by stem
     normed = normed * (1.0 + scale[:, :, None]) + shift[:, :, None]
     joint = normed.transpose(1, 2, 0, 3).reshape(batch, num_tokens, num_stems * width)
     m = dit.dense(self.hidden, self.dtype, self.param_dtype, "fc1")(
