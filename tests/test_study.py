@@ -288,3 +288,35 @@ def test_notes_split_at_semicolons_outside_parentheses():
   assert report.split_notes("a (the same; but later); b;; c ") == [
       "a (the same; but later)", "b", "c"]
   assert report.split_notes("") == []
+
+
+def test_the_report_holds_every_joint_system_to_the_papers_ordering(repo_root):
+  from msldm_jax.study import report  # pylint: disable=g-import-not-at-top
+  def result(value, low, high):
+    score = {"value": value, "low": low, "high": high}
+    return {"metrics": {"total_generation": {"mixture": {"": {report.KAD: score}}}}}
+  results = {"msldm": result(85.0, 82.0, 88.0), "isldm": result(68.0, 65.0, 71.0),
+             "mixldm": result(90.0, 86.0, 94.0), "msldm_coupled": result(64.0, 62.0, 67.5),
+             "msldm_unet": result(70.0, 60.0, 80.0)}
+  assert report.joint_systems(results) == ["msldm", "msldm_coupled", "msldm_unet"]
+  lines = report._ordering(results)  # pylint: disable=protected-access
+  assert len(lines) == 6
+  assert ("- mixture KAD ×100, msldm 85.00 against isldm 68.00: isldm ahead, intervals "
+          "apart: the paper's ordering is not reproduced.") in lines
+  assert ("- mixture KAD ×100, msldm_coupled 64.00 against mixldm 90.00: msldm_coupled "
+          "ahead, intervals apart: shown.") in lines
+  assert ("- mixture KAD ×100, msldm_coupled 64.00 against isldm 68.00: msldm_coupled lower, "
+          "but the intervals overlap: not shown.") in lines
+  assert ("- mixture KAD ×100, msldm_unet 70.00 against isldm 68.00: isldm lower, the "
+          "intervals overlap: not shown either way.") in lines
+
+
+def test_the_report_states_what_msldms_variants_are(repo_root):
+  from msldm_jax.study import report  # pylint: disable=g-import-not-at-top
+  config = config_loading.load_config(os.path.join(repo_root, "configs/study.py"))
+  lines = report._variant_departures(config)  # pylint: disable=protected-access
+  assert [line.split(":")[0].split(" (")[0] for line in lines] == [
+      "- msldm_unet", "- msldm_coupled"]
+  assert "32 channels" in lines[0] and "hidden width 64" in lines[1]
+  config.study.systems = "msldm,isldm"
+  assert report._variant_departures(config) == []  # pylint: disable=protected-access
