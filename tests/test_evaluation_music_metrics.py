@@ -190,6 +190,14 @@ def test_reconstruction_quality():
   assert np.isnan(scores["piano"]["si_sdr"])
   exact = mm.reconstruction_quality(reference, reference)
   assert exact["drums"]["mel_distance"] == pytest.approx(0.0, abs=1e-6)
+  assert exact["drums"]["level_change_db"] == pytest.approx(0.0, abs=1e-6)
+  # Half the amplitude: SI-SDR does not see it, the level change does (20·log10 0.5).
+  quiet = mm.reconstruction_quality(0.5 * reference, reference)
+  assert quiet["bass"]["si_sdr"] > 60
+  assert quiet["bass"]["level_change_db"] == pytest.approx(-6.02, abs=0.01)
+  assert np.isnan(quiet["piano"]["level_change_db"])
+  silent = mm.reconstruction_quality(np.zeros_like(reference), reference)
+  assert silent["guitar"]["level_change_db"] == -np.inf
 
 
 def test_statistics_embedding():

@@ -72,6 +72,16 @@ def test_level_table():
   assert rows["bass"]["real median dB"] == pytest.approx(-20, abs=0.5)
   assert rows["bass"]["generated median dB"] == pytest.approx(-40, abs=0.5)
   assert rows["bass"]["generated within real 5-95 %"] == 0.0
+  assert "reconstructed median dB" not in rows["bass"]
+  # The real chunks through a VAE that plays them 6 dB quiet, over the audible ones only.
+  reconstructed = 0.5 * reference
+  reconstructed[10:, 2] = 0.0
+  quiet_guitar = audible.copy()
+  quiet_guitar[10:, 2] = False
+  rows = stage.level_table(generated, reference, audible[:5], quiet_guitar,
+                           reconstructed=reconstructed)
+  assert rows["bass"]["reconstructed median dB"] == pytest.approx(-26.0, abs=0.5)
+  assert rows["guitar"]["reconstructed median dB"] == pytest.approx(-26.0, abs=0.5)
   quiet = audible.copy()
   quiet[:, 1] = False
   assert np.isnan(stage.level_table(generated, reference, quiet[:5], quiet)["drums"][

@@ -97,6 +97,14 @@ def test_tiny_study_runs_end_to_end_and_resumes(repo_root, tmp_path, mini_datase
   with open(report_dir / "README.md") as f:
     report = f.read()
   assert "Against the goals" in report and "| SourceVAE (stems) | guitar |" in report
+  # Each VAE's level change beside SI-SDR and mel distance, and every generated level beside
+  # the real stems' through the VAE and as they are.
+  vae_row = next(line for line in report.splitlines()
+                 if line.startswith("| SourceVAE (stems) | bass |"))
+  assert vae_row.split(" | ")[5][0] in "+-", vae_row
+  levels_row = next(line for line in report.splitlines()
+                    if line.startswith("| level bass dB, generated (real through the VAE / "))
+  assert levels_row.count(" / ") == 1 + 2, levels_row  # msldm's and isldm's cells
   for heading in ("## The SourceVAEs", "## The latent models, for the same training time",
                   "## Total generation", "## Partial generation",
                   "## Samplers against network evaluations (msldm)",

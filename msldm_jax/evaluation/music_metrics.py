@@ -346,10 +346,14 @@ def cross_stem_dependence(audio, sample_rate: int = stems.SAMPLE_RATE,
 def reconstruction_quality(reconstructed, reference, sample_rate: int = stems.SAMPLE_RATE,
                            stem_names: Sequence[str] = stems.STEM_NAMES
                            ) -> dict[str, dict[str, float]]:
-  """VAE reconstruction quality per stem: mean SI-SDR (dB) and multi-scale mel distance.
+  """VAE reconstruction quality per stem: mean SI-SDR (dB), multi-scale mel distance and the
+  level change (median over pieces of the reconstruction's dB RMS minus the reference's).
 
-  `{stem: {"si_sdr": ..., "mel_distance": ...}}` over pieces whose reference stem is not
-  silent (SI-SDR of silence is meaningless); NaN for a stem silent in every piece.
+  `{stem: {"si_sdr": ..., "mel_distance": ..., "level_change_db": ...}}` over pieces whose
+  reference stem is not silent (SI-SDR of silence is meaningless); NaN for a stem silent in
+  every piece. SI-SDR ignores gain and the mel distance compares log magnitudes, so a
+  decoder that plays everything several dB quiet shows only in the level change (and then
+  in every generated piece's level, which the decoder makes).
   """
   reconstructed = stems.as_pieces(reconstructed, stem_names)
   reference = stems.as_pieces(reference, stem_names)
@@ -360,11 +364,16 @@ def reconstruction_quality(reconstructed, reference, sample_rate: int = stems.SA
   mel = np.asarray(vae_losses.multiscale_mel_distance(
       jnp.asarray(reconstructed), jnp.asarray(reference), sample_rate=sample_rate))
   audible = ~is_silent(reference)
+  with np.errstate(invalid="ignore"):  # −inf − −inf on silent stems, never kept
+    level_change = levels_db(reconstructed) - levels_db(reference)
   scores = {}
   for i, name in enumerate(stem_names):
     keep = audible[:, i]
     scores[name] = {
         "si_sdr": float(sdr[keep, i].mean()) if keep.any() else float("nan"),
         "mel_distance": float(mel[keep, i].mean()) if keep.any() else float("nan"),
+        # The median: a reconstruction decoded to silence is −inf dB.
+        "level_change_db": (float(np.median(level_change[keep, i])) if keep.any()
+                            else float("nan")),
     }
   return scores

@@ -29,6 +29,7 @@ then writes into WORKDIR/evaluation:
                                   the reference splits grows when the other stems come from
                                   another chunk (0 for isldm; latent_dependence.py)
   levels.{md,csv}                 each stem's level (dB RMS), generated vs the real spread
+                                  and the real stems through the VAE
   instrument_tags.{md,csv}        how often musicnn's MTT tagger ranks a guitar, piano or
                                   drums stem's own instrument first; real stems: the ceiling
   vae_reconstruction.{md,csv}     the frozen VAE's reconstructions of the reference chunks:
@@ -172,10 +173,12 @@ def music_measures(audio: np.ndarray, empty_share: float, protocol: distance_sco
 
 def level_table(generated: np.ndarray, reference: np.ndarray, audible_generated: np.ndarray,
                 audible_reference: np.ndarray,
-                stem_names: tuple[str, ...] = stems_lib.STEM_NAMES
-                ) -> dict[str, dict[str, float]]:
+                stem_names: tuple[str, ...] = stems_lib.STEM_NAMES,
+                reconstructed: np.ndarray | None = None) -> dict[str, dict[str, float]]:
   """Per stem: the generated stems' median level and the real stems' 5th/50th/95th
-  percentiles (dB RMS, audible stems only), and the share of generated levels in that range."""
+  percentiles (dB RMS, audible stems only), and the share of generated levels in that range;
+  with `reconstructed` (the real chunks through the VAE), their median level over the same
+  audible chunks: how much of a generated stem's shortfall the decoder alone already has."""
   generated_db, reference_db = music_metrics.levels_db(generated), music_metrics.levels_db(
       reference)
   rows = {}
@@ -186,6 +189,10 @@ def level_table(generated: np.ndarray, reference: np.ndarray, audible_generated:
                     else (float("nan"),) * 3)
     rows[name] = {
         "generated median dB": float(np.median(gen)) if gen.size else float("nan"),
+        **({} if reconstructed is None else {"reconstructed median dB": (
+            float(np.median(music_metrics.levels_db(
+                reconstructed[audible_reference[:, i], i]))) if real.size
+            else float("nan"))}),
         "real 5th pct dB": float(p5), "real median dB": float(p50),
         "real 95th pct dB": float(p95),
         "generated within real 5-95 %": (float(np.mean((gen >= p5) & (gen <= p95)))
@@ -414,7 +421,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   audible_generated = ~music_metrics.empty_stems(generated, sources, empty_share=empty_share)
   audible_reference = ~music_metrics.empty_stems(reference, sources, empty_share=empty_share)
-  levels = level_table(generated, reference, audible_generated, audible_reference, sources)
+  levels = level_table(generated, reference, audible_generated, audible_reference, sources,
+                       reconstructed)
   tables.write_table(out_dir, "levels", levels, row_label="stem")
 
   recognised, tag_fn = {}, None

@@ -7,7 +7,8 @@ The `--mode=evaluate_vae` stage reconstructs (posterior mean, then decode) the r
 `evaluate.vae_split` (all, or a seeded random sample of `evaluate.max_reference_chunks`),
 with the VAE of `ldm.vae_checkpoint` or WORKDIR's, and writes into WORKDIR/evaluation/vae:
 
-  reconstruction.{md,csv}   per source: SI-SDR (dB) and multi-scale mel distance, over the
+  reconstruction.{md,csv}   per source: SI-SDR (dB), multi-scale mel distance and the level
+                            change (dB; both other measures ignore gain), over the
                             chunks where the real source is audible; for guitar, piano and
                             drums also how often musicnn's MTT tagger names the
                             reconstruction's instrument, beside how often it names the real
@@ -132,7 +133,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           + f"; VAE {vae.identity['checkpoint_dir']}"
           + (f" (step {vae.identity['step']})" if vae.identity.get("step") is not None else "")
           + ". "
-          "SI-SDR and mel distance over the chunks where the real source is audible; "
+          "SI-SDR, mel distance and level change (median dB, reconstructed minus real) "
+          "over the chunks where the real source is audible; "
           "'tagged right': the share of audible stems whose own instrument musicnn's MTT "
           "tagger ranks first among its instrument tags (real stems: the ceiling).")
   with open(paths["md"], "a") as f:

@@ -215,12 +215,14 @@ def _vae_section(results: dict, test_scores: dict, out: str) -> list[str]:
     lines += ["", "![VAE mel distance](vae_mel.png) ![VAE SI-SDR](vae_si_sdr.png)"]
   scored = {label: scores for label, scores in test_scores.items() if scores}
   if scored:
-    lines += ["", "The final VAEs on real chunks (`--mode=evaluate_vae`): SI-SDR and mel "
-              "distance where the real source is audible; 'tagged right': the share of "
+    lines += ["", "The final VAEs on real chunks (`--mode=evaluate_vae`): SI-SDR, mel "
+              "distance and level change (median dB, reconstructed minus real; the other two "
+              "ignore gain) where the real source is audible; 'tagged right': the share of "
               "stems whose own instrument musicnn's MTT tagger ranks first, reconstructed "
               "and real.", "",
-              "| VAE | source | chunks | mel distance | SI-SDR dB | tagged right "
-              "(reconstructed) | tagged right (real) |", "|---|---|---|---|---|---|---|"]
+              "| VAE | source | chunks | mel distance | SI-SDR dB | level change dB | tagged "
+              "right (reconstructed) | tagged right (real) |",
+              "|---|---|---|---|---|---|---|---|"]
     for label, scores in scored.items():
       for name, row in scores["reconstruction"].items():
         tags = [float(row[k]) for k in (vae_quality.TAGGED_RECONSTRUCTED,
@@ -228,6 +230,9 @@ def _vae_section(results: dict, test_scores: dict, out: str) -> list[str]:
         lines.append(f"| {label} | {name} | {scores['num_chunks']} of "
                      f"{scores['split']} | {float(row['mel_distance']):.2f} | "
                      f"{float(row['si_sdr']):.1f} | "
+                     # Scores written before the level change was measured have none.
+                     + (f"{float(row['level_change_db']):+.1f} | "
+                        if "level_change_db" in row else "– | ")
                      + " | ".join("–" if not np.isfinite(t) else f"{t:.2f}" for t in tags)
                      + " |")
     lines += ["", f"Against the goals (mel distance ≤ {GOAL_MEL}, SI-SDR ≥ {GOAL_SI_SDR:g} "
@@ -288,10 +293,9 @@ def _total_table(results: dict) -> list[str]:
       lines.append(f"| {measure} {row} | " + " | ".join(
           _cell(_score(results[n]["metrics"], row, measure)) for n in names) + " |")
   for stem in stems.STEM_NAMES:
-    lines.append(f"| level {stem} dB, generated (real median) | " + " | ".join(
-        (f"{_num(results[n]['metrics']['levels'][stem]['generated median dB']):.1f} "
-         f"({_num(results[n]['metrics']['levels'][stem]['real median dB']):.1f})")
-        if stem in results[n]["metrics"].get("levels", {}) else "–" for n in names) + " |")
+    lines.append(f"| level {stem} dB, generated (real through the VAE / real, medians) | "
+                 + " | ".join(_level_cell(results[n]["metrics"].get("levels", {}).get(stem))
+                              for n in names) + " |")
   measures = []
   for name in names:
     for key in results[name]["metrics"].get("music_measures", {}).get("generated", {}):
@@ -317,6 +321,17 @@ def _total_table(results: dict) -> list[str]:
                    f"(real {_num(real['recognised']):.2f})")
     lines.append(f"| {stem} tagged as {stem} | " + " | ".join(cells) + " |")
   return lines
+
+
+def _level_cell(row: dict | None) -> str:
+  """A stem's generated median level, with the real stems' through the VAE (where the
+  evaluation measured it) and as they are."""
+  if row is None:
+    return "–"
+  through_vae = row.get("reconstructed median dB")
+  return (f"{_num(row['generated median dB']):.1f} ("
+          + ("" if through_vae is None else f"{_num(through_vae):.1f} / ")
+          + f"{_num(row['real median dB']):.1f})")
 
 
 def dependence_cell(scores: dict) -> str:
