@@ -14,10 +14,19 @@ from, both in the denoiser's scale (`ldm.latent_scale`). The same seeds for ever
 Each of `--samplers` is NAME:STEPS, then optional :KEY=VALUE sampler settings (numbers), e.g.
 euler_churn:150:s_churn=0 for the release's sampler without churn.
 
+Where the energy goes, frame by frame: each latent frame's squared distance from the real
+frames' mean (per stem, over its channels); printed are the share of sampled frames closer
+than the real frames' 10th percentile (collapse towards the mean frame) and the sampled 50th
+and 90th percentiles over the real ones (a missing loud tail). With `--samples`, the same for
+the pieces a `--mode=sample` run wrote (each piece's latents.npy, in the denoiser's scale),
+instead of sampling: `--samples=runs/study/systems/msldm/samples` scores the study's pieces.
+
 Prints a markdown table; the numbers belong in benchmarks/RESULTS.md with the machine, the
 command and the commit.
 """
 
+import glob
+import os
 import time
 
 from absl import app
@@ -40,6 +49,8 @@ _PIECES = flags.DEFINE_integer("pieces", 16, "Pieces per denoiser and sampler.")
 _SPLITS = flags.DEFINE_string("splits", "validation+test",
                               "Held-out splits of the latent store, joined by '+'.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seeds the pieces (the same for every sampler).")
+_SAMPLES = flags.DEFINE_string("samples", "", "With one denoiser: score the pieces in this "
+                               "samples folder (piece_*/latents.npy) instead of sampling.")
 
 
 def parse_sampler(text: str) -> tuple[str, dict]:
@@ -63,6 +74,35 @@ def levels_db(latents: np.ndarray) -> np.ndarray:
                                          axis=(0, 2, 3))))
 
 
+def frame_spread(generated: np.ndarray, real: np.ndarray) -> np.ndarray:
+  """[n, S, D, T] sampled and real latents -> [S, 3]: per stem, the share of sampled frames
+  whose squared distance from the real frames' mean is below the real frames' 10th
+  percentile, and the sampled 50th and 90th percentiles over the real ones."""
+  rows = []
+  for stem in range(real.shape[1]):
+    def distances(latents):
+      frames = np.moveaxis(latents[:, stem], 1, 2).reshape(-1, latents.shape[2])
+      return np.sum(np.square(frames - mean, dtype=np.float64), axis=1)
+    mean = np.moveaxis(real[:, stem], 1, 2).reshape(-1, real.shape[2]).mean(axis=0)
+    ours, theirs = distances(generated), distances(real)
+    p10, p50, p90 = np.percentile(theirs, [10, 50, 90])
+    rows.append([np.mean(ours < p10), np.percentile(ours, 50) / p50,
+                 np.percentile(ours, 90) / p90])
+  return np.asarray(rows)
+
+
+def read_samples(directory: str, shape: tuple[int, ...]) -> np.ndarray:
+  """The latents.npy of every piece_* in a samples folder, [n, *shape]."""
+  paths = sorted(glob.glob(os.path.join(directory, "piece_*", "latents.npy")))
+  if not paths:
+    raise app.UsageError(f"--samples={directory}: no piece_*/latents.npy in it")
+  latents = np.stack([np.load(path) for path in paths])
+  if latents.shape[1:] != (shape[0] * shape[1],) + shape[2:]:
+    raise app.UsageError(f"--samples={directory}: latents of shape {latents.shape[1:]}, the "
+                         f"denoiser's store has {shape}")
+  return latents.reshape((len(paths),) + shape)
+
+
 def sample_latents(denoiser: loading.Loaded, name: str, settings: dict, pieces: int,
                    seed: int, shape: tuple[int, ...]) -> np.ndarray:
   """`pieces` total generations [pieces, channels, frames] in the denoiser's scale."""
@@ -78,30 +118,43 @@ def main(argv):
   del argv
   runs = [parse_sampler(text) for text in _SAMPLERS.value.split(",") if text.strip()]
   splits = reference_set.split_names(_SPLITS.value, "--splits")
+  paths = [p.strip() for p in _DENOISERS.value.split(",") if p.strip()]
+  if _SAMPLES.value and len(paths) != 1:
+    raise app.UsageError("--samples scores one run's pieces: give one --denoisers path, the "
+                         "denoiser that sampled them")
   rows = []
-  for path in [p.strip() for p in _DENOISERS.value.split(",") if p.strip()]:
+  for path in paths:
     denoiser = loading.load_denoiser(path)
     real, sources = latent_dependence.held_out_latents(denoiser, splits)
     real_db = levels_db(real)
     print(f"{path} (step {denoiser.identity.get('step')}): {len(real)} held-out chunks, "
           "real RMS dB " + ", ".join(f"{s} {v:.1f}" for s, v in zip(sources, real_db)),
           flush=True)
-    for name, settings in runs:
-      start = time.perf_counter()
-      latents = sample_latents(denoiser, name, settings, _PIECES.value, _SEED.value,
-                               (real.shape[1] * real.shape[2], real.shape[3]))
-      generated_db = levels_db(latents.reshape((len(latents),) + real.shape[1:]))
-      label = f"{name} " + ", ".join(f"{k}={v:g}" for k, v in settings.items())
-      rows.append((path, label, generated_db - real_db))
-      print(f"  {label}: " + ", ".join(f"{s} {d:+.1f} dB" for s, d in
-                                       zip(sources, generated_db - real_db))
-            + f" ({time.perf_counter() - start:.0f} s)", flush=True)
-  print(f"\nSampled latents' RMS against the held-out latents' (dB), {_PIECES.value} pieces "
-        f"each, seed {_SEED.value}\n")
-  print("| denoiser | sampler | " + " | ".join(sources) + " |")
-  print("|---|---|" + "---|" * len(sources))
-  for path, label, difference in rows:
-    print(f"| {path} | {label} | " + " | ".join(f"{d:+.1f}" for d in difference) + " |")
+    if _SAMPLES.value:
+      generated = {f"the pieces in {_SAMPLES.value}": read_samples(_SAMPLES.value,
+                                                                    real.shape[1:])}
+    else:
+      generated = {}
+      for name, settings in runs:
+        start = time.perf_counter()
+        latents = sample_latents(denoiser, name, settings, _PIECES.value, _SEED.value,
+                                 (real.shape[1] * real.shape[2], real.shape[3]))
+        label = f"{name} " + ", ".join(f"{k}={v:g}" for k, v in settings.items())
+        generated[label] = latents.reshape((len(latents),) + real.shape[1:])
+        print(f"  {label}: {time.perf_counter() - start:.0f} s", flush=True)
+    for label, latents in generated.items():
+      rows.append((path, label, len(latents), levels_db(latents) - real_db,
+                   frame_spread(latents, real)))
+  print("\nSampled latents' RMS against the held-out latents' (dB); frames: the share below "
+        "the real 10th percentile of distance from the real mean frame / sampled median and "
+        f"90th percentile over the real ones; seed {_SEED.value}\n")
+  print("| denoiser | pieces | " + " | ".join(f"{s} dB | {s} frames" for s in sources)
+        + " |")
+  print("|---|---|" + "---|---|" * len(sources))
+  for path, label, count, difference, spread in rows:
+    print(f"| {path} | {label} ({count}) | " + " | ".join(
+        f"{d:+.1f} | {low:.2f} / {mid:.2f} / {high:.2f}"
+        for d, (low, mid, high) in zip(difference, spread)) + " |")
 
 
 if __name__ == "__main__":

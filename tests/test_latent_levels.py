@@ -59,3 +59,32 @@ def test_levels_are_per_stem_rms_in_db():
   latents = np.ones((3, 2, 4, 5), np.float32) * jnp.asarray([0.1, 1.0])[None, :, None, None]
   np.testing.assert_allclose(latent_levels.levels_db(np.asarray(latents)), [-20.0, 0.0],
                              atol=1e-6)
+
+
+def test_frame_spread_finds_collapse_and_a_missing_tail():
+  rng = np.random.default_rng(0)
+  real = rng.standard_t(3, size=(40, 2, 4, 32)).astype(np.float32)
+  same = latent_levels.frame_spread(real, real)
+  np.testing.assert_allclose(same, [[0.1, 1.0, 1.0]] * 2, atol=0.01)
+  # Every frame halfway to the mean frame: distances a quarter, far more frames "close".
+  shrunk = latent_levels.frame_spread(0.5 * real, real)
+  assert np.all(shrunk[:, 0] > 0.3)
+  np.testing.assert_allclose(shrunk[:, 1:], 0.25, atol=0.05)
+  # The heavy tail clipped (the largest tenth of the values): the median frame stays, the
+  # 90th percentile falls.
+  limit = np.percentile(np.abs(real), 90)
+  spread = latent_levels.frame_spread(np.clip(real, -limit, limit), real)
+  np.testing.assert_allclose(spread[:, 1], 1.0, atol=0.05)
+  assert np.all(spread[:, 2] < 0.6)
+
+
+def test_samples_are_read_from_a_sampling_runs_pieces(tmp_path):
+  for i in range(3):
+    (tmp_path / f"piece_{i:03d}").mkdir()
+    np.save(tmp_path / f"piece_{i:03d}" / "latents.npy", np.full((8, 5), i, np.float32))
+  latents = latent_levels.read_samples(str(tmp_path), (2, 4, 5))
+  assert latents.shape == (3, 2, 4, 5) and latents[2].min() == 2.0
+  with pytest.raises(app.UsageError, match="latents of shape"):
+    latent_levels.read_samples(str(tmp_path), (4, 4, 5))
+  with pytest.raises(app.UsageError, match="no piece_"):
+    latent_levels.read_samples(str(tmp_path / "piece_000"), (2, 4, 5))
