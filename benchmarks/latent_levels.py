@@ -37,6 +37,7 @@ import numpy as np
 from msldm_jax.diffusion import generation_program
 from msldm_jax.diffusion import samplers
 from msldm_jax.evaluation import latent_dependence
+from msldm_jax.evaluation import music_metrics
 from msldm_jax.evaluation import reference_set
 from msldm_jax.models import loading
 
@@ -70,8 +71,13 @@ def parse_sampler(text: str) -> tuple[str, dict]:
 
 def levels_db(latents: np.ndarray) -> np.ndarray:
   """[n, S, D, T] -> per stem RMS over pieces, channels and frames, in dB."""
-  return 20.0 * np.log10(np.sqrt(np.mean(np.square(latents, dtype=np.float64),
-                                         axis=(0, 2, 3))))
+  per_stem = np.moveaxis(np.asarray(latents), 1, 0).reshape(latents.shape[1], -1)
+  return music_metrics.levels_db(per_stem)
+
+
+def _frames(latents: np.ndarray, stem: int) -> np.ndarray:
+  """[n, S, D, T] -> stem's frames [n·T, D]."""
+  return np.moveaxis(latents[:, stem], 1, 2).reshape(-1, latents.shape[2])
 
 
 def frame_spread(generated: np.ndarray, real: np.ndarray) -> np.ndarray:
@@ -80,11 +86,10 @@ def frame_spread(generated: np.ndarray, real: np.ndarray) -> np.ndarray:
   percentile, and the sampled 50th and 90th percentiles over the real ones."""
   rows = []
   for stem in range(real.shape[1]):
-    def distances(latents):
-      frames = np.moveaxis(latents[:, stem], 1, 2).reshape(-1, latents.shape[2])
-      return np.sum(np.square(frames - mean, dtype=np.float64), axis=1)
-    mean = np.moveaxis(real[:, stem], 1, 2).reshape(-1, real.shape[2]).mean(axis=0)
-    ours, theirs = distances(generated), distances(real)
+    real_frames = _frames(real, stem)
+    mean = real_frames.mean(axis=0)
+    ours, theirs = (np.sum(np.square(frames - mean, dtype=np.float64), axis=1)
+                    for frames in (_frames(generated, stem), real_frames))
     p10, p50, p90 = np.percentile(theirs, [10, 50, 90])
     rows.append([np.mean(ours < p10), np.percentile(ours, 50) / p50,
                  np.percentile(ours, 90) / p90])

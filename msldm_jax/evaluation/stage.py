@@ -181,6 +181,7 @@ def level_table(generated: np.ndarray, reference: np.ndarray, audible_generated:
   audible chunks: how much of a generated stem's shortfall the decoder alone already has."""
   generated_db, reference_db = music_metrics.levels_db(generated), music_metrics.levels_db(
       reference)
+  reconstructed_db = None if reconstructed is None else music_metrics.levels_db(reconstructed)
   rows = {}
   for i, name in enumerate(stem_names):
     gen = generated_db[audible_generated[:, i], i]
@@ -189,9 +190,8 @@ def level_table(generated: np.ndarray, reference: np.ndarray, audible_generated:
                     else (float("nan"),) * 3)
     rows[name] = {
         "generated median dB": float(np.median(gen)) if gen.size else float("nan"),
-        **({} if reconstructed is None else {"reconstructed median dB": (
-            float(np.median(music_metrics.levels_db(
-                reconstructed[audible_reference[:, i], i]))) if real.size
+        **({} if reconstructed_db is None else {"reconstructed median dB": (
+            float(np.median(reconstructed_db[audible_reference[:, i], i])) if real.size
             else float("nan"))}),
         "real 5th pct dB": float(p5), "real median dB": float(p50),
         "real 95th pct dB": float(p95),
