@@ -224,7 +224,8 @@ def test_slakh_reference_values(repo_root):
   assert vae.model.to_dict() == source_vae.model_config("paper").to_dict()
   assert vae.discriminator.variant == "full" and vae.batch_size == 28
   assert dict(vae.loss_weights) == {"mel": 15.0, "feature_matching": 2.0,
-                                    "adversarial": 1.0, "kl": 10.0, "waveform": 0.0}
+                                    "adversarial": 1.0, "kl": 10.0, "waveform": 0.0,
+                                    "mel_magnitude": 0.0}
   optim = vae.optimizer
   assert (optim.learning_rate, optim.b1, optim.b2, optim.lr_decay) == (5e-5, 0.8, 0.99,
                                                                       0.999996)

@@ -6,10 +6,12 @@ trains the VAE's generator on
     15 · mel + 2 · feature_matching + 1 · adversarial + 10 · KL,
 
 and the discriminator on a least-squares GAN loss. The KL term belongs to the model
-(`models/source_vae.py`); this module only weighs it in. A fifth term, the waveform's mean
-absolute error, is ours and off at the paper's weights (0): mel, feature-matching and
-adversarial terms are all blind to phase, so only it asks the decoder for the input's phase
-(which SI-SDR measures).
+(`models/source_vae.py`); this module only weighs it in. Two more terms are off at the
+paper's weights (0): the waveform's mean absolute error (ours: mel, feature-matching and
+adversarial terms are all blind to phase, so only it asks the decoder for the input's phase,
+which SI-SDR measures), and the mel loss's magnitude half (audiotools' `mag_weight`, which
+DAC sets to 0: the log half weighs every mel bin alike, so a decoder can drop a loud low band
+at little cost to it).
 
 Discriminator outputs are taken as a sequence with one `(features, logits)` pair per
 sub-discriminator (`models.discriminators.DiscriminatorOutput` is such a pair); `features` are
@@ -33,9 +35,9 @@ MEL_N_MELS = (5, 10, 20, 40, 80, 160, 320)
 MEL_CLAMP_EPS = 1e-5
 
 # The generator's loss terms and the reference's weights for them ("lambdas" of configs.json).
-LOSS_TERMS = ("mel", "feature_matching", "adversarial", "kl", "waveform")
+LOSS_TERMS = ("mel", "feature_matching", "adversarial", "kl", "waveform", "mel_magnitude")
 DEFAULT_LOSS_WEIGHTS = {"mel": 15.0, "feature_matching": 2.0, "adversarial": 1.0, "kl": 10.0,
-                        "waveform": 0.0}
+                        "waveform": 0.0, "mel_magnitude": 0.0}
 
 # One (features, logits) pair per sub-discriminator.
 DiscriminatorOutputs = Sequence[tuple[Sequence[jax.Array], jax.Array]]
@@ -45,46 +47,70 @@ def _f32(x: jax.Array) -> jax.Array:
   return jnp.asarray(x, jnp.float32)
 
 
-def multiscale_mel_distance(estimate: jax.Array, reference: jax.Array, *,
-                            sample_rate: int = stems.SAMPLE_RATE,
-                            window_lengths: Sequence[int] = MEL_WINDOW_LENGTHS,
-                            n_mels: Sequence[int] = MEL_N_MELS,
-                            clamp_eps: float = MEL_CLAMP_EPS, power: float = 1.0,
-                            log_weight: float = 1.0, mag_weight: float = 0.0) -> jax.Array:
-  """Multi-scale log-mel L1 distance per example: `[..., samples]` pair -> `[...]`.
+def multiscale_mel_terms(estimate: jax.Array, reference: jax.Array, *,
+                         sample_rate: int = stems.SAMPLE_RATE,
+                         window_lengths: Sequence[int] = MEL_WINDOW_LENGTHS,
+                         n_mels: Sequence[int] = MEL_N_MELS,
+                         clamp_eps: float = MEL_CLAMP_EPS, power: float = 1.0
+                         ) -> tuple[jax.Array, jax.Array]:
+  """The two halves of DAC's / audiotools' `MelSpectrogramLoss` per example, from one STFT
+  per scale: `[..., samples]` pair -> (log distance `[...]`, magnitude distance `[...]`).
 
   For each scale (window w, hop w/4, centred Hann STFT, |STFT| through Slaney mel filters):
-  log_weight · mean|log10(max(mel_est, eps)^power) − log10(max(mel_ref, eps)^power)|
-  + mag_weight · mean|mel_est − mel_ref|, the means over (frames, mels); then the sum over
-  scales. This is DAC's / audiotools' `MelSpectrogramLoss` with the reference's settings
-  (pow 1, mag_weight 0, clamp_eps 1e-5, fmin 0, fmax sr/2): its `nn.L1Loss` takes the mean of
-  each scale, and the scales are summed. The mean over examples of this distance is that loss
-  (every example has the same number of elements).
+  log: mean|log10(max(mel_est, eps)^power) − log10(max(mel_ref, eps)^power)|;
+  magnitude: mean|mel_est − mel_ref|; the means over (frames, mels), then the sum over
+  scales, with the reference's settings (pow 1, clamp_eps 1e-5, fmin 0, fmax sr/2).
+
+  The log half weighs every mel bin alike, whatever its energy; the magnitude half weighs
+  bins by their magnitude, so it is the one that sees a loud low band (a kick drum's) go
+  missing. audiotools' `mag_weight` (default 1) weighs the second; DAC and the release set
+  it to 0 (here: the generator's `mel_magnitude` term).
   """
   chex.assert_equal_shape([estimate, reference])
   if len(window_lengths) != len(n_mels):
     raise ValueError(f"window_lengths {tuple(window_lengths)} and n_mels {tuple(n_mels)} "
                      "must have the same length (one n_mels per scale)")
   estimate, reference = _f32(estimate), _f32(reference)
-  total = jnp.zeros(estimate.shape[:-1], jnp.float32)
+  log_total = jnp.zeros(estimate.shape[:-1], jnp.float32)
+  magnitude_total = jnp.zeros(estimate.shape[:-1], jnp.float32)
   for window_length, mels in zip(window_lengths, n_mels):
     kwargs = dict(sample_rate=sample_rate, n_fft=window_length,
                   hop_length=window_length // 4, n_mels=mels)
     # One STFT of both signals stacked: half the ops to trace and compile of two calls.
     mel_est, mel_ref = spectral.mel_spectrogram(jnp.stack([estimate, reference]), **kwargs)
-    if log_weight:
-      # log10(clamp(m)^p) = p·log10(clamp(m)): the clamp before the power, as audiotools.
-      log_est = power * jnp.log10(jnp.maximum(mel_est, clamp_eps))
-      log_ref = power * jnp.log10(jnp.maximum(mel_ref, clamp_eps))
-      total += log_weight * jnp.mean(jnp.abs(log_est - log_ref), axis=(-2, -1))
-    if mag_weight:
-      total += mag_weight * jnp.mean(jnp.abs(mel_est - mel_ref), axis=(-2, -1))
-  return total
+    # log10(clamp(m)^p) = p·log10(clamp(m)): the clamp before the power, as audiotools.
+    log_est = power * jnp.log10(jnp.maximum(mel_est, clamp_eps))
+    log_ref = power * jnp.log10(jnp.maximum(mel_ref, clamp_eps))
+    log_total += jnp.mean(jnp.abs(log_est - log_ref), axis=(-2, -1))
+    magnitude_total += jnp.mean(jnp.abs(mel_est - mel_ref), axis=(-2, -1))
+  return log_total, magnitude_total
+
+
+def multiscale_mel_distance(estimate: jax.Array, reference: jax.Array, *,
+                            log_weight: float = 1.0, mag_weight: float = 0.0,
+                            **kwargs: Any) -> jax.Array:
+  """Multi-scale mel L1 distance per example: `[..., samples]` pair -> `[...]`,
+  log_weight · log distance + mag_weight · magnitude distance (`multiscale_mel_terms`,
+  which takes the other keyword arguments). At the defaults this is DAC's / audiotools'
+  `MelSpectrogramLoss` with the reference's settings (mag_weight 0): its `nn.L1Loss` takes
+  the mean of each scale, and the scales are summed. The mean over examples of this distance
+  is that loss (every example has the same number of elements).
+  """
+  log_distance, magnitude_distance = multiscale_mel_terms(estimate, reference, **kwargs)
+  return log_weight * log_distance + mag_weight * magnitude_distance
 
 
 def multiscale_mel_loss(estimate: jax.Array, reference: jax.Array, **kwargs: Any) -> jax.Array:
   """The generator's mel loss: `multiscale_mel_distance` averaged over examples (a scalar)."""
   return jnp.mean(multiscale_mel_distance(estimate, reference, **kwargs))
+
+
+def mel_loss_terms(estimate: jax.Array, reference: jax.Array, **kwargs: Any
+                   ) -> dict[str, jax.Array]:
+  """The generator's two mel terms, averaged over examples: {"mel": the log distance (the
+  release's mel loss), "mel_magnitude": the magnitude distance}."""
+  log_distance, magnitude_distance = multiscale_mel_terms(estimate, reference, **kwargs)
+  return {"mel": jnp.mean(log_distance), "mel_magnitude": jnp.mean(magnitude_distance)}
 
 
 def _check_pairs(d_fake: DiscriminatorOutputs, d_real: DiscriminatorOutputs) -> None:
@@ -145,9 +171,9 @@ def weighted_generator_loss(terms: Mapping[str, jax.Array], loss_weights: Mappin
   """Σ_k loss_weights[k] · terms[k] over `LOSS_TERMS`; returns (total, {term: value}).
 
   `loss_weights` is a dict or ConfigDict with exactly the keys of `LOSS_TERMS` (mel,
-  feature_matching, adversarial, kl, waveform): a missing or unknown key is an error naming
-  it, so that a misspelt weight cannot silently switch a term off. The returned dict holds the unweighted
-  terms (float32 scalars), for logging.
+  feature_matching, adversarial, kl, waveform, mel_magnitude): a missing or unknown key is
+  an error naming it, so that a misspelt weight cannot silently switch a term off. The
+  returned dict holds the unweighted terms (float32 scalars), for logging.
   """
   weight_keys, term_keys = set(loss_weights.keys()), set(terms.keys())
   expected = set(LOSS_TERMS)
@@ -172,8 +198,8 @@ def generator_loss(estimate: jax.Array, reference: jax.Array, d_fake: Discrimina
                    loss_weights: Mapping[str, Any] = DEFAULT_LOSS_WEIGHTS, *,
                    sample_rate: int = stems.SAMPLE_RATE
                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The VAE generator's loss: weighted mel, feature matching, adversarial, KL and waveform
-  terms.
+  """The VAE generator's loss: weighted mel, feature matching, adversarial, KL, waveform and
+  mel magnitude terms.
 
   Args:
     estimate: the decoder's waveform `[batch, samples]`.
@@ -185,11 +211,12 @@ def generator_loss(estimate: jax.Array, reference: jax.Array, d_fake: Discrimina
     sample_rate: for the mel filters.
 
   Returns:
-    (total, {'mel', 'feature_matching', 'adversarial', 'kl', 'waveform'}: unweighted terms).
+    (total, {'mel', 'feature_matching', 'adversarial', 'kl', 'waveform', 'mel_magnitude'}:
+    unweighted terms).
   """
   chex.assert_rank(estimate, 2)
   terms = {
-      "mel": multiscale_mel_loss(estimate, reference, sample_rate=sample_rate),
+      **mel_loss_terms(estimate, reference, sample_rate=sample_rate),
       "feature_matching": feature_matching_loss(d_fake, d_real),
       "adversarial": generator_adversarial_loss(d_fake),
       "kl": kl,

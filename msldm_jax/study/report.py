@@ -501,7 +501,10 @@ def _departures(config: ml_collections.ConfigDict) -> list[str]:
          "VAE gets a quarter of the steps. The mixture VAE is one VAE."] if per_source else []),
       f"- Its loss: {weights['mel']:g}·mel + {weights['feature_matching']:g}·feature "
       f"matching + {weights['adversarial']:g}·adversarial + {weights['kl']:g}·KL + "
-      f"{weights['waveform']:g}·waveform L1 (the paper's: 15, 2, 1, 10, no waveform term); "
+      f"{weights['waveform']:g}·waveform L1"
+      + (f" + {weights['mel_magnitude']:g}·mel magnitude L1" if weights["mel_magnitude"]
+         else "")
+      + " (the paper's: 15, 2, 1, 10, no waveform or mel magnitude term); "
       + ("reconstruction-only throughout (no discriminator)."
          if vae.adversarial_start >= vae.train.num_steps else
          f"the first {vae.adversarial_start} steps reconstruction-only (no discriminator)."),

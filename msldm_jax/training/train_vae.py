@@ -187,15 +187,15 @@ def adversarial_step(state: VAETrainState, batch, *, spec: VAETrainSpec, loss_we
 
 def reconstruction_step(state: VAETrainState, batch, *, spec: VAETrainSpec, loss_weights,
                         rng):
-  """A warm-up step (`vae.adversarial_start`): the generator on its weighted mel, KL and
-  waveform terms only; the discriminator is neither run nor updated (its Adam state neither). The
-  adversarial and feature-matching terms are logged as 0."""
+  """A warm-up step (`vae.adversarial_start`): the generator on its weighted mel, KL,
+  waveform and mel magnitude terms only; the discriminator is neither run nor updated (its
+  Adam state neither). The adversarial and feature-matching terms are logged as 0."""
   x, stem = batch[pipeline.AUDIO], batch[pipeline.STEM]
 
   def objective(generator):
     recon, mean, logvar = reconstruct_stem(spec.vae, generator, x, stem, rng,
                                            one_stem=spec.stem_batches)
-    terms = {"mel": vae_losses.multiscale_mel_loss(recon, x),
+    terms = {**vae_losses.mel_loss_terms(recon, x),
              "feature_matching": jnp.zeros((), jnp.float32),
              "adversarial": jnp.zeros((), jnp.float32),
              "kl": source_vae.kl_divergence(mean, logvar),
