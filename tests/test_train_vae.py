@@ -150,6 +150,9 @@ def test_short_run_on_the_mini_dataset_learns(repo_root, tmp_path, tfds_dir):
   assert len(history) == 30
   assert np.mean(history[-5:]) < 0.9 * np.mean(history[:5]), history
   assert np.isfinite(final["eval/si_sdr"]) and np.isfinite(final["eval/mel_distance"])
+  # The level change per stem beside them (dB; a decoder 30 steps old plays quiet, not mute).
+  levels = [final[f"eval/level_change_db/{name}"] for name in trainer.sources]
+  assert all(-60.0 < level < 20.0 for level in levels), levels
   assert os.path.isfile(os.path.join(trainer.stage_dir, "losses.png"))
 
 

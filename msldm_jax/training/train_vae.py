@@ -231,11 +231,14 @@ warmup_step = _with_step(reconstruction_step)
 
 
 def eval_step(generator, batch, *, spec: VAETrainSpec):
-  """Per-window mel distance and SI-SDR of the posterior-mean reconstruction."""
+  """Per-window mel distance, SI-SDR and energies (real and reconstructed) of the
+  posterior-mean reconstruction."""
   x, stem = batch[pipeline.AUDIO], batch[pipeline.STEM]
   recon, _, _ = reconstruct_stem(spec.vae, generator, x, stem)
+  energy = lambda audio: jnp.sum(jnp.square(audio.astype(jnp.float32)), axis=-1)  # noqa: E731
   return {"mel_distance": vae_losses.multiscale_mel_distance(recon, x),
-          "si_sdr": vae_losses.si_sdr(recon, x), "recon": recon}
+          "si_sdr": vae_losses.si_sdr(recon, x), "recon": recon,
+          "energy_real": energy(x), "energy_reconstructed": energy(recon)}
 
 
 class VAETrainer:
@@ -316,8 +319,10 @@ class VAETrainer:
       plotting.save_curves(os.path.join(self.stage_dir, "losses.png"), curves)
 
   def evaluate(self, state: VAETrainState, writer=None, step: int = 0) -> dict:
-    """Mel distance and SI-SDR per stem (or of the mixture) over the first `eval_batches`
-    validation batches."""
+    """Mel distance, SI-SDR and level change per stem (or of the mixture) over the first
+    `eval_batches` validation batches. The level change is the reconstructions' pooled
+    energy over the real windows', in dB: both other measures ignore gain, and a decoder
+    that plays a stem quiet makes every generated piece's stem quiet."""
     train = self.train_config
     dataset_fn = functools.partial(
         pipeline.vae_windows, self._dataset_dir(), "validation", data_config=self.config.data,
@@ -331,7 +336,7 @@ class VAETrainer:
       out = jax.device_get(self._eval_step(state.generator, batch))
       valid = np.asarray(batch[pipeline.VALID])
       stem = np.asarray(batch[pipeline.STEM])
-      for name in ("mel_distance", "si_sdr"):
+      for name in ("mel_distance", "si_sdr", "energy_real", "energy_reconstructed"):
         for s, stem_name in enumerate(self.sources):
           rows = valid & (stem == s)
           if rows.any():
@@ -341,7 +346,14 @@ class VAETrainer:
       if examples is None:
         examples = (np.asarray(batch[pipeline.AUDIO])[valid][:2], out["recon"][valid][:2])
     metrics = {f"eval/{name}/{stem_name}": total / count
-               for (name, stem_name), (total, count) in sums.items()}
+               for (name, stem_name), (total, count) in sums.items()
+               if not name.startswith("energy_")}
+    for stem_name in self.sources:
+      real, _ = sums.get(("energy_real", stem_name), (0.0, 0))
+      if real > 0:
+        reconstructed, _ = sums[("energy_reconstructed", stem_name)]
+        metrics[f"eval/level_change_db/{stem_name}"] = float(
+            10.0 * np.log10(max(reconstructed, 1e-30) / real))
     for name in ("mel_distance", "si_sdr"):
       per_stem = [v for k, v in metrics.items() if k.startswith(f"eval/{name}/")]
       if per_stem:
