@@ -328,3 +328,13 @@ def test_the_report_states_what_msldms_variants_are(repo_root):
   assert "32 channels" in lines[0] and "hidden width 64" in lines[1]
   config.study.systems = "msldm,isldm"
   assert report._variant_departures(config) == []  # pylint: disable=protected-access
+
+
+def test_the_report_names_the_vae_loss_terms_the_paper_does_not_have(repo_root):
+  from msldm_jax.study import report  # pylint: disable=g-import-not-at-top
+  config = config_loading.load_config(os.path.join(repo_root, "configs/study.py"))
+  loss = lambda: next(line for line in report._departures(config)  # noqa: E731  # pylint: disable=protected-access
+                      if line.startswith("- Its loss:"))
+  assert "300·waveform L1 (the paper's" in loss() and "·mel magnitude" not in loss()
+  config.vae.loss_weights.mel_magnitude = 30.0
+  assert "300·waveform L1 + 30·mel magnitude L1 (the paper's" in loss()
