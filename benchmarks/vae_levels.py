@@ -38,16 +38,6 @@ from msldm_jax.evaluation import reference_set
 from msldm_jax.evaluation import vae_quality
 from msldm_jax.models import loading
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/study.py",
-                                          "The config whose dataset the chunks come from.")
-_WORKDIR = flags.DEFINE_string("workdir", "runs/study", "The workdir holding the dataset.")
-_VAES = flags.DEFINE_string("vaes", None, "Comma-separated SourceVAE paths (stems' VAEs).",
-                            required=True)
-_SPLIT = flags.DEFINE_string("split", "test", "Split(s) of real chunks, joined by '+'.")
-_MAX_CHUNKS = flags.DEFINE_integer("max_chunks", 64, "At most this many chunks.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seeds the choice of chunks.")
-_PLOT = flags.DEFINE_string("plot", "", "A PNG of the bands and quintiles per source.")
-
 # Band edges in Hz: sub-bass and bass, low and high mids, presence, air.
 BAND_EDGES = (0.0, 100.0, 300.0, 1000.0, 3000.0, 8000.0, stems_lib.SAMPLE_RATE / 2)
 N_FFT, HOP = 2048, 512
@@ -144,16 +134,30 @@ def plot(path: str, profiles: dict[str, dict]):
   print(f"plot: {path}")
 
 
+def _define_flags() -> None:
+  """Defined only when run as a script: the tests import this module beside msldm_jax.main,
+  whose --config and --workdir would otherwise be defined twice."""
+  config_flags.DEFINE_config_file("config", "configs/study.py",
+                                  "The config whose dataset the chunks come from.")
+  flags.DEFINE_string("workdir", "runs/study", "The workdir holding the dataset.")
+  flags.DEFINE_string("vaes", None, "Comma-separated SourceVAE paths (stems' VAEs).",
+                      required=True)
+  flags.DEFINE_string("split", "test", "Split(s) of real chunks, joined by '+'.")
+  flags.DEFINE_integer("max_chunks", 64, "At most this many chunks.")
+  flags.DEFINE_integer("seed", 0, "Seeds the choice of chunks.")
+  flags.DEFINE_string("plot", "", "A PNG of the bands and quintiles per source.")
+
+
 def main(argv):
   del argv
-  config = _CONFIG.value
-  workdir = os.path.abspath(_WORKDIR.value)
+  options = flags.FLAGS
+  workdir = os.path.abspath(options.workdir)
   sources = tuple(stems_lib.STEM_NAMES)
   real, split_chunks = reference_set.read_reference_chunks(
-      config, workdir, _SPLIT.value, _MAX_CHUNKS.value, _SEED.value)
-  print(f"{len(real)} of {split_chunks} chunks of {_SPLIT.value} from {workdir}", flush=True)
+      options.config, workdir, options.split, options.max_chunks, options.seed)
+  print(f"{len(real)} of {split_chunks} chunks of {options.split} from {workdir}", flush=True)
   profiles = {}
-  for path in (p.strip() for p in _VAES.value.split(",") if p.strip()):
+  for path in (p.strip() for p in options.vaes.split(",") if p.strip()):
     vae = loading.load_vae(path)
     reconstructed = vae_quality.reconstruct(vae, real, sources)
     label = f"{path} (step {vae.identity.get('step')})"
@@ -169,9 +173,10 @@ def main(argv):
     for name, row in profile.items():
       cells = [row["all"], *row["bands"], *row["loudness"]]
       print(f"| {label} | {name} | " + " | ".join(f"{c:+.1f}" for c in cells) + " |")
-  if _PLOT.value:
-    plot(_PLOT.value, profiles)
+  if options.plot:
+    plot(options.plot, profiles)
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

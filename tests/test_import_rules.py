@@ -7,6 +7,8 @@ cannot hide an arrow that runs back up.
 
 import ast
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -103,3 +105,29 @@ def test_the_rules_see_a_lazy_import(tmp_path):
   relpath = os.path.join("models", "loading.py")
   assert _violations(relpath, str(path)) == [
       f"{relpath}:4: models (layer 1) imports msldm_jax.training.train_vae (layer 3)"]
+
+
+def _benchmarks_the_tests_import():
+  tests = os.path.dirname(os.path.abspath(__file__))
+  found = set()
+  for name in sorted(os.listdir(tests)):
+    if name.endswith(".py"):
+      with open(os.path.join(tests, name)) as f:
+        tree = ast.parse(f.read(), name)
+      for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "benchmarks":
+          found |= {f"benchmarks.{alias.name}" for alias in node.names}
+  return sorted(found)
+
+
+def test_benchmarks_the_tests_import_define_no_flag_of_main():
+  """A test worker may import msldm_jax.main and a benchmark in one process: absl refuses a
+  flag defined twice, so such a benchmark must define --config, --workdir and the like only
+  when it runs as a script. Checked in a fresh interpreter, all of them at once."""
+  modules = _benchmarks_the_tests_import()
+  assert "benchmarks.vae_levels" in modules
+  repo = os.path.dirname(PACKAGE)
+  code = "import msldm_jax.main\n" + "".join(f"import {m}\n" for m in modules)
+  result = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True,
+                          text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
