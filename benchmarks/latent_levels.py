@@ -12,7 +12,8 @@ against the RMS of the held-out chunks of `--splits` of the latent store the den
 from, both in the denoiser's scale (`ldm.latent_scale`). The same seeds for every sampler.
 
 Each of `--samplers` is NAME:STEPS, then optional :KEY=VALUE sampler settings (numbers), e.g.
-euler_churn:150:s_churn=0 for the release's sampler without churn.
+euler_churn:150:s_churn=0 for the release's sampler without churn. `--weights=ema,raw` samples
+with the EMA parameters (what generation uses) and with the trainer's last ones, side by side.
 
 Where the energy goes, frame by frame: each latent frame's squared distance from the real
 frames' mean (per stem, over its channels); printed are the share of sampled frames closer
@@ -21,10 +22,26 @@ and 90th percentiles over the real ones (a missing loud tail). With `--samples`,
 the pieces a `--mode=sample` run wrote (each piece's latents.npy, in the denoiser's scale),
 instead of sampling: `--samples=runs/study/systems/msldm/samples` scores the study's pieces.
 
+Why the samples lose energy, read from the network instead of its samples (`--calibration`):
+at each noise level of training's loss buckets, per stem, on the same held-out latents x with
+noise n, the denoiser's estimate D = D(x + σn; σ) and
+
+  gain    <x, D> / <D, D> in dB: the scale that would bring D closest to x. The posterior
+          mean E[x | x + σn] has gain 0 dB at every σ, and so does the conditional mean on
+          any part of the input, so a well-trained but under-informed network still reads 0.
+          Above 0, the network shrinks its estimate more than any conditional mean does (an
+          EMA of a still-moving network, or a bias towards 0); the sampler compounds that
+          over its steps into quiet samples.
+  energy  <D, D> / <x, x> in dB: how much of the clean energy the estimate carries. Below
+          0 by nature (more so at large σ); with gain at 0 dB the missing energy is what the
+          network does not know, which the sampler also turns into quiet samples (a
+          denoiser that always answers the mean frame collapses every sample onto it).
+
 Prints a markdown table; the numbers belong in benchmarks/RESULTS.md with the machine, the
 command and the commit.
 """
 
+import functools
 import glob
 import os
 import time
@@ -32,8 +49,11 @@ import time
 from absl import app
 from absl import flags
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from msldm_jax import joint_latent
+from msldm_jax.diffusion import edm
 from msldm_jax.diffusion import generation_program
 from msldm_jax.diffusion import samplers
 from msldm_jax.evaluation import latent_dependence
@@ -50,6 +70,13 @@ _PIECES = flags.DEFINE_integer("pieces", 16, "Pieces per denoiser and sampler.")
 _SPLITS = flags.DEFINE_string("splits", "validation+test",
                               "Held-out splits of the latent store, joined by '+'.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seeds the pieces (the same for every sampler).")
+_WEIGHTS = flags.DEFINE_list(
+    "weights", ["ema"], "Which parameters sample: 'ema' (what generation uses), 'raw' (the "
+    "trainer's last step), or both: an EMA of a network still moving fast can shrink it.")
+_CALIBRATION = flags.DEFINE_bool(
+    "calibration", False, "Also the denoiser's calibration per noise level on the held-out "
+    "latents: the gain that would bring its estimate closest to the clean latent, and the "
+    "estimate's energy over the clean one's (see the module's doc).")
 _SAMPLES = flags.DEFINE_string("samples", "", "With one denoiser: score the pieces in this "
                                "samples folder (piece_*/latents.npy) instead of sampling.")
 
@@ -96,6 +123,47 @@ def frame_spread(generated: np.ndarray, real: np.ndarray) -> np.ndarray:
   return np.asarray(rows)
 
 
+@functools.partial(jax.jit, static_argnames=("apply_fn", "num_sources", "sigma_data"))
+def _calibration_sums(params, x_bct, noise_bct, weight_b, sigma, *, apply_fn,
+                      num_sources: int, sigma_data: float):
+  """Per stem, the batch's weighted sums of <x, D> and <D, D> at one σ: [2, S]."""
+  denoised = edm.denoise(apply_fn, params, x_bct + sigma * noise_bct, sigma,
+                         sigma_data=sigma_data).astype(jnp.float32)
+  x = joint_latent.split_sources(x_bct, num_sources)
+  d = joint_latent.split_sources(denoised, num_sources)
+  per_row = jnp.stack([jnp.sum(x * d, axis=(2, 3)), jnp.sum(d * d, axis=(2, 3))])
+  return jnp.sum(per_row * weight_b[None, :, None], axis=1)
+
+
+def calibration(denoiser: loading.Loaded, latents_nsct: np.ndarray, *,
+                sigmas=latent_dependence.SIGMAS, noise_draws: int = 2, batch_size: int = 16,
+                seed: int = 0, sigma_data: float = edm.SIGMA_DATA) -> np.ndarray:
+  """[len(sigmas), S, 2]: per σ and stem, the gain <x, D>/<D, D> and the energy
+  <D, D>/<x, x> of the denoised estimates of `latents_nsct` (the denoiser's scale), in dB."""
+  latents_nsct = np.asarray(latents_nsct, np.float32)
+  count, num_sources = latents_nsct.shape[:2]
+  sums = np.zeros((len(sigmas), 2, num_sources))
+  key = jax.random.key(seed)
+  for start in range(0, count, batch_size):
+    rows = np.arange(start, min(start + batch_size, count))
+    # One compiled program for every batch: the last one padded, its padding weighted 0.
+    x = jnp.asarray(joint_latent.stack_sources(latents_nsct[np.resize(rows, batch_size)]))
+    weight = jnp.asarray(np.arange(batch_size) < len(rows), jnp.float32)
+    for i, sigma in enumerate(sigmas):
+      for draw in range(noise_draws):
+        noise = jax.random.normal(jax.random.fold_in(key, (start * len(sigmas) + i)
+                                                     * noise_draws + draw), x.shape)
+        sums[i] += np.asarray(_calibration_sums(
+            denoiser.params, x, noise, weight, jnp.float32(sigma),
+            apply_fn=denoiser.module.apply, num_sources=num_sources,
+            sigma_data=float(sigma_data)), np.float64) / noise_draws
+  clean = np.sum(np.square(latents_nsct, dtype=np.float64), axis=(0, 2, 3))
+  with np.errstate(divide="ignore", invalid="ignore"):
+    gain = 20.0 * np.log10(sums[:, 0] / sums[:, 1])
+    energy = 10.0 * np.log10(sums[:, 1] / clean[None])
+  return np.stack([gain, energy], axis=-1)
+
+
 def read_samples(directory: str, shape: tuple[int, ...]) -> np.ndarray:
   """The latents.npy of every piece_* in a samples folder, [n, *shape]."""
   paths = sorted(glob.glob(os.path.join(directory, "piece_*", "latents.npy")))
@@ -119,6 +187,18 @@ def sample_latents(denoiser: loading.Loaded, name: str, settings: dict, pieces: 
   return np.asarray(jax.jit(jax.vmap(one_piece))(keys))
 
 
+def _print_calibration(calibrations, sources) -> None:
+  print("\nThe denoiser's estimates of the held-out latents: gain <x, D>/<D, D> (0 dB for any "
+        "conditional mean; above 0, an estimate shrunk more than that) / energy <D, D>/<x, x>, "
+        f"dB; seed {_SEED.value}\n")
+  print("| denoiser | σ | " + " | ".join(f"{s} gain / energy" for s in sources) + " |")
+  print("|---|---|" + "---|" * len(sources))
+  for path, weight, table in calibrations:
+    for sigma, per_stem in zip(latent_dependence.SIGMAS, table):
+      print(f"| {path} ({weight}) | {sigma:.3g} | " + " | ".join(
+          f"{gain:+.2f} / {energy:+.1f}" for gain, energy in per_stem) + " |")
+
+
 def main(argv):
   del argv
   runs = [parse_sampler(text) for text in _SAMPLERS.value.split(",") if text.strip()]
@@ -127,9 +207,14 @@ def main(argv):
   if _SAMPLES.value and len(paths) != 1:
     raise app.UsageError("--samples scores one run's pieces: give one --denoisers path, the "
                          "denoiser that sampled them")
-  rows = []
-  for path in paths:
-    denoiser = loading.load_denoiser(path)
+  weights = [w.strip() for w in _WEIGHTS.value if w.strip()]
+  if not weights or set(weights) - {"ema", "raw"}:
+    raise app.UsageError(f"--weights={','.join(_WEIGHTS.value)}: expected ema, raw or both")
+  if _SAMPLES.value and weights != ["ema"]:
+    raise app.UsageError("--samples scores pieces already sampled: leave --weights out")
+  rows, calibrations = [], []
+  for path, weight in ((p, w) for p in paths for w in weights):
+    denoiser = loading.load_denoiser(path, use_ema=weight == "ema")
     real, sources = latent_dependence.held_out_latents(denoiser, splits)
     real_db = levels_db(real)
     print(f"{path} (step {denoiser.identity.get('step')}): {len(real)} held-out chunks, "
@@ -144,12 +229,19 @@ def main(argv):
         start = time.perf_counter()
         latents = sample_latents(denoiser, name, settings, _PIECES.value, _SEED.value,
                                  (real.shape[1] * real.shape[2], real.shape[3]))
-        label = f"{name} " + ", ".join(f"{k}={v:g}" for k, v in settings.items())
+        label = (f"{name} " + ", ".join(f"{k}={v:g}" for k, v in settings.items())
+                 + ("" if weights == ["ema"] else f", {weight} weights"))
         generated[label] = latents.reshape((len(latents),) + real.shape[1:])
         print(f"  {label}: {time.perf_counter() - start:.0f} s", flush=True)
     for label, latents in generated.items():
       rows.append((path, label, len(latents), levels_db(latents) - real_db,
                    frame_spread(latents, real)))
+    if _CALIBRATION.value:
+      calibrations.append((path, weight, calibration(denoiser, real, seed=_SEED.value)))
+  if calibrations:
+    _print_calibration(calibrations, sources)
+  if not rows:
+    return
   print("\nSampled latents' RMS against the held-out latents' (dB); frames: the share below "
         "the real 10th percentile of distance from the real mean frame / sampled median and "
         f"90th percentile over the real ones; seed {_SEED.value}\n")

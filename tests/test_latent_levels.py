@@ -8,6 +8,7 @@ import pytest
 from absl import app
 
 from benchmarks import latent_levels
+from msldm_jax.evaluation import latent_dependence
 from msldm_jax.diffusion import edm
 from msldm_jax.models import loading
 
@@ -88,3 +89,34 @@ def test_samples_are_read_from_a_sampling_runs_pieces(tmp_path):
     latent_levels.read_samples(str(tmp_path), (4, 4, 5))
   with pytest.raises(app.UsageError, match="no piece_"):
     latent_levels.read_samples(str(tmp_path / "piece_000"), (2, 4, 5))
+
+
+def _gaussian_latents(count=48, frames=128):
+  rng = np.random.default_rng(1)
+  return (edm.SIGMA_DATA * rng.standard_normal((count, 2, 4, frames))).astype(np.float32)
+
+
+def test_the_exact_denoiser_is_calibrated_and_keeps_the_posteriors_energy():
+  latents = _gaussian_latents()
+  table = latent_levels.calibration(loading.Loaded(_Scaled(0.0), {}, {}), latents,
+                                    batch_size=20)  # 48 chunks: the last batch padded
+  assert table.shape == (len(latent_dependence.SIGMAS), 2, 2)
+  sigmas = np.asarray(latent_dependence.SIGMAS)[:, None]
+  # The gain's sampling error: <x, σn>/<x, x> has standard deviation σ/(σ_d·√N) over N
+  # values (48 chunks × 4 channels × 128 frames × 2 noise draws per stem); four of them.
+  tolerance = 4 * 20 / np.log(10) * sigmas / (edm.SIGMA_DATA * np.sqrt(48 * 4 * 128 * 2))
+  assert np.all(np.abs(table[..., 0]) < tolerance), (table[..., 0], tolerance)
+  # D = σ_d²/(σ_d² + σ²)·y: its energy over x's is σ_d²/(σ_d² + σ²).
+  expected = 10 * np.log10(edm.SIGMA_DATA**2 / (edm.SIGMA_DATA**2 + sigmas**2))
+  np.testing.assert_allclose(table[..., 1], np.broadcast_to(expected, (len(sigmas), 2)),
+                             atol=0.15)
+
+
+def test_calibration_tells_an_estimate_shrunk_from_one_too_loud():
+  latents = _gaussian_latents()
+  shrunk = latent_levels.calibration(loading.Loaded(_Scaled(-0.5), {}, {}), latents)
+  loud = latent_levels.calibration(loading.Loaded(_Scaled(0.5), {}, {}), latents)
+  # Where the network's share of D matters (c_out·c_in is largest at σ near σ_data).
+  middle = np.abs(np.log(np.asarray(latent_dependence.SIGMAS) / edm.SIGMA_DATA)) < 1.5
+  assert np.all(shrunk[middle, :, 0] > 0.5) and np.all(loud[middle, :, 0] < -0.5)
+  assert np.all(shrunk[..., 1] < loud[..., 1])
