@@ -125,3 +125,19 @@ def pytest_configure(config):
     # The same for the command-line runs the tests start (`python -m msldm_jax.main`, the
     # benchmarks): a resumed or rescored run then reuses what the first run compiled.
     os.environ[name.upper()] = str(value)
+
+
+def _expected_minutes(item) -> float:
+  """`@pytest.mark.slow(minutes=M)`: about M minutes on 2 CPU cores (1 if not said); 0 for
+  a test not marked slow."""
+  marker = item.get_closest_marker("slow")
+  return 0.0 if marker is None else float(marker.kwargs.get("minutes", 1.0))
+
+
+def pytest_collection_modifyitems(config, items):
+  """The slow end-to-end tests first, the longest first. pytest-xdist hands tests to its
+  workers in this order, so the long ones start at once on every worker, instead of a late
+  one keeping one worker busy after the other has run out of tests. Stable: the rest keep
+  their order."""
+  del config
+  items.sort(key=lambda item: -_expected_minutes(item))

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 import tensorflow_datasets as tfds
 
 from msldm_jax import workdir_layout
@@ -45,3 +46,37 @@ def test_mode_all_from_the_command_line_runs_the_stages_in_order(repo_root, tmp_
   assert "DuplicateFlagError" not in result.stderr
   assert "stage data: running" in result.stderr
   assert str(missing) in result.stderr
+
+
+def test_mode_all_skips_stages_finished_under_the_same_config(tmp_path, monkeypatch):
+  """run_all's markers on stand-in stages (each records that it ran): a second run skips
+  every stage; another config runs every stage again. (The stages themselves resume from
+  what a workdir holds: tests/test_train_vae.py, test_train_ldm.py, test_latents.py.)"""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from msldm_jax import main  # pylint: disable=g-import-not-at-top
+  ran = []
+  monkeypatch.setattr(main, "run", lambda mode, config, workdir: (
+      main.run_all(config, workdir) if mode == "all" else ran.append(mode) or mode))
+  config = ml_collections.ConfigDict({"sample": {"num_steps": 4}})
+  workdir = str(tmp_path)
+  assert main.run("all", config, workdir) == {mode: mode for mode in main.ALL_STAGES}
+  assert ran == list(main.ALL_STAGES)
+  assert main.run("all", config, workdir) == {} and len(ran) == len(main.ALL_STAGES)
+  config.sample.num_steps = 5
+  assert list(main.run("all", config, workdir)) == list(main.ALL_STAGES)
+  # A stage that fails leaves no marker: the next run redoes it and what follows.
+  config.sample.num_steps = 6
+
+  def failing(mode, config, workdir):
+    if mode == "all":
+      return main.run_all(config, workdir)
+    if mode == "sample":
+      raise RuntimeError("sampling failed")
+    return mode
+  monkeypatch.setattr(main, "run", failing)
+  with pytest.raises(RuntimeError, match="sampling failed"):
+    main.run("all", config, workdir)
+  ran.clear()
+  monkeypatch.setattr(main, "run", lambda mode, config, workdir: (
+      main.run_all(config, workdir) if mode == "all" else ran.append(mode) or mode))
+  assert list(main.run("all", config, workdir)) == ["sample", "evaluate"]

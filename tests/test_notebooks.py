@@ -44,7 +44,7 @@ def kernel_env(tmp_path, monkeypatch):
 
 
 # About 1m40 s with a warm compilation cache, about 4 min cold (2 shared CPU cores).
-@pytest.mark.slow
+@pytest.mark.slow(minutes=3)
 def test_notebooks_run_end_to_end(repo_root, kernel_env, mini_dataset):
   paths = _notebooks(repo_root)
   # The notebooks' OVERRIDES render the session's mini dataset (same settings): 01's data

@@ -97,7 +97,7 @@ def test_the_planted_store_is_kept_and_other_settings_are_refused(tmp_path):
     control.segment_index(72, config.study.control_segments)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=3)
 def test_msldm_learns_the_planted_dependence_and_isldm_cannot(repo_root, tmp_path):
   """The tiny study's DiT, 300 steps on 64 planted chunks (about a minute on 2 cores)."""
   command = [sys.executable, "-m", "msldm_jax.main", "--config=configs/study.py:variant=tiny",
