@@ -23,6 +23,15 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     f"msldm_jax-test-compilation-cache-{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# librosa compiles its numba functions with cache=True into its own __pycache__. Two
+# processes compiling the same GUFunc at once (two xdist workers' stages computing onsets)
+# can leave a cache that segfaults every later call (numba issue 10128; seen here in
+# librosa.util.peak_pick). So one numba cache per worker: its subprocesses inherit it, and
+# run while the worker waits for them.
+os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(),
+    f"msldm_jax-test-numba-cache-{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}-"
+    f"{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"))
 
 import dataclasses  # noqa: E402
 import pathlib  # noqa: E402
