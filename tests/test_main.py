@@ -55,8 +55,13 @@ def test_mode_all_skips_stages_finished_under_the_same_config(tmp_path, monkeypa
   import ml_collections  # pylint: disable=g-import-not-at-top
   from msldm_jax import main  # pylint: disable=g-import-not-at-top
   ran = []
-  monkeypatch.setattr(main, "run", lambda mode, config, workdir: (
-      main.run_all(config, workdir) if mode == "all" else ran.append(mode) or mode))
+
+  def recording(mode, config, workdir):
+    if mode == "all":
+      return main.run_all(config, workdir)
+    ran.append(mode)
+    return mode
+  monkeypatch.setattr(main, "run", recording)
   config = ml_collections.ConfigDict({"sample": {"num_steps": 4}})
   workdir = str(tmp_path)
   assert main.run("all", config, workdir) == {mode: mode for mode in main.ALL_STAGES}
@@ -77,6 +82,5 @@ def test_mode_all_skips_stages_finished_under_the_same_config(tmp_path, monkeypa
   with pytest.raises(RuntimeError, match="sampling failed"):
     main.run("all", config, workdir)
   ran.clear()
-  monkeypatch.setattr(main, "run", lambda mode, config, workdir: (
-      main.run_all(config, workdir) if mode == "all" else ran.append(mode) or mode))
+  monkeypatch.setattr(main, "run", recording)
   assert list(main.run("all", config, workdir)) == ["sample", "evaluate"]
