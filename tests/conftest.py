@@ -4,7 +4,9 @@ The flag must be set before JAX initialises its backends, hence here, before any
 imports jax.
 """
 
+import importlib.metadata
 import os
+import sys
 import tempfile
 
 # Tests run small shapes a few times each, so XLA:CPU's compile time dominates their cost:
@@ -17,21 +19,26 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests compile the same programs (the tiny VAE's train step, encoder and decoder, the
 # tiny DiT's step) in other trainer instances or other processes (the command-line tests'
 # subprocesses inherit this environment). One compilation cache for the whole test run,
-# shared by pytest-xdist's workers (same PYTEST_XDIST_TESTRUNUID), compiles each once.
+# shared by pytest-xdist's workers (they inherit the controller's environment), compiles
+# each once.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     tempfile.gettempdir(),
-    f"msldm_jax-test-compilation-cache-{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}"))
+    f"msldm_jax-test-compilation-cache-{os.getpid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# librosa compiles its numba functions with cache=True into its own __pycache__. Two
-# processes compiling the same GUFunc at once (two xdist workers' stages computing onsets)
-# can leave a cache that segfaults every later call (numba issue 10128; seen here in
-# librosa.util.peak_pick). So one numba cache per worker: its subprocesses inherit it, and
-# run while the worker waits for them.
+# librosa compiles its numba functions with cache=True, its GUFuncs (peak_pick, localmax, the
+# beat tracker's) as soon as their module is imported. Two processes compiling the same
+# GUFunc at once can pair one's compiled loop with the other's wrapper on disk, a cache that
+# segfaults every later process loading it (numba issue 10128): xdist's workers and the
+# stages' subprocesses importing librosa at once did, in CI. So the tests get a numba cache of
+# their own, filled by one process before any worker starts (`_warm_numba_cache`); after
+# that every process only loads it. The controller sets this before starting the workers,
+# who inherit it (and all their subprocesses).
+# Named by the versions whose compiled code it holds, so that it can outlive a run.
 os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(
-    tempfile.gettempdir(),
-    f"msldm_jax-test-numba-cache-{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}-"
-    f"{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"))
+    tempfile.gettempdir(), "msldm_jax-test-numba-cache-py{}.{}-numba{}-librosa{}".format(
+        *sys.version_info[:2], *(importlib.metadata.version(package)
+                                 for package in ("numba", "librosa")))))
 
 import dataclasses  # noqa: E402
 import pathlib  # noqa: E402
@@ -113,13 +120,49 @@ def mini_dataset(tmp_path_factory, repo_root) -> MiniDataset:
                      dataset_dir=dataset_dir)
 
 
+# Imports every librosa module holding a GUFunc (so compiles them all), then calls one.
+_NUMBA_WARM_UP = """
+import numpy as np
+import librosa.beat, librosa.core.audio, librosa.util.utils
+assert librosa.util.peak_pick(np.array([0., 0., 1., 0., 0.]), pre_max=1, post_max=2,
+                              pre_avg=1, post_avg=2, delta=0.1, wait=0).tolist() == [2]
+"""
+
+
+def _warm_numba_cache():
+  """Fills NUMBA_CACHE_DIR with librosa's GUFuncs in one process, then checks that a second
+  process loads them, before any test runs. A lock keeps two test runs from compiling at once;
+  a marker file, written only after both steps passed, skips the ~20 s compile next time."""
+  import fcntl  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  cache_dir = os.environ["NUMBA_CACHE_DIR"]
+  os.makedirs(cache_dir, exist_ok=True)
+  marker = os.path.join(cache_dir, "filled-by-one-process")
+  with open(os.path.join(cache_dir, "lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if os.path.exists(marker):
+      return
+    for step in ("compile", "load"):
+      result = subprocess.run([sys.executable, "-c", _NUMBA_WARM_UP], capture_output=True,
+                              text=True, check=False)
+      if result.returncode != 0:
+        raise RuntimeError(f"filling the numba cache {cache_dir} failed ({step}, exit "
+                           f"{result.returncode}); delete it and rerun:\n{result.stderr}")
+    with open(marker, "w") as f:
+      f.write("librosa's GUFuncs, compiled by one process\n")
+
+
 def pytest_configure(config):
-  """A persistent compilation cache shared by the tests of a run and the command-line runs
+  """librosa's numba cache is filled once, by the controller, before xdist starts workers
+  (they have `workerinput`).
+
+  A persistent compilation cache shared by the tests of a run and the command-line runs
   they start: trainers built again from the same config (resume tests, end-to-end runs run
   again, a study rescored) then reuse compiled programs instead of paying XLA:CPU's compile
   time again. A program's key is its HLO, flags and devices, so a cache left by other code
   is never reused wrongly."""
-  import tempfile  # pylint: disable=g-import-not-at-top
+  if not hasattr(config, "workerinput"):
+    _warm_numba_cache()
   import jax  # pylint: disable=g-import-not-at-top
   cache_dir = os.environ.get("MSLDM_TEST_COMPILATION_CACHE") or os.path.join(
       tempfile.gettempdir(), "msldm_jax_test_compilation_cache")
