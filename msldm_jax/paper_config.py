@@ -74,6 +74,9 @@ def vae_config() -> ml_collections.ConfigDict:
       # 15·mel + 2·feature matching + 1·adversarial + 10·KL; the waveform L1 term (ours)
       # at 0.
       loss_weights=dict(vae_losses.DEFAULT_LOSS_WEIGHTS),
+      # Per-stem overrides of those weights ({stem: {term: weight}}; ours, for per-source
+      # VAEs trained on one-stem batches). The release has one set for all stems.
+      loss_weights_by_stem={},
       # Steps of reconstruction-only warm-up (the generator on mel + KL; no discriminator)
       # before the GAN steps begin. 0, the release's: adversarial from the first step.
       adversarial_start=0,

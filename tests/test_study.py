@@ -393,6 +393,8 @@ def test_the_report_names_the_vae_loss_terms_the_paper_does_not_have(repo_root):
   assert "300·waveform L1 (the paper's" in loss() and "·mel magnitude" not in loss()
   config.vae.loss_weights.mel_magnitude = 30.0
   assert "300·waveform L1 + 30·mel magnitude L1 (the paper's" in loss()
+  config.vae.loss_weights_by_stem = dict(drums=dict(mel_magnitude=300.0))
+  assert "no waveform or mel magnitude term); for drums: mel_magnitude 300; " in loss()
 
 
 def test_a_second_run_skips_every_step_and_a_scoring_setting_reruns_only_the_scoring(

@@ -9,7 +9,9 @@ import pytest
 
 from msldm_jax import checkpointing
 from msldm_jax import config_loading
+from msldm_jax import stems as stems_lib
 from msldm_jax.data import pipeline
+from msldm_jax.losses import vae_losses
 from msldm_jax.parallel import mesh as mesh_lib
 from msldm_jax.training import loop
 from msldm_jax.training import train_vae
@@ -220,3 +222,37 @@ def test_per_source_stem_batches_train_only_their_stem_at_one_group_cost(repo_ro
   inputs = trainer.train_inputs()
   stems_seen = [int(np.asarray(next(inputs)[pipeline.STEM])[0]) for _ in range(4)]
   assert stems_seen == [0, 1, 2, 3]
+
+
+def test_loss_weights_by_stem_weigh_each_one_stem_batch_by_its_stem(repo_root, tmp_path,
+                                                                     tfds_dir):
+  """`vae.loss_weights_by_stem`: a drums batch's generator loss uses the drums' mel magnitude
+  weight, a guitar batch's the common one; a config that cannot honour it is refused."""
+  config = _config(repo_root, tfds_dir)
+  config.vae.model.per_source = True
+  config.vae.loss_weights.mel_magnitude = 0.0
+  config.vae.loss_weights_by_stem = dict(drums=dict(mel_magnitude=300.0))
+  trainer = train_vae.VAETrainer(config, str(tmp_path))
+  state = trainer.initial_state()
+  for stem, magnitude_weight in (("drums", 300.0), ("guitar", 0.0)):
+    batch = _batch(config)
+    batch[pipeline.STEM] = np.full(8, stems_lib.STEM_NAMES.index(stem), np.int32)
+    # The step donates its input state: the next batch steps from the returned one.
+    state, metrics = trainer.compiled.step(state,
+                                           mesh_lib.to_global_batch(batch, trainer.mesh))
+    metrics = jax.device_get(metrics)
+    weights = dict(config.vae.loss_weights, mel_magnitude=magnitude_weight)
+    expected = sum(weights[name] * float(metrics[f"loss/{name}"])
+                   for name in vae_losses.LOSS_TERMS)
+    assert float(metrics["loss/mel_magnitude"]) > 0
+    np.testing.assert_allclose(float(metrics["loss/generator"]), expected, rtol=1e-5)
+  config.vae.model.per_source = False
+  with pytest.raises(ValueError, match="vae.loss_weights_by_stem .drums. .*one-stem batches"):
+    train_vae.VAETrainer(config, str(tmp_path / "shared"))
+  config.vae.model.per_source = True
+  config.vae.loss_weights_by_stem = dict(drum=dict(mel_magnitude=1.0))
+  with pytest.raises(ValueError, match=r"vae.loss_weights_by_stem.drum: unknown stem"):
+    train_vae.VAETrainer(config, str(tmp_path / "typo"))
+  config.vae.loss_weights_by_stem = dict(drums=dict(mel_magnitud=1.0))
+  with pytest.raises(ValueError, match=r"vae.loss_weights_by_stem.drums.mel_magnitud: unknown"):
+    train_vae.VAETrainer(config, str(tmp_path / "typo2"))

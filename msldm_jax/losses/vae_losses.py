@@ -193,6 +193,41 @@ def weighted_generator_loss(terms: Mapping[str, jax.Array], loss_weights: Mappin
   return total, values
 
 
+def loss_weights_by_stem(loss_weights: Mapping[str, Any], by_stem: Mapping[str, Any], *,
+                         key: str = "loss_weights_by_stem",
+                         stem_names: Sequence[str] = stems.STEM_NAMES
+                         ) -> dict[str, float | tuple[float, ...]]:
+  """`loss_weights` with per-stem overrides `by_stem` ({stem: {term: weight}}): a term that
+  some stem overrides becomes a tuple of weights, one per `stem_names` entry (the others keep
+  the common weight); the rest stay floats. `weights_for_stem` picks a batch's.
+
+  Why per stem: a term's best weight differs between stems' VAEs (the mel magnitude term
+  brings back a kick drum's low band and costs a guitar what the log mel taught it). An
+  unknown stem or term is an error naming `key`.
+  """
+  weights = {name: float(value) for name, value in loss_weights.items()}
+  for stem, overrides in by_stem.items():
+    if stem not in stem_names:
+      raise ValueError(f"config key {key}.{stem}: unknown stem (one of {list(stem_names)})")
+    for name, value in overrides.items():
+      if name not in LOSS_TERMS:
+        raise ValueError(f"config key {key}.{stem}.{name}: unknown loss term (one of "
+                         f"{list(LOSS_TERMS)})")
+      current = weights[name]
+      per_stem = list(current) if isinstance(current, tuple) else [current] * len(stem_names)
+      per_stem[list(stem_names).index(stem)] = float(value)
+      weights[name] = tuple(per_stem)
+  return weights
+
+
+def weights_for_stem(weights: Mapping[str, float | tuple[float, ...]], stem: jax.Array
+                     ) -> dict[str, Any]:
+  """The weights of a batch of stem index `stem` (an int32 scalar, traced or not) from
+  `loss_weights_by_stem`'s result: a tuple's entry for that stem, a float as it is."""
+  return {name: jnp.asarray(value, jnp.float32)[stem] if isinstance(value, tuple) else value
+          for name, value in weights.items()}
+
+
 def generator_loss(estimate: jax.Array, reference: jax.Array, d_fake: DiscriminatorOutputs,
                    d_real: DiscriminatorOutputs, kl: jax.Array,
                    loss_weights: Mapping[str, Any] = DEFAULT_LOSS_WEIGHTS, *,

@@ -505,6 +505,9 @@ def _departures(config: ml_collections.ConfigDict) -> list[str]:
       + (f" + {weights['mel_magnitude']:g}·mel magnitude L1" if weights["mel_magnitude"]
          else "")
       + " (the paper's: 15, 2, 1, 10, no waveform or mel magnitude term); "
+      + "".join(f"for {stem}: " + ", ".join(f"{name} {float(value):g}"
+                                             for name, value in overrides.items()) + "; "
+                for stem, overrides in vae.loss_weights_by_stem.items())
       + ("reconstruction-only throughout (no discriminator)."
          if vae.adversarial_start >= vae.train.num_steps else
          f"the first {vae.adversarial_start} steps reconstruction-only (no discriminator)."),

@@ -73,6 +73,29 @@ from msldm_jax.training import metric_writer
 from msldm_jax.training import preemption
 
 
+class DonatingStep:
+  """A jitted step(state, batch) that donates `state`, refusing a state already donated.
+
+  jax 0.10's CPU client logs "Buffer has been deleted or donated" for such a call and then
+  crashes the process (SIGSEGV) instead of raising: a notebook stepping twice from the same
+  state lost its kernel. Checking every leaf costs microseconds against a step's
+  milliseconds. `lower` is the jitted function's, for ahead-of-time compilation.
+  """
+
+  def __init__(self, jitted):
+    self._jitted = jitted
+
+  def __call__(self, state, batch):
+    if any(leaf.is_deleted() for leaf in jax.tree.leaves(state)
+           if isinstance(leaf, jax.Array)):
+      raise ValueError("this state was donated to an earlier step (its buffers are "
+                       "deleted): step from the state that call returned")
+    return self._jitted(state, batch)
+
+  def lower(self, *args, **kwargs):
+    return self._jitted.lower(*args, **kwargs)
+
+
 class CompiledStep:
   """Abstract state → shardings → jitted init and donated step, for one mesh.
 
@@ -80,8 +103,8 @@ class CompiledStep:
     state_shardings: NamedShardings of the state (by `strategy`).
     abstract_state: the state's ShapeDtypeStructs with those shardings (restore target).
     init: jit(key) -> state, laid out by the shardings.
-    step: jit(state, batch) -> (state, metrics), the state donated, the batch split over
-      the mesh's data axis, the metrics replicated.
+    step: jit(state, batch) -> (state, metrics), the state donated (a `DonatingStep`),
+      the batch split over the mesh's data axis, the metrics replicated.
     warmup_steps, warmup_step: an optional second step function (same state and metrics)
       for steps 1..warmup_steps, e.g. the VAE's reconstruction-only warm-up; `step_at`
       picks. Two programs rather than a `lax.cond` in one: XLA:CPU ran the VAE's step
@@ -97,10 +120,10 @@ class CompiledStep:
     self.init = jax.jit(init_fn, out_shardings=self.state_shardings)
 
     def jit_step(fn):
-      return jax.jit(
+      return DonatingStep(jax.jit(
           fn, in_shardings=(self.state_shardings, mesh_lib.batch_sharding(mesh)),
           out_shardings=(self.state_shardings, mesh_lib.replicated(mesh)),
-          donate_argnums=(0,))
+          donate_argnums=(0,)))
 
     self.step = jit_step(step_fn)
     # Compiled on first use only: a run resumed past the warm-up never compiles it.

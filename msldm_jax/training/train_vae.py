@@ -218,6 +218,8 @@ def _with_step(step_fn):
   updates above: the per-step key, the learning rate logged, the step counted."""
   def step(state: VAETrainState, batch, *, spec: VAETrainSpec, loss_weights, seed: int):
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
+    # Per-stem weights (`vae.loss_weights_by_stem`) need one-stem batches: the trainer checks.
+    loss_weights = vae_losses.weights_for_stem(loss_weights, batch[pipeline.STEM][0])
     new_state, metrics = step_fn(state, batch, spec=spec, loss_weights=loss_weights, rng=rng)
     metrics["learning_rate"] = spec.learning_rate(state.step)
     return new_state.replace(step=state.step + 1), metrics
@@ -267,8 +269,16 @@ class VAETrainer:
     self.spec = make_train_spec(self.vae_config, self.mixture)
     self.window = pipeline.vae_window_spec(config.data, train=True).window
     self.stage_dir = workdir_layout.trainer_dir(workdir, workdir_layout.VAE)
-    step_kwargs = dict(spec=self.spec, loss_weights=dict(self.vae_config.loss_weights),
-                       seed=int(self.vae_config.seed))
+    by_stem = self.vae_config.loss_weights_by_stem
+    if by_stem and not self.spec.stem_batches:
+      raise ValueError(
+          f"config key vae.loss_weights_by_stem ({', '.join(by_stem)}) weighs a batch by its "
+          "stem, so it needs one-stem batches: vae.model.per_source=True, and not the "
+          "mixture VAE (system mixldm)")
+    step_kwargs = dict(spec=self.spec, seed=int(self.vae_config.seed),
+                       loss_weights=vae_losses.loss_weights_by_stem(
+                           self.vae_config.loss_weights, by_stem,
+                           key="vae.loss_weights_by_stem"))
     warmup_steps = int(self.vae_config.adversarial_start)
     if warmup_steps < 0:
       raise ValueError(f"config key vae.adversarial_start={warmup_steps} must be >= 0")
