@@ -118,12 +118,31 @@ def _is_section(value: Any) -> bool:
   return isinstance(value, (Mapping, ml_collections.ConfigDict))
 
 
+# Sections whose keys are data (stems, a dataclass's fields), not settings: empty by default,
+# the code reading them checks their keys, and `override` merges into them.
+OPEN_SECTIONS = ("vae.loss_weights_by_stem", "vae.discriminator.overrides")
+
+
+def _is_open(name: str) -> bool:
+  """`name` (dotted, from wherever `override` started) is one of OPEN_SECTIONS."""
+  return any(section == name or section.endswith("." + name) for section in OPEN_SECTIONS)
+
+
+def _merged(base: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+  merged = dict(base)
+  for key, value in values.items():
+    merged[key] = (_merged(merged[key], value) if _is_section(value) and
+                   _is_section(merged.get(key)) else value)
+  return merged
+
+
 def override(config: ml_collections.ConfigDict, values: Mapping[str, Any], source: str,
              where: str = "") -> ml_collections.ConfigDict:
   """Sets `values` (nested like `config`) over `config`, existing keys only; returns config.
 
   A nested mapping sets keys inside that section; any other value replaces the key's value
-  (ConfigDict's type checks apply: a float key takes an int, not a string).
+  (ConfigDict's type checks apply: a float key takes an int, not a string). An
+  `OPEN_SECTIONS` section takes new keys: the mapping given is merged into it.
 
   Raises:
     KeyError naming `source`, the dotted key and the keys that exist, for a key `config`
@@ -140,7 +159,9 @@ def override(config: ml_collections.ConfigDict, values: Mapping[str, Any], sourc
     if _is_section(value) != is_section:
       raise TypeError(f"{source}: {name} is {'a section' if is_section else 'a value'} in "
                       f"the base config, but is given {value!r}")
-    if is_section:
+    if is_section and _is_open(name):
+      config[key] = _merged(config[key].to_dict(), value)
+    elif is_section:
       override(config[key], value, source, name)
     else:
       config[key] = value

@@ -112,6 +112,14 @@ def test_override_sets_existing_keys_only():
     config_loading.override(config, dict(sample=dict(num_steps=dict(x=1))), "test")
   with pytest.raises(TypeError):  # ConfigDict's own type check: a float key takes no str.
     config_loading.override(config, dict(ldm=dict(sigma_data="0.4")), "test")
+  # An open section takes new keys, merged into what it holds.
+  for by_stem in (dict(drums=dict(mel_magnitude=300.0)), dict(drums=dict(kl=1.0)),
+                  dict(bass=dict(mel_magnitude=30.0))):
+    config_loading.override(config, dict(vae=dict(loss_weights_by_stem=by_stem)), "test")
+  assert config.vae.loss_weights_by_stem.to_dict() == {
+      "drums": {"mel_magnitude": 300.0, "kl": 1.0}, "bass": {"mel_magnitude": 30.0}}
+  with pytest.raises(TypeError, match="vae.loss_weights_by_stem is a section"):
+    config_loading.override(config, dict(vae=dict(loss_weights_by_stem=1.0)), "test")
 
 
 def test_cli_rejects_misspelled_override(repo_root, tmp_path):
