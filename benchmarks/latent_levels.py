@@ -37,6 +37,13 @@ noise n, the denoiser's estimate D = D(x + σn; σ) and
           network does not know, which the sampler also turns into quiet samples (a
           denoiser that always answers the mean frame collapses every sample onto it).
 
+Where on the way down the energy goes (`--from_sigmas=0.3,1`): the first `--pieces` held-out
+chunks x, noised to σ_s (x + σ_s·n) and sampled back from there with each sampler (its
+schedule from σ_s instead of σ_max, the same step count), against those chunks. At σ_max the
+start is noise and this is total generation; at small σ_s the chunk's structure is still
+there. A σ_s from which the levels stay is one whose decisions the network makes right; the
+first σ_s from which they fall brackets where it loses the loud frames.
+
 Prints a markdown table; the numbers belong in benchmarks/RESULTS.md with the machine, the
 command and the commit.
 """
@@ -77,6 +84,9 @@ _CALIBRATION = flags.DEFINE_bool(
     "calibration", False, "Also the denoiser's calibration per noise level on the held-out "
     "latents: the gain that would bring its estimate closest to the clean latent, and the "
     "estimate's energy over the clean one's (see the module's doc).")
+_FROM_SIGMAS = flags.DEFINE_list(
+    "from_sigmas", [], "Also sample back from the held-out chunks noised to each of these "
+    "σ (see the module's doc).")
 _SAMPLES = flags.DEFINE_string("samples", "", "With one denoiser: score the pieces in this "
                                "samples folder (piece_*/latents.npy) instead of sampling.")
 
@@ -187,6 +197,21 @@ def sample_latents(denoiser: loading.Loaded, name: str, settings: dict, pieces: 
   return np.asarray(jax.jit(jax.vmap(one_piece))(keys))
 
 
+def restart_latents(denoiser: loading.Loaded, name: str, settings: dict,
+                    real_nsct: np.ndarray, sigma: float, seed: int) -> np.ndarray:
+  """The chunks `real_nsct` noised to `sigma` and sampled back from there (the sampler's
+  schedule from `sigma`), [n, s, c, t] in the denoiser's scale."""
+  count, shape = len(real_nsct), (real_nsct.shape[1] * real_nsct.shape[2], real_nsct.shape[3])
+  denoise_fn = generation_program.sampling_denoise_fn(denoiser.module, denoiser.params, name,
+                                                      settings)
+  sample = samplers.get_sampler(name, {**settings, "sigma_max": float(sigma)})
+  keys = generation_program.piece_keys(seed, range(count))
+  start = (real_nsct.reshape((count,) + shape) + sigma * np.asarray(jax.random.normal(
+      jax.random.key(seed), (count,) + shape), np.float32)).astype(np.float32)
+  one_piece = lambda key, x: sample(denoise_fn, key, None, x_init=x[None])[0]  # noqa: E731
+  return np.asarray(jax.jit(jax.vmap(one_piece))(keys, start)).reshape(real_nsct.shape)
+
+
 def _print_calibration(calibrations, sources) -> None:
   print("\nThe denoiser's estimates of the held-out latents: gain <x, D>/<D, D> (0 dB for any "
         "conditional mean; above 0, an estimate shrunk more than that) / energy <D, D>/<x, x>, "
@@ -212,6 +237,15 @@ def main(argv):
     raise app.UsageError(f"--weights={','.join(_WEIGHTS.value)}: expected ema, raw or both")
   if _SAMPLES.value and weights != ["ema"]:
     raise app.UsageError("--samples scores pieces already sampled: leave --weights out")
+  try:
+    from_sigmas = [float(text) for text in _FROM_SIGMAS.value if text.strip()]
+  except ValueError as error:
+    raise app.UsageError(f"--from_sigmas={','.join(_FROM_SIGMAS.value)}: {error}") from error
+  if any(sigma <= 0 for sigma in from_sigmas):
+    raise app.UsageError(f"--from_sigmas={','.join(_FROM_SIGMAS.value)}: every σ must be > 0")
+  if from_sigmas and _SAMPLES.value:
+    raise app.UsageError("--from_sigmas samples, --samples scores pieces already sampled: "
+                         "give one of them")
   rows, calibrations = [], []
   for path, weight in ((p, w) for p in paths for w in weights):
     denoiser = loading.load_denoiser(path, use_ema=weight == "ema")
@@ -236,6 +270,17 @@ def main(argv):
     for label, latents in generated.items():
       rows.append((path, label, len(latents), levels_db(latents) - real_db,
                    frame_spread(latents, real)))
+    chunks = real[:_PIECES.value]
+    for sigma in from_sigmas:
+      for name, settings in runs:
+        start = time.perf_counter()
+        latents = restart_latents(denoiser, name, settings, chunks, sigma, _SEED.value)
+        label = (f"{name} " + ", ".join(f"{k}={v:g}" for k, v in settings.items())
+                 + f", from the chunks at σ {sigma:g}"
+                 + ("" if weights == ["ema"] else f", {weight} weights"))
+        print(f"  {label}: {time.perf_counter() - start:.0f} s", flush=True)
+        rows.append((path, label, len(latents), levels_db(latents) - levels_db(chunks),
+                     frame_spread(latents, chunks)))
     if _CALIBRATION.value:
       calibrations.append((path, weight, calibration(denoiser, real, seed=_SEED.value)))
   if calibrations:

@@ -120,3 +120,20 @@ def test_calibration_tells_an_estimate_shrunk_from_one_too_loud():
   middle = np.abs(np.log(np.asarray(latent_dependence.SIGMAS) / edm.SIGMA_DATA)) < 1.5
   assert np.all(shrunk[middle, :, 0] > 0.5) and np.all(loud[middle, :, 0] < -0.5)
   assert np.all(shrunk[..., 1] < loud[..., 1])
+
+
+def test_restarts_from_noised_chunks_find_the_noise_levels_that_lose_energy():
+  """`--from_sigmas`: the exact denoiser brings noised chunks back at their level from any σ;
+  one that removes too much loses more the higher it starts."""
+  chunks = _gaussian_latents(count=32, frames=64)
+
+  def change(k, sigma):
+    restarted = latent_levels.restart_latents(loading.Loaded(_Scaled(k), {}, {}), "dpmpp_2m",
+                                              {"num_steps": 25}, chunks, sigma, seed=0)
+    assert restarted.shape == chunks.shape
+    return latent_levels.levels_db(restarted) - latent_levels.levels_db(chunks)
+
+  for sigma in (0.05, 0.5, 3.0):
+    np.testing.assert_allclose(change(0.0, sigma), 0.0, atol=0.3)
+  low, high = change(-0.5, 0.05), change(-0.5, 2.0)
+  assert np.all(low > -1.0) and np.all(high < low - 3.0), (low, high)
