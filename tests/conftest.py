@@ -4,6 +4,7 @@ The flag must be set before JAX initialises its backends, hence here, before any
 imports jax.
 """
 
+import hashlib
 import importlib.metadata
 import os
 import sys
@@ -34,11 +35,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # their own, filled by one process before any worker starts (`_warm_numba_cache`); after
 # that every process only loads it. The controller sets this before starting the workers,
 # who inherit it (and all their subprocesses).
-# Named by the versions whose compiled code it holds, so that it can outlive a run.
+# Named by the environment and the versions whose compiled code it holds, so that it can
+# outlive a run (numba keys its entries by the source files' paths).
 os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(
-    tempfile.gettempdir(), "msldm_jax-test-numba-cache-py{}.{}-numba{}-librosa{}".format(
-        *sys.version_info[:2], *(importlib.metadata.version(package)
-                                 for package in ("numba", "librosa")))))
+    tempfile.gettempdir(), "msldm_jax-test-numba-cache-{}-py{}.{}-numba{}-librosa{}".format(
+        hashlib.sha256(sys.prefix.encode()).hexdigest()[:8], *sys.version_info[:2],
+        *(importlib.metadata.version(package) for package in ("numba", "librosa")))))
 
 import dataclasses  # noqa: E402
 import pathlib  # noqa: E402
