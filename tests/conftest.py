@@ -17,15 +17,6 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_backend_optimization_level=0"
                            " --xla_llvm_disable_expensive_passes=true").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Many tests compile the same programs (the tiny VAE's train step, encoder and decoder, the
-# tiny DiT's step) in other trainer instances or other processes (the command-line tests'
-# subprocesses inherit this environment). One compilation cache for the whole test run,
-# shared by pytest-xdist's workers (they inherit the controller's environment), compiles
-# each once.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
-    tempfile.gettempdir(),
-    f"msldm_jax-test-compilation-cache-{os.getpid()}"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # librosa compiles its numba functions with cache=True, its GUFuncs (peak_pick, localmax, the
 # beat tracker's) as soon as their module is imported. Two processes compiling the same
@@ -158,11 +149,11 @@ def pytest_configure(config):
   """librosa's numba cache is filled once, by the controller, before xdist starts workers
   (they have `workerinput`).
 
-  A persistent compilation cache shared by the tests of a run and the command-line runs
-  they start: trainers built again from the same config (resume tests, end-to-end runs run
-  again, a study rescored) then reuse compiled programs instead of paying XLA:CPU's compile
-  time again. A program's key is its HLO, flags and devices, so a cache left by other code
-  is never reused wrongly."""
+  A persistent compilation cache shared by the tests of a run, pytest-xdist's workers (they
+  inherit the controller's environment) and the command-line runs they start: trainers built
+  again from the same config (resume tests, end-to-end runs run again, a study rescored) then
+  reuse compiled programs instead of paying XLA:CPU's compile time again. A program's key is
+  its HLO, flags and devices, so a cache left by other code is never reused wrongly."""
   if not hasattr(config, "workerinput"):
     _warm_numba_cache()
   import jax  # pylint: disable=g-import-not-at-top
