@@ -192,6 +192,16 @@ def test_resume_continues_the_same_run(tmp_path):
   assert os.path.exists(os.path.join(straight, "ldm", train_ldm.LOSS_PLOT))
 
 
+def test_a_trainer_of_the_same_settings_reuses_the_compiled_programs(tmp_path):
+  """The loop's settings, the workdir and the store's path may differ; the network may not."""
+  first = train_ldm.LDMTrainer(make_config(tmp_path / "a", num_steps=4), str(tmp_path / "a"))
+  again = train_ldm.LDMTrainer(make_config(tmp_path / "b", num_steps=8), str(tmp_path / "b"))
+  assert again.compiled is first.compiled and again.spec is first.spec
+  wider = make_config(tmp_path / "a")
+  wider.ldm.model.width = 2 * int(wider.ldm.model.width)
+  assert train_ldm.LDMTrainer(wider, str(tmp_path / "a")).compiled is not first.compiled
+
+
 @pytest.mark.parametrize("clock", ["wall", "cpu"])
 def test_time_budget_stops_at_a_log_step_with_a_checkpoint(tmp_path, clock):
   config = make_config(tmp_path, num_steps=1000, checkpoint_every=500, log_every=3,

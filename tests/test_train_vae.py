@@ -99,6 +99,24 @@ def test_resume_continues_the_same_run(repo_root, tmp_path, tfds_dir):
   _params_close(states[0][0].generator, states[1][0].generator, rtol=1e-6, atol=1e-7)
 
 
+def test_a_trainer_of_the_same_settings_reuses_the_compiled_programs(repo_root, tmp_path,
+                                                                     tfds_dir):
+  """A second trainer (the resumed half of a run, a notebook cell run again) shares the first
+  one's jitted programs when nothing they read differs: the loop's settings and the workdir
+  may; a loss weight or the mesh may not."""
+  first = train_vae.VAETrainer(_config(repo_root, tfds_dir, num_steps=4), str(tmp_path / "a"))
+  again = train_vae.VAETrainer(_config(repo_root, tfds_dir, num_steps=9, checkpoint_every=3),
+                               str(tmp_path / "b"))
+  assert again.compiled is first.compiled and again.spec is first.spec
+  assert again._eval_step is first._eval_step  # pylint: disable=protected-access
+  weighed = _config(repo_root, tfds_dir)
+  weighed.vae.loss_weights.mel = 2.0
+  assert train_vae.VAETrainer(weighed, str(tmp_path / "a")).compiled is not first.compiled
+  one_device = train_vae.VAETrainer(_config(repo_root, tfds_dir), str(tmp_path / "a"),
+                                    mesh=mesh_lib.make_mesh(jax.devices()[:1]))
+  assert one_device.compiled is not first.compiled
+
+
 class _PoisonedTrainer(train_vae.VAETrainer):
   """A trainer whose input batch number `poisoned_batch` (counted from this run's start)
   carries a NaN sample; the rest of the trainer is the real one."""

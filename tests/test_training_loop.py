@@ -24,3 +24,36 @@ def test_a_state_donated_to_a_step_is_refused_not_a_crash():
     compiled.step(state, batch)
   returned, _ = compiled.step(returned, batch)
   np.testing.assert_allclose(np.asarray(returned["w"]), 2.0)
+
+
+def test_programs_are_built_once_per_key_and_the_oldest_go_past_the_limit(monkeypatch):
+  monkeypatch.setattr(loop, "_PROGRAMS", type(loop._PROGRAMS)())
+  built = []
+
+  def build(name):
+    built.append(name)
+    return object()
+
+  first = loop.reuse_programs(("a", 1), lambda: build("a"))
+  assert loop.reuse_programs(("a", 1), lambda: build("a again")) is first
+  assert loop.reuse_programs(("a", 2), lambda: build("a2")) is not first
+  assert built == ["a", "a2"]
+  for i in range(loop._MAX_PROGRAMS):
+    loop.reuse_programs(("b", i), lambda: build("b"))
+  assert ("a", 1) not in loop._PROGRAMS  # the oldest went first
+  assert len(loop._PROGRAMS) == loop._MAX_PROGRAMS
+
+
+def test_settings_key_leaves_out_only_the_named_sections():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  section = ml_collections.ConfigDict({"model": {"width": 4}, "train": {"num_steps": 2},
+                                       "latents_dir": "/a"})
+  changed_train = ml_collections.ConfigDict(section.to_dict())
+  changed_train.train.num_steps = 9
+  changed_model = ml_collections.ConfigDict(section.to_dict())
+  changed_model.model.width = 8
+  assert loop.settings_key(section) == loop.settings_key(changed_train)
+  assert loop.settings_key(section) != loop.settings_key(changed_model)
+  assert loop.settings_key(section, leave_out=()) != loop.settings_key(changed_train,
+                                                                        leave_out=())
+  assert "/a" not in loop.settings_key(section, leave_out=("train", "latents_dir"))

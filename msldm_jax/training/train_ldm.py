@@ -274,6 +274,21 @@ def model_config_for_latents(ldm_config: ml_collections.ConfigDict, manifest: di
   return config
 
 
+# ldm's settings that no compiled program reads: the loop's, and paths to what it loads.
+_NOT_IN_PROGRAMS = ("train", "latents_dir", "vae_checkpoint", "denoiser_checkpoint")
+
+
+def _programs(ldm_config: ml_collections.ConfigDict, model_config: ml_collections.ConfigDict,
+              independent_stems: int, latent_scale: tuple[float, ...], mesh):
+  """(spec, compiled init and step) of a diffusion trainer."""
+  spec = make_train_spec(ldm_config, model_config, independent_stems, latent_scale)
+  compiled = loop.CompiledStep(
+      functools.partial(init_state, spec, num_frames=spec.model.frame_multiple),
+      functools.partial(train_step, spec=spec, seed=int(ldm_config.seed)),
+      mesh, ldm_config.sharding)
+  return spec, compiled
+
+
 class LDMTrainer:
   """The diffusion model's state, step and hooks for `loop.train`; `train()` runs the loop.
 
@@ -308,12 +323,15 @@ class LDMTrainer:
                        f"on latents of {paper_config.latent_sources(config)}, but the store at "
                        f"{self.latents_dir} holds {tuple(self.sources)}")
     self.latent_scale = latent_scale_for(self.ldm_config, self.manifest, self.latents_dir)
-    self.spec = make_train_spec(self.ldm_config, self.model_config, self.independent_stems,
-                                self.latent_scale)
-    self.compiled = loop.CompiledStep(
-        functools.partial(init_state, self.spec, num_frames=self.spec.model.frame_multiple),
-        functools.partial(train_step, spec=self.spec, seed=int(self.ldm_config.seed)),
-        self.mesh, self.ldm_config.sharding)
+    # Everything the programs read: ldm's settings but its train section and paths (the
+    # store's shapes and scale count instead), the network's settings resolved against the
+    # store, ISLDM's stems, the scale and the mesh (`loop.reuse_programs`).
+    self.spec, self.compiled = loop.reuse_programs(
+        (self.name, loop.settings_key(self.ldm_config, leave_out=_NOT_IN_PROGRAMS),
+         loop.settings_key(self.model_config, leave_out=()), self.independent_stems,
+         tuple(self.latent_scale), self.mesh),
+        functools.partial(_programs, self.ldm_config, self.model_config,
+                          self.independent_stems, self.latent_scale, self.mesh))
     self._buckets = _BucketMeans()
     self._generate = None
 

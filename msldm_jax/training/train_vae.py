@@ -87,8 +87,12 @@ def make_train_spec(vae_config: ml_collections.ConfigDict,
       discriminator=discriminators.make_discriminator(
           disc.variant, dtype=vae_config.model.dtype, **disc.get("overrides", {})),
       generator_tx=generator_tx, discriminator_tx=discriminator_tx,
-      learning_rate=learning_rate,
-      stem_batches=bool(vae_config.model.per_source) and not mixture)
+      learning_rate=learning_rate, stem_batches=one_stem_batches(vae_config, mixture))
+
+
+def one_stem_batches(vae_config: ml_collections.ConfigDict, mixture: bool) -> bool:
+  """Whether every batch holds one stem's windows: a per-source VAE of the stems."""
+  return bool(vae_config.model.per_source) and not mixture
 
 
 def covering_frames(samples: int, vae: source_vae.SourceVAE) -> int:
@@ -243,6 +247,24 @@ def eval_step(generator, batch, *, spec: VAETrainSpec):
           "energy_real": energy(x), "energy_reconstructed": energy(recon)}
 
 
+def _programs(vae_config: ml_collections.ConfigDict, mixture: bool, window: int, mesh):
+  """(spec, compiled init and steps, jitted eval step) of a VAE trainer."""
+  spec = make_train_spec(vae_config, mixture)
+  step_kwargs = dict(spec=spec, seed=int(vae_config.seed),
+                     loss_weights=vae_losses.loss_weights_by_stem(
+                         vae_config.loss_weights, vae_config.loss_weights_by_stem,
+                         key="vae.loss_weights_by_stem"))
+  compiled = loop.CompiledStep(
+      functools.partial(init_state, spec, window=window),
+      functools.partial(train_step, **step_kwargs), mesh, vae_config.sharding,
+      warmup=(int(vae_config.adversarial_start), functools.partial(warmup_step, **step_kwargs)))
+  evaluate = jax.jit(functools.partial(eval_step, spec=spec),
+                     in_shardings=(compiled.state_shardings.generator,
+                                   mesh_lib.batch_sharding(mesh)),
+                     out_shardings=mesh_lib.replicated(mesh))
+  return spec, compiled, evaluate
+
+
 class VAETrainer:
   """The SourceVAE's state, step and hooks for `loop.train`; `train()` runs the loop.
 
@@ -266,31 +288,22 @@ class VAETrainer:
     # MixLDM's VAE: the same stage on mixture windows (its metrics are the source "mix").
     self.sources = paper_config.latent_sources(config)
     self.mixture = self.sources == (stems_lib.MIXTURE,)
-    self.spec = make_train_spec(self.vae_config, self.mixture)
     self.window = pipeline.vae_window_spec(config.data, train=True).window
     self.stage_dir = workdir_layout.trainer_dir(workdir, workdir_layout.VAE)
     by_stem = self.vae_config.loss_weights_by_stem
-    if by_stem and not self.spec.stem_batches:
+    if by_stem and not one_stem_batches(self.vae_config, self.mixture):
       raise ValueError(
           f"config key vae.loss_weights_by_stem ({', '.join(by_stem)}) weighs a batch by its "
           "stem, so it needs one-stem batches: vae.model.per_source=True, and not the "
           "mixture VAE (system mixldm)")
-    step_kwargs = dict(spec=self.spec, seed=int(self.vae_config.seed),
-                       loss_weights=vae_losses.loss_weights_by_stem(
-                           self.vae_config.loss_weights, by_stem,
-                           key="vae.loss_weights_by_stem"))
     warmup_steps = int(self.vae_config.adversarial_start)
     if warmup_steps < 0:
       raise ValueError(f"config key vae.adversarial_start={warmup_steps} must be >= 0")
-    self.compiled = loop.CompiledStep(
-        functools.partial(init_state, self.spec, window=self.window),
-        functools.partial(train_step, **step_kwargs), self.mesh, self.vae_config.sharding,
-        warmup=(warmup_steps, functools.partial(warmup_step, **step_kwargs)))
-    self._eval_step = jax.jit(
-        functools.partial(eval_step, spec=self.spec),
-        in_shardings=(self.compiled.state_shardings.generator,
-                      mesh_lib.batch_sharding(self.mesh)),
-        out_shardings=mesh_lib.replicated(self.mesh))
+    # Everything the programs read: vae's settings but its train section, the window, the
+    # mixture flag and the mesh (`loop.reuse_programs`).
+    self.spec, self.compiled, self._eval_step = loop.reuse_programs(
+        (self.name, loop.settings_key(self.vae_config), self.window, self.mixture, self.mesh),
+        functools.partial(_programs, self.vae_config, self.mixture, self.window, self.mesh))
 
   def initial_state(self) -> VAETrainState:
     return self.compiled.init(jax.random.key(int(self.vae_config.seed)))
