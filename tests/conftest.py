@@ -113,6 +113,16 @@ def mini_dataset(tmp_path_factory, repo_root) -> MiniDataset:
                      dataset_dir=dataset_dir)
 
 
+@pytest.fixture(autouse=True)
+def _no_programs_from_earlier_tests():
+  """Each test starts without the trainers' programs that earlier tests in this worker built
+  (`loop.reuse_programs`): a test then behaves the same whichever tests ran before it."""
+  yield
+  loop = sys.modules.get("msldm_jax.training.loop")
+  if loop is not None:
+    loop.clear_programs()
+
+
 # Imports every librosa module holding a GUFunc (so compiles them all), then calls one.
 _NUMBA_WARM_UP = """
 import numpy as np

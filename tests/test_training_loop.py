@@ -26,8 +26,7 @@ def test_a_state_donated_to_a_step_is_refused_not_a_crash():
   np.testing.assert_allclose(np.asarray(returned["w"]), 2.0)
 
 
-def test_programs_are_built_once_per_key_and_the_oldest_go_past_the_limit(monkeypatch):
-  monkeypatch.setattr(loop, "_PROGRAMS", type(loop._PROGRAMS)())
+def test_programs_are_built_once_per_key_and_the_oldest_go_past_the_limit():
   built = []
 
   def build(name):
@@ -42,6 +41,9 @@ def test_programs_are_built_once_per_key_and_the_oldest_go_past_the_limit(monkey
     loop.reuse_programs(("b", i), lambda: build("b"))
   assert ("a", 1) not in loop._PROGRAMS  # the oldest went first
   assert len(loop._PROGRAMS) == loop._MAX_PROGRAMS
+  loop.clear_programs()
+  assert loop.reuse_programs(("a", 2), lambda: build("a2 again")) is not None
+  assert built[-1] == "a2 again"
 
 
 def test_settings_key_leaves_out_only_the_named_sections():

@@ -140,6 +140,12 @@ def reuse_programs(key: tuple, build: Callable[[], Any]) -> Any:
   return programs
 
 
+def clear_programs():
+  """Forgets what `reuse_programs` built (their compiled executables go with the last user):
+  tests start each from none, so that no test depends on which ran before it in a process."""
+  _PROGRAMS.clear()
+
+
 class CompiledStep:
   """Abstract state → shardings → jitted init and donated step, for one mesh.
 
