@@ -107,12 +107,12 @@ _MAX_PROGRAMS = 8
 
 def settings_key(section: ml_collections.ConfigDict, leave_out: Sequence[str] = ("train",)
                  ) -> str:
-  """A config section's settings as one string, the subsections in `leave_out` left out: the
-  part of a trainer's `reuse_programs` key that the config gives."""
-  flat = ml_collections.ConfigDict(section).to_dict()
+  """A config section's settings as one string, its keys in `leave_out` left out: the part of
+  a trainer's `reuse_programs` key that the config gives."""
+  settings = section.to_dict()
   for name in leave_out:
-    flat.pop(name, None)
-  return json.dumps(flat, sort_keys=True, default=repr)
+    settings.pop(name, None)
+  return json.dumps(settings, sort_keys=True, default=repr)
 
 
 def reuse_programs(key: tuple, build: Callable[[], Any]) -> Any:
