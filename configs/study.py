@@ -104,11 +104,18 @@ OVERRIDES = dict(
         # "The DiT's width bottleneck"). isldm's and mixldm's networks (16 channels) have no
         # floor; they get the same network all the same.
         model=dict(patch_skip=True),
+        # Training σ ~ U(0, 10], and every sampler starts from 10 (sample.sigma_max): the
+        # release's U(0, 3] with a start at 3 never reaches a σ at which the data is gone. A
+        # chunk noised to σ 3 still shows which frames are loud, pure noise does not, and
+        # every stem came out quieter (guitar −6.8 dB in the latents); from 10, msldm's
+        # pieces kept every stem within 2.2 dB at the same 1200 CPU-s (benchmarks/RESULTS.md,
+        # "Where the energy goes missing").
+        sigma_max_train=10.0,
         train=dict(num_steps=1_000_000, log_every=25, sample_every=0, checkpoint_every=500,
                    max_seconds=600.0, budget_clock="cpu"),
     ),
     # 64 pieces: 256 musicnn windows per side, more than its 200 dimensions.
-    sample=dict(num_pieces=64),
+    sample=dict(num_pieces=64, sigma_max=10.0),
     # Both held-out splits as the reference (neither trains a latent model; the VAEs'
     # validation passes read the validation split but nothing is chosen by them): 200
     # chorales leave 41 test chunks, 164 musicnn windows, fewer than the embedding's 200

@@ -327,6 +327,18 @@ def test_the_reports_commit_ignores_the_reports_own_files(tmp_path, monkeypatch)
   assert report.commit("/elsewhere/report") == f"{head} with uncommitted changes"
 
 
+def test_every_sampler_run_keeps_the_studys_noise_schedule(repo_root):
+  config = config_loading.load_config(os.path.join(repo_root, "configs/study.py"))
+  for sampler, evaluations in runner.sampler_runs(config):
+    sample = runner.sampler_run_config(config, "/w", sampler, evaluations).sample
+    assert (sample.sampler, sample.sigma_max, sample.sigma_min) == (sampler, 10.0, 0.01)
+    # The rest at the sampler's own defaults: heun and dpmpp_2m without the release's churn.
+    defaults = samplers.sampler_config(sampler)
+    for key in set(defaults) - {"num_steps", *runner.SCHEDULE_KEYS}:
+      assert sample[key] == defaults[key], (sampler, key)
+    assert sample.num_steps == samplers.steps_for_evaluations(sampler, evaluations)
+
+
 def test_heun_steps_stay_within_the_evaluations():
   for evaluations in (1, 2, 9, 10, 25, 150):
     steps = samplers.steps_for_evaluations("heun", evaluations)
@@ -383,6 +395,21 @@ def test_the_report_states_what_msldms_variants_are(repo_root):
   assert "32 channels" in lines[0] and "hidden width 64" in lines[1]
   config.study.systems = "msldm,isldm"
   assert report._variant_departures(config) == []  # pylint: disable=protected-access
+
+
+def test_the_report_states_a_noise_range_other_than_the_releases(repo_root):
+  from msldm_jax.study import report  # pylint: disable=g-import-not-at-top
+  config = config_loading.load_config(os.path.join(repo_root, "configs/study.py"))
+  noise = lambda: [line for line in report._departures(config)  # noqa: E731  # pylint: disable=protected-access
+                   if line.startswith("- Noise:")]
+  assert (config.ldm.sigma_max_train, config.sample.sigma_max) == (10.0, 10.0)
+  assert noise()[0].startswith("- Noise: training σ ~ U(0, 10] and every sampler starting "
+                               "from σ 10 (the release's: U(0, 3] and 3).")
+  config.ldm.sigma_distribution = "lognormal"
+  assert noise()[0].startswith("- Noise: training ln σ ~ N(-1.2, 1.2²) and")
+  config.ldm.sigma_distribution = "uniform"
+  config.ldm.sigma_max_train, config.sample.sigma_max = 3.0, 3.0
+  assert noise() == []
 
 
 def test_the_report_names_the_vae_loss_terms_the_paper_does_not_have(repo_root):

@@ -531,8 +531,25 @@ def _departures(config: ml_collections.ConfigDict) -> list[str]:
       "generated alone (the given stems cannot influence it).",
       "- MixLDM: the same SourceVAE stage trained on mixture windows (its budget above), "
       "its latents, one DiT on them; total generation of mixtures only.",
+      *_noise_departures(config),
       *_variant_departures(config),
   ]
+
+
+def _noise_departures(config: ml_collections.ConfigDict) -> list[str]:
+  """The noise range, where it is not the release's (training σ ~ U(0, 3], sampling from 3)."""
+  ldm, sample = config.ldm, config.sample
+  release = samplers.sampler_config(samplers.DEFAULT_SAMPLER)["sigma_max"]
+  if (ldm.sigma_distribution, ldm.sigma_max_train, sample.sigma_max) == (
+      "uniform", release, release):
+    return []
+  training = (f"σ ~ U(0, {ldm.sigma_max_train:g}]" if ldm.sigma_distribution == "uniform"
+              else f"ln σ ~ N({ldm.p_mean:g}, {ldm.p_std:g}²)")
+  return [f"- Noise: training {training} and every sampler starting from σ "
+          f"{sample.sigma_max:g} (the release's: U(0, {release:g}] and {release:g}). From "
+          f"{release:g}, pure noise lacks the loud frames the data's chunks still show at that "
+          "σ, and every stem came out quieter (benchmarks/RESULTS.md, \"Where the energy goes "
+          "missing\")."]
 
 
 def _variant_departures(config: ml_collections.ConfigDict) -> list[str]:

@@ -161,17 +161,24 @@ def system_config(config: ml_collections.ConfigDict, workdir: str,
   return derived
 
 
+# The sample keys every sampler run shares with the study's own sampling: the schedule.
+SCHEDULE_KEYS = ("sigma_min", "sigma_max", "rho")
+
+
 def sampler_run_config(config: ml_collections.ConfigDict, workdir: str, sampler: str,
                        evaluations: int) -> ml_collections.ConfigDict:
   """The sample and evaluate config of one sampler run: msldm's checkpoint, `sampler` at
-  the most steps within `evaluations`, `study.sampler_pieces` pieces scored on the
-  mixture's distances."""
+  the most steps within `evaluations` from the study's noise schedule (`SCHEDULE_KEYS`),
+  `study.sampler_pieces` pieces scored on the mixture's distances."""
   derived = system_config(config, workdir, SAMPLER_SYSTEM)
   derived.ldm.denoiser_checkpoint = os.path.abspath(system_dir(workdir, SAMPLER_SYSTEM))
   settings = samplers.sampler_config(sampler)
   settings["num_steps"] = samplers.steps_for_evaluations(sampler, evaluations)
-  # Every setting at this sampler's own default (heun and dpmpp_2m without the release's
-  # churn), the step count from the evaluations.
+  # The noise schedule is the network's (it was trained up to ldm.sigma_max_train), so every
+  # sampler keeps the study's; every other setting at this sampler's own default (heun and
+  # dpmpp_2m without the release's churn), the step count from the evaluations.
+  for key in SCHEDULE_KEYS:
+    settings[key] = config.sample[key]
   derived.sample.sampler = sampler
   for key, value in settings.items():
     derived.sample[key] = value
