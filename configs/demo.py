@@ -134,7 +134,10 @@ TINY_OVERRIDES = dict(
                    sample_steps=4),
     ),
     sample=dict(num_steps=8, num_pieces=2, batch_size=2),
-    evaluate=dict(max_reference_chunks=8),
+    # No separation table: DPS backpropagates through the decoder, and the table was 39 s
+    # of a tiny evaluation's 69 s. tests/test_imported_weights.py turns it on for its run of
+    # every stage; tests/test_separation.py checks the table itself.
+    evaluate=dict(max_reference_chunks=8, separation=False),
 )
 
 

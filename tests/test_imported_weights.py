@@ -4,8 +4,9 @@ A small release-shaped SourceVAE is written with the PyTorch reference blocks
 (tests/reference/dac_reference.py, the release trainer's `torch.save({'generator': ...})`),
 imported with `python -m msldm_jax.tools.import_sourcevae`, and every later stage runs through
 `python -m msldm_jax.main` with `--config.ldm.vae_checkpoint` pointing at the import:
-encode_latents, train_ldm (a few steps, with its periodic sample), sample, evaluate. The
-generated stems must equal the PyTorch decoder's output on the same latents.
+encode_latents, train_ldm (a few steps, with its periodic sample), sample, evaluate (with
+its separation table). The generated stems must equal the PyTorch decoder's output on the
+same latents.
 """
 
 import json
@@ -20,6 +21,7 @@ import soundfile as sf
 import reference_env
 from msldm_jax import stems
 from msldm_jax.data import synthetic
+from msldm_jax.evaluation import separation
 from msldm_jax.generation import outputs
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,7 +77,10 @@ def test_imported_release_vae_through_every_stage(tmp_path):
             f"--config.data.chunks.samples={320 * 72 - 8}",
             # 0.52 s chunks: shorter than musicnn's 3 s patch, so the 1 s-window statistics.
             "--config.evaluate.embedding=statistics",
-            "--config.ldm.train.num_steps=4", "--config.ldm.train.sample_every=4"]
+            "--config.ldm.train.num_steps=4", "--config.ldm.train.sample_every=4",
+            # The separation table too (the tiny variant leaves it out): DPS and Dirac on the
+            # imported decoder, beside its oracle.
+            "--config.evaluate.separation=True", "--config.evaluate.separation_chunks=1"]
   for mode in ("encode_latents", "train_ldm", "sample", "evaluate"):
     _cli(*common, f"--mode={mode}")
 
@@ -107,3 +112,5 @@ def test_imported_release_vae_through_every_stage(tmp_path):
     metrics = json.load(f)
   assert metrics["checkpoints"]["vae"]["checkpoint_dir"] == imported
   assert set(metrics["vae_reconstruction"]) == set(stems.STEM_NAMES)
+  assert list(metrics["separation"]["table"]) == ["dps", "dirac", separation.ORACLE]
+  assert os.path.exists(os.path.join(workdir, "evaluation", "separation.md"))
