@@ -108,8 +108,9 @@ OVERRIDES = dict(
         # release's U(0, 3] with a start at 3 never reaches a σ at which the data is gone. A
         # chunk noised to σ 3 still shows which frames are loud, pure noise does not, and
         # every stem came out quieter (guitar −6.8 dB in the latents); from 10, msldm's
-        # pieces kept every stem within 2.2 dB at the same 1200 CPU-s (benchmarks/RESULTS.md,
-        # "Where the energy goes missing").
+        # latents came within 2.2 dB on every stem at the same 1200 CPU-s, and on the control
+        # it generated the planted segments at the data's level (benchmarks/RESULTS.md,
+        # "Where the energy goes missing", "The control at σ up to 10").
         sigma_max_train=10.0,
         train=dict(num_steps=1_000_000, log_every=25, sample_every=0, checkpoint_every=500,
                    max_seconds=600.0, budget_clock="cpu"),
@@ -133,10 +134,10 @@ TINY_OVERRIDES = dict(
     data=dict(render=dict(num_pieces=6), chunks=dict(samples=320 * 72 - 8),
               vae_windows=dict(eval_seconds=1.0)),
     # Reconstruction-only, as the default variant's VAEs (the GAN step's compilation would
-    # double the stage's time; tests/test_train_vae.py trains through it).
-    # configs/demo.py's tiny widths with one residual unit per block: the SourceVAE's
-    # programs are the study's largest, and at the default variant's shapes the tiny study's
-    # two VAE trainings and their scoring were a third of its minutes, mostly compilation.
+    # double the stage's time; tests/test_train_vae.py trains through it). configs/demo.py's
+    # tiny widths with one residual unit per block: the SourceVAE's programs are the study's
+    # largest, and at the default variant's shapes the tiny study's two VAE trainings and
+    # their scoring were a third of its minutes, mostly compilation.
     vae=dict(
         model=dict(encoder_width=4, decoder_width=16, dilations=(1,)),
         train=dict(num_steps=6, log_every=2, eval_every=6, checkpoint_every=3, eval_batches=1,
