@@ -34,8 +34,7 @@ if __name__ == "__main__":
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=8"
                              " --xla_backend_optimization_level=0"
-                             " --xla_llvm_disable_expensive_passes=true"
-                             " --xla_cpu_use_fusion_emitters=false").strip()
+                             " --xla_llvm_disable_expensive_passes=true").strip()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
