@@ -47,8 +47,10 @@ def _networks():
   isldm = denoisers.build(denoisers.DIT, _config(), STEMS)
   coupled = denoisers.build(denoisers.DIT, _config(stem_streams=STEMS))
   assert isinstance(coupled, coupled_stems.CoupledStemsDiT)
-  isldm_params = _perturbed(isldm.init(jax.random.key(0), x, jnp.zeros((1,))), seed=1)
-  coupled_params = coupled.init(jax.random.key(0), x, jnp.zeros((1,)))
+  # Jitted, here and in the tests: op by op, four DiT streams dispatch hundreds of programs.
+  isldm_params = _perturbed(jax.jit(isldm.init)(jax.random.key(0), x, jnp.zeros((1,))),
+                            seed=1)
+  coupled_params = jax.jit(coupled.init)(jax.random.key(0), x, jnp.zeros((1,)))
   return isldm, isldm_params, coupled, _coupled_from_isldm(isldm_params, coupled_params)
 
 
@@ -67,11 +69,12 @@ def test_fresh_mixers_leave_exactly_isldm():
   isldm, isldm_params, coupled, params = _networks()
   x = jax.random.normal(jax.random.key(2), (2, STEMS * DIM, FRAMES))
   c_noise = jnp.array([-0.5, 0.3])
-  expected = isldm.apply(isldm_params, x, c_noise)
-  np.testing.assert_allclose(coupled.apply(params, x, c_noise), expected, rtol=1e-5,
+  coupled_apply = jax.jit(coupled.apply)
+  expected = jax.jit(isldm.apply)(isldm_params, x, c_noise)
+  np.testing.assert_allclose(coupled_apply(params, x, c_noise), expected, rtol=1e-5,
                              atol=1e-5)
   # Open mixers change every stem's output.
-  opened = coupled.apply(_open_mixers(params), x, c_noise)
+  opened = coupled_apply(_open_mixers(params), x, c_noise)
   for s in range(STEMS):
     rows = slice(s * DIM, (s + 1) * DIM)
     assert float(jnp.max(jnp.abs(opened[:, rows] - expected[:, rows]))) > 1e-3
@@ -85,10 +88,11 @@ def test_open_mixers_carry_the_other_stems():
   changed = x.at[:, 2 * DIM:3 * DIM].set(jax.random.normal(jax.random.key(4), (1, DIM, FRAMES)))
   others = np.r_[0:2 * DIM, 3 * DIM:STEMS * DIM]
   c_noise = jnp.array([0.1])
-  fresh = [coupled.apply(params, v, c_noise)[:, others] for v in (x, changed)]
+  coupled_apply = jax.jit(coupled.apply)
+  fresh = [coupled_apply(params, v, c_noise)[:, others] for v in (x, changed)]
   np.testing.assert_array_equal(np.asarray(fresh[0]), np.asarray(fresh[1]))
   opened_params = _open_mixers(params)
-  opened = [coupled.apply(opened_params, v, c_noise)[:, others] for v in (x, changed)]
+  opened = [coupled_apply(opened_params, v, c_noise)[:, others] for v in (x, changed)]
   assert float(jnp.max(jnp.abs(opened[0] - opened[1]))) > 1e-3
 
   latents = np.asarray(jax.random.normal(jax.random.key(5), (6, STEMS, DIM, FRAMES)))

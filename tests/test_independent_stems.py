@@ -25,7 +25,9 @@ def _config(kind):
 def _network(kind, independent):
   model = denoisers.build(kind, _config(kind), STEMS if independent else 0)
   x = jnp.zeros((1, STEMS * DIM, FRAMES))
-  params = model.init(jax.random.key(0), x, jnp.zeros((1,)))
+  # Jitted: op by op, the U-Net's init and apply dispatch (and compile) hundreds of small
+  # programs, most of this file's time.
+  params = jax.jit(model.init)(jax.random.key(0), x, jnp.zeros((1,)))
   # Random norm scales and biases too, so that no stem's output is trivially constant.
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(1), len(leaves))
@@ -41,8 +43,8 @@ def test_parameters_are_stacked_per_stem(kind):
   assert model.in_channels == STEMS * DIM and model.per_stem.in_channels == DIM
   single = denoisers.build(kind, config_loading.update_known(
       _config(kind), {"in_channels": DIM}, "test"))
-  single_params = single.init(jax.random.key(0), jnp.zeros((1, DIM, FRAMES)),
-                              jnp.zeros((1,)))
+  single_params = jax.jit(single.init)(jax.random.key(0), jnp.zeros((1, DIM, FRAMES)),
+                                       jnp.zeros((1,)))
   stacked = params["params"]["stems"]
   assert jax.tree.structure(stacked) == jax.tree.structure(single_params["params"])
   for leaf, one in zip(jax.tree.leaves(stacked), jax.tree.leaves(single_params["params"])):
@@ -50,16 +52,17 @@ def test_parameters_are_stacked_per_stem(kind):
   # Stem s of the ISLDM computes exactly the single network with stem s's parameters.
   x = jax.random.normal(jax.random.key(2), (2, STEMS * DIM, FRAMES))
   c_noise = jnp.array([-0.5, 0.3])
-  out = model.apply(params, x, c_noise)
+  out = jax.jit(model.apply)(params, x, c_noise)
+  single_apply = jax.jit(single.apply)
   for s in range(STEMS):
     own = {"params": jax.tree.map(lambda leaf: leaf[s], stacked)}
     np.testing.assert_allclose(
         out[:, s * DIM:(s + 1) * DIM],
-        single.apply(own, x[:, s * DIM:(s + 1) * DIM], c_noise), rtol=1e-5, atol=1e-5)
+        single_apply(own, x[:, s * DIM:(s + 1) * DIM], c_noise), rtol=1e-5, atol=1e-5)
 
 
 def _sample(model, params, x_init, inpaint=None):
-  denoise_fn = edm.make_denoise_fn(model.apply, params)
+  denoise_fn = edm.make_denoise_fn(jax.jit(model.apply), params)
   return samplers.euler_churn(denoise_fn, jax.random.key(3), None, num_steps=6,
                               x_init=x_init, inpaint=inpaint)
 

@@ -28,17 +28,19 @@ def test_contract_shapes_and_frames():
   model = unet1d.build_model(unet1d.model_config("tiny", in_channels=12))
   assert model.frame_multiple == 8  # patch 4 × down factor 2
   x = jax.random.normal(jax.random.key(0), (2, 12, 24))
-  params = model.init(jax.random.key(1), x, jnp.zeros((2,)))
-  y = model.apply(params, x, jnp.array([-1.0, 0.2]))
+  # Jitted: op by op, the U-Net dispatches hundreds of small programs.
+  params = jax.jit(model.init)(jax.random.key(1), x, jnp.zeros((2,)))
+  apply = jax.jit(model.apply)
+  y = apply(params, x, jnp.array([-1.0, 0.2]))
   assert y.shape == x.shape and y.dtype == jnp.float32
   assert np.isfinite(np.asarray(y)).all()
   # The noise level conditions the output.
-  assert not np.allclose(y, model.apply(params, x, jnp.array([0.5, 0.2])))
+  assert not np.allclose(y, apply(params, x, jnp.array([0.5, 0.2])))
   with pytest.raises(ValueError, match="20 frames: it must be a multiple of 8"):
-    model.apply(params, x[..., :20], jnp.zeros((2,)))
+    apply(params, x[..., :20], jnp.zeros((2,)))
   # bfloat16 compute stays close to float32 (parameters and norms stay float32).
   bf16 = unet1d.build_model(unet1d.model_config("tiny", in_channels=12, dtype="bfloat16"))
-  y16 = bf16.apply(params, x, jnp.array([-1.0, 0.2]))
+  y16 = jax.jit(bf16.apply)(params, x, jnp.array([-1.0, 0.2]))
   assert y16.dtype == jnp.float32
   assert np.max(np.abs(y16 - y)) < 0.05 * np.max(np.abs(y))
 
