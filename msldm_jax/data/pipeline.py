@@ -69,7 +69,8 @@ VALID = input_iterator.VALID  # evaluation only: bool [batch], False on padding 
 # How many (track, stem) streams the VAE view interleaves window by window: windows of ~16
 # stems from ~4+ tracks are mixed before the shuffle buffer, which alone would hold only a
 # couple of tracks' windows. Each stream holds one stem (plus its windows, ~2x for 1 s / 0.5 s)
-# in memory: ~16 x 3 x 21 MB for 4-minute tracks.
+# in memory: ~16 x 3 x 21 MB for 4-minute tracks. One-stem batches share them among the
+# stems' pipelines.
 _STEM_STREAMS = 16
 # Whole tracks held to shuffle the track order of an ordered (track-id sorted) dataset.
 _ORDERED_TRACK_SHUFFLE = 4
@@ -318,8 +319,9 @@ def vae_windows(dataset_dir: str, split: str, *, data_config: ml_collections.Con
     # One stream of batches per stem, taken in turn: the turn depends on the batch's index
     # alone, so every process's batch k holds the same stem. The stems' pipelines share the
     # view's _STEM_STREAMS and shuffle buffer, so that each stem's windows are mixed as in
-    # the one pipeline of all stems (a quarter of its buffer holds one stem's windows, on
-    # average). With a full share each, the study's input pipeline alone held 8.3 GB.
+    # the one pipeline of all stems (where, on average, one over the number of stems of its
+    # buffer holds a stem's windows). With a full share each, the study's input pipeline
+    # alone held 8.3 GB (benchmarks/RESULTS.md).
     per_stem = [windows((name,), share=len(spec.stems)) for name in spec.stems]
     ds = tf.data.Dataset.choose_from_datasets(
         per_stem, tf.data.Dataset.range(len(per_stem)).repeat(), stop_on_empty_dataset=True)
