@@ -62,7 +62,7 @@ def test_parameters_are_stacked_per_stem(kind):
 
 
 def _sample(model, params, x_init, inpaint=None):
-  denoise_fn = edm.make_denoise_fn(jax.jit(model.apply), params)
+  denoise_fn = edm.make_denoise_fn(model.apply, params)
   return samplers.euler_churn(denoise_fn, jax.random.key(3), None, num_steps=6,
                               x_init=x_init, inpaint=inpaint)
 
