@@ -200,6 +200,21 @@ def test_reconstruction_quality():
   assert silent["guitar"]["level_change_db"] == -np.inf
 
 
+def test_reconstruction_quality_scores_the_same_a_few_pieces_at_a_time():
+  # The study's reference set in one call needed 34 GB; the scores come in fixed-size calls
+  # (the last one padded), and are those of one call over all the pieces.
+  rng = np.random.default_rng(2)
+  reference = rng.normal(size=(5, 4, SR // 4)).astype(np.float32) * 0.1
+  reference[1, 2] = 0.0
+  reconstructed = reference + 0.03 * rng.normal(size=reference.shape).astype(np.float32)
+  together = mm.reconstruction_quality(reconstructed, reference, pieces_per_call=5)
+  for size in (1, 2):
+    apart = mm.reconstruction_quality(reconstructed, reference, pieces_per_call=size)
+    for stem, scores in together.items():
+      for name, value in scores.items():
+        assert apart[stem][name] == pytest.approx(value, rel=1e-5), (size, stem, name)
+
+
 def test_statistics_embedding():
   x = _tone(220.0, 3.5)
   emb = statistics_embedding.embed(x)
