@@ -7,6 +7,7 @@ import pytest
 from msldm_jax import stems
 from msldm_jax.evaluation import instrument_tags
 from msldm_jax.evaluation import vae_quality
+from msldm_jax.models import loading
 
 SAMPLES = stems.SAMPLE_RATE  # one second
 # A stand-in tagger that hears the instrument in the pitch: the tag of the sine's frequency.
@@ -64,3 +65,34 @@ def test_no_vae_is_one_clear_error(tmp_path, mini_dataset):
   config = mini_dataset.config()
   with pytest.raises(FileNotFoundError, match=str(tmp_path / "nothing")):
     vae_quality.run(config, str(tmp_path / "nothing"))
+
+
+def test_a_reference_is_decoded_once_per_vae(monkeypatch):
+  # The study evaluates its systems that share a VAE against one reference set in one
+  # process: the second evaluation gets the first one's reconstructions, read-only; another
+  # VAE (by its parameters' hash) or other chunks are decoded again.
+  calls = []
+
+  def fake_reconstruct(vae, reference, sources):
+    calls.append(vae.identity.get("params_sha256"))
+    return reference * 0.5
+
+  monkeypatch.setattr(vae_quality, "_reconstruct", fake_reconstruct)
+  real = np.stack([np.stack([_sine(100), _sine(800), _sine(200), _sine(400)])] * 2)
+  vae = loading.Loaded("module", {}, {"params_sha256": "a"})
+  first = vae_quality.reconstruct(vae, real)
+  again = vae_quality.reconstruct(loading.Loaded("module", {}, {"params_sha256": "a"}),
+                                  real.copy())
+  assert again is first and calls == ["a"]
+  np.testing.assert_array_equal(first, real * 0.5)
+  with pytest.raises(ValueError, match="read-only"):
+    first[0, 0, 0] = 1.0
+  other_chunks = real.copy()
+  other_chunks[1, 0, 5] += 0.1
+  vae_quality.reconstruct(vae, other_chunks)
+  vae_quality.reconstruct(loading.Loaded("module", {}, {"params_sha256": "b"}), real)
+  assert calls == ["a", "a", "b"]
+  unnamed = loading.Loaded("module", {}, {})
+  vae_quality.reconstruct(unnamed, real)
+  vae_quality.reconstruct(unnamed, real)
+  assert calls == ["a", "a", "b", None, None]
