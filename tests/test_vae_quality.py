@@ -6,6 +6,7 @@ import pytest
 
 from msldm_jax import stems
 from msldm_jax.evaluation import instrument_tags
+from msldm_jax.evaluation import musicnn
 from msldm_jax.evaluation import vae_quality
 from msldm_jax.models import loading
 
@@ -96,3 +97,32 @@ def test_a_reference_is_decoded_once_per_vae(monkeypatch):
   vae_quality.reconstruct(unnamed, real)
   vae_quality.reconstruct(unnamed, real)
   assert calls == ["a", "a", "b", None, None]
+
+
+def test_the_tagger_does_not_tag_the_same_waveforms_twice(monkeypatch):
+  # An evaluation tags the real stems for its instrument table and again for its VAE's
+  # reconstruction table; the study's systems that share a VAE tag the same stems again.
+  tagged = []
+
+  def fake_tag_batch(loaded, waveforms, sample_rate):
+    tagged.append(len(waveforms))
+    labels = musicnn.LABELS[musicnn.TAGGER]
+    probabilities, ours = _pitch_tagger(waveforms)
+    # The stand-in's tags in the tagger's label order.
+    return np.stack([probabilities[..., ours.index(tag)] if tag in ours
+                     else np.zeros(probabilities.shape[:2], np.float32) for tag in labels], -1)
+
+  monkeypatch.setattr(instrument_tags.musicnn, "load", lambda model: "tagger")
+  monkeypatch.setattr(instrument_tags.musicnn, "tag_batch", fake_tag_batch)
+  real = np.stack([np.stack([_sine(100), _sine(800), _sine(200), _sine(400)])] * 2)
+  audible = np.ones((2, 4), bool)
+  first = instrument_tags.recognition(real, instrument_tags.musicnn_tagger(16000), audible)
+  again = instrument_tags.recognition(real.copy(), instrument_tags.musicnn_tagger(16000),
+                                      audible)
+  assert again == first and tagged == [2, 2, 2]  # guitar, piano, drums once each
+  assert first["guitar"]["recognised"] == 1.0
+  instrument_tags.recognition(real, instrument_tags.musicnn_tagger(22050), audible)
+  other = real.copy()
+  other[:, 2] *= 0.5
+  instrument_tags.recognition(other, instrument_tags.musicnn_tagger(16000), audible)
+  assert tagged == [2] * 7  # another rate: all three again; other guitars: the guitar
