@@ -20,6 +20,7 @@ For a mixture system (`config.system=mixldm`) the source is the mixture and ther
 `--mode=evaluate` writes the same table (vae_reconstruction) for its own reference set.
 """
 
+import collections
 import functools
 import hashlib
 import os
@@ -67,11 +68,13 @@ def _reconstruct_mixture(vae_params, waveforms_bt, *, vae: source_vae.SourceVAE)
   return vae.apply(vae_params, mean, stem, method=vae.decode_stem)
 
 
-# The last reconstruction, under what determines it (the VAE's parameters by their hash and
-# its module, the sources, the reference's bytes): the study's systems that share a VAE
-# evaluate against the same reference set in one process, and each decoded it again (2.3
-# of the 9 minutes of a system's evaluation at the study's size on 2 CPU cores).
-_last_reconstruction: dict = {}
+# The last two reconstructions, under what determines them (the VAE's parameters by their
+# hash and its module, the sources, the reference's bytes): the study's systems that share
+# a VAE evaluate against the same reference set in one process, and each decoded it again
+# (2.3 of the 9 minutes of a system's evaluation at the study's size on 2 CPU cores). Two:
+# mixldm's mixture VAE comes between the systems of the stems' VAE.
+_recent_reconstructions: collections.OrderedDict = collections.OrderedDict()
+_RECONSTRUCTIONS_KEPT = 2
 
 
 def reconstruct(vae: loading.Loaded, reference: np.ndarray,
@@ -84,15 +87,17 @@ def reconstruct(vae: loading.Loaded, reference: np.ndarray,
   params_hash = vae.identity.get("params_sha256")
   key = (params_hash, vae.module, tuple(sources), reference.shape, reference.dtype.str,
          hashlib.blake2b(reference.data, digest_size=16).hexdigest())
-  if params_hash is not None and key in _last_reconstruction:
+  if params_hash is not None and key in _recent_reconstructions:
     logging.info("Reusing this process's reconstructions of these %d chunks by this VAE",
                  len(reference))
-    return _last_reconstruction[key]
+    _recent_reconstructions.move_to_end(key)
+    return _recent_reconstructions[key]
   recon = _reconstruct(vae, reference, sources)
   recon.setflags(write=False)
-  _last_reconstruction.clear()
   if params_hash is not None:
-    _last_reconstruction[key] = recon
+    _recent_reconstructions[key] = recon
+    while len(_recent_reconstructions) > _RECONSTRUCTIONS_KEPT:
+      _recent_reconstructions.popitem(last=False)
   return recon
 
 
