@@ -71,8 +71,8 @@ def _reconstruct_mixture(vae_params, waveforms_bt, *, vae: source_vae.SourceVAE)
 # The last two reconstructions, under what determines them (the VAE's parameters by their
 # hash and its module, the sources, the reference's bytes): the study's systems that share
 # a VAE evaluate against the same reference set in one process, and each decoded it again
-# (2.3 of the 9 minutes of a system's evaluation at the study's size on 2 CPU cores). Two:
-# mixldm's mixture VAE comes between the systems of the stems' VAE.
+# (139 s of msldm's 635 s evaluation at the study's size on 2 CPU cores). Two: mixldm's
+# mixture VAE comes between the systems of the stems' VAE.
 _recent_reconstructions: collections.OrderedDict = collections.OrderedDict()
 _RECONSTRUCTIONS_KEPT = 2
 
