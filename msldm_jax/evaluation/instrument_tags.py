@@ -7,12 +7,11 @@ instrument's tag ranks first among those ten. Only guitar, piano and drums have 
 on MagnaTagATune, not on soundfont renderings, so even real stems are not all recognised.
 """
 
-import collections
-import hashlib
 from typing import Sequence
 
 import numpy as np
 
+from msldm_jax import recent
 from msldm_jax import stems
 from msldm_jax.evaluation import musicnn
 
@@ -63,8 +62,7 @@ def recognition(audio, tag_fn, audible, stem_names: Sequence[str] = stems.STEM_N
 # real stems twice (its instrument table and its VAE's reconstruction table), and the
 # study's systems that share a VAE tag the same real stems and reconstructions again, each
 # time about 40 s on 2 CPU cores at the study's size. Keys are hashes; the values are small.
-_TAGGED: collections.OrderedDict = collections.OrderedDict()
-_TAGGED_KEPT = 16
+_TAGGED = recent.Recent(kept=16)
 
 
 def musicnn_tagger(sample_rate: int):
@@ -75,15 +73,10 @@ def musicnn_tagger(sample_rate: int):
   labels = musicnn.LABELS[musicnn.TAGGER]
 
   def tag_fn(waveforms):
-    waveforms = np.ascontiguousarray(waveforms, np.float32)
-    key = (musicnn.TAGGER, sample_rate, waveforms.shape,
-           hashlib.blake2b(waveforms.data, digest_size=16).hexdigest())
-    if key in _TAGGED:
-      _TAGGED.move_to_end(key)
-    else:
-      _TAGGED[key] = np.asarray(musicnn.tag_batch(tagger, waveforms, sample_rate))
-      while len(_TAGGED) > _TAGGED_KEPT:
-        _TAGGED.popitem(last=False)
-    return _TAGGED[key].copy(), labels
+    waveforms = np.asarray(waveforms, np.float32)
+    probabilities = _TAGGED.get(
+        (musicnn.TAGGER, sample_rate, recent.array_digest(waveforms)),
+        lambda: np.asarray(musicnn.tag_batch(tagger, waveforms, sample_rate)))
+    return probabilities.copy(), labels
 
   return tag_fn

@@ -20,9 +20,7 @@ For a mixture system (`config.system=mixldm`) the source is the mixture and ther
 `--mode=evaluate` writes the same table (vae_reconstruction) for its own reference set.
 """
 
-import collections
 import functools
-import hashlib
 import os
 
 from absl import logging
@@ -34,6 +32,7 @@ import numpy as np
 from msldm_jax import atomic_files
 from msldm_jax import paper_config
 from msldm_jax import plotting
+from msldm_jax import recent
 from msldm_jax import stems as stems_lib
 from msldm_jax import workdir_layout
 from msldm_jax.evaluation import instrument_tags
@@ -73,8 +72,7 @@ def _reconstruct_mixture(vae_params, waveforms_bt, *, vae: source_vae.SourceVAE)
 # a VAE evaluate against the same reference set in one process, and each decoded it again
 # (139 s of msldm's 635 s evaluation at the study's size on 2 CPU cores). Two: mixldm's
 # mixture VAE comes between the systems of the stems' VAE.
-_recent_reconstructions: collections.OrderedDict = collections.OrderedDict()
-_RECONSTRUCTIONS_KEPT = 2
+_recent_reconstructions = recent.Recent(kept=2)
 
 
 def reconstruct(vae: loading.Loaded, reference: np.ndarray,
@@ -83,22 +81,19 @@ def reconstruct(vae: loading.Loaded, reference: np.ndarray,
   chunk, cut or padded to its length (sources ("mix",): MixLDM's VAE on mixtures).
 
   Read-only: the same array comes back for the same VAE and reference within a process."""
-  reference = np.ascontiguousarray(reference)
+  def compute():
+    recon = _reconstruct(vae, reference, sources)
+    recon.setflags(write=False)
+    return recon
+
   params_hash = vae.identity.get("params_sha256")
-  key = (params_hash, vae.module, tuple(sources), reference.shape, reference.dtype.str,
-         hashlib.blake2b(reference.data, digest_size=16).hexdigest())
-  if params_hash is not None and key in _recent_reconstructions:
+  if params_hash is None:
+    return compute()
+  key = (params_hash, vae.module, tuple(sources), recent.array_digest(reference))
+  if key in _recent_reconstructions:
     logging.info("Reusing this process's reconstructions of these %d chunks by this VAE",
                  len(reference))
-    _recent_reconstructions.move_to_end(key)
-    return _recent_reconstructions[key]
-  recon = _reconstruct(vae, reference, sources)
-  recon.setflags(write=False)
-  if params_hash is not None:
-    _recent_reconstructions[key] = recon
-    while len(_recent_reconstructions) > _RECONSTRUCTIONS_KEPT:
-      _recent_reconstructions.popitem(last=False)
-  return recon
+  return _recent_reconstructions.get(key, compute)
 
 
 def _reconstruct(vae: loading.Loaded, reference: np.ndarray, sources: tuple[str, ...]
