@@ -34,6 +34,7 @@ import numpy as np
 
 from msldm_jax import config_loading
 from msldm_jax import main as main_lib
+from msldm_jax import provenance
 from msldm_jax import stems
 from msldm_jax import workdir_layout
 from msldm_jax.latents import store
@@ -118,7 +119,7 @@ def write_report(out: str, results: dict, command: str, elapsed: float):
       "# DiT or U-Net on the mini dataset, for the same training time",
       "",
       f"Command: `{command}`  ",
-      f"Commit: {report.commit()}. Machine: {report.machine()}. "
+      f"Commit: {provenance.commit()}. Machine: {provenance.machine()}. "
       + (f"This invocation ran for {elapsed / 60:.0f} min. " if elapsed > 120 else
          "(Stages reused from an earlier invocation of the same command.) ")
       + "Written by benchmarks/denoiser_comparison.py.",

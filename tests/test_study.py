@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from msldm_jax import config_loading
+from msldm_jax import provenance
 from msldm_jax.diffusion import samplers
 from msldm_jax.evaluation import latent_dependence
 from msldm_jax.evaluation import vae_quality
@@ -164,14 +165,19 @@ def test_tiny_study_runs_end_to_end(repo_root, tmp_path, mini_dataset):
   # The control ran first: msldm and isldm (the systems with stems) on the planted latents.
   with open(os.path.join(control.control_dir(str(workdir)), control.RESULTS_FILE)) as f:
     assert list(json.load(f)["rows"]) == [control.DATA_ROW, "msldm", "isldm"]
-  steps_run = [json.loads(line)["step"] for line in
-               (workdir / "study" / runner.STEPS_LOG).read_text().splitlines()]
-  assert steps_run[0] == "control"
+  records = [json.loads(line) for line in
+             (workdir / "study" / runner.STEPS_LOG).read_text().splitlines()]
+  assert records[0]["step"] == "control"
+  # Each step names the commit it ran from (the package's checkout: this repository).
+  commits = {record["commit"] for record in records}
+  assert len(commits) == 1 and commits != {"unknown"}, commits
 
   # The report: every section, its plots, a spectrogram per system.
   with open(report_dir / "README.md") as f:
     report = f.read()
   assert "Against the goals" in report and "| SourceVAE (stems) | guitar |" in report
+  steps_run = {record["step"] for record in records}
+  assert f"the steps' commits: {commits.pop()} ({len(steps_run)} steps)" in report
   # Each VAE's level change beside SI-SDR and mel distance, and every generated level beside
   # the real stems' through the VAE and as they are.
   vae_row = next(line for line in report.splitlines()
@@ -308,26 +314,41 @@ def test_the_coupled_system_is_msldm_with_one_stream_per_stem(repo_root):
   assert coupled.to_dict() == dit.to_dict()
 
 
-def test_the_reports_commit_ignores_the_reports_own_files(tmp_path, monkeypatch):
-  from msldm_jax.study import report  # pylint: disable=g-import-not-at-top
+def test_the_commit_ignores_the_reports_own_files_and_names_the_packages_checkout(
+    tmp_path, monkeypatch):
   def git(*args):
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
                    check=True, capture_output=True)
   (tmp_path / "docs").mkdir()
   (tmp_path / "docs" / "README.md").write_text("old report")
-  (tmp_path / "code.py").write_text("x = 1")
+  (tmp_path / "code").mkdir()
+  (tmp_path / "code" / "x.py").write_text("x = 1")
   git("init", "-q")
   git("add", ".")
   git("commit", "-q", "-m", "first")
-  monkeypatch.chdir(tmp_path)
-  head = report.commit()
+  # From a folder of the checkout, whatever the working directory.
+  monkeypatch.chdir("/")
+  repo = str(tmp_path / "code")
+  head = provenance.commit(repo_dir=repo)
   assert len(head) >= 7 and "uncommitted" not in head
   (tmp_path / "docs" / "README.md").write_text("the report rewritten")
-  assert report.commit(str(tmp_path / "docs")) == head
-  assert report.commit() == f"{head} with uncommitted changes"
-  (tmp_path / "code.py").write_text("x = 2")
-  assert report.commit(str(tmp_path / "docs")) == f"{head} with uncommitted changes"
-  assert report.commit("/elsewhere/report") == f"{head} with uncommitted changes"
+  assert provenance.commit(str(tmp_path / "docs"), repo_dir=repo) == head
+  assert provenance.commit(repo_dir=repo) == f"{head} with uncommitted changes"
+  (tmp_path / "code" / "x.py").write_text("x = 2")
+  assert provenance.commit(str(tmp_path / "docs"), repo_dir=repo) == (
+      f"{head} with uncommitted changes")
+  assert provenance.commit("/elsewhere/report", repo_dir=repo) == (
+      f"{head} with uncommitted changes")
+  assert provenance.commit(repo_dir=str(tmp_path.parent)) == "unknown"
+
+
+def test_the_report_names_the_commits_its_steps_ran_from():
+  from msldm_jax.study import report  # pylint: disable=g-import-not-at-top
+  steps = {"a": {"commit": "abc1234"}, "b": {"commit": "abc1234"}, "c": {"commit": "def5678"},
+           "d": {}}
+  assert report.step_commits(steps) == (
+      "the steps' commits: abc1234 (2 steps), def5678 (1 step), not recorded (1 step)")
+  assert report.step_commits({}) == "no steps recorded"
 
 
 def test_every_sampler_run_keeps_the_studys_noise_schedule(repo_root):

@@ -7,9 +7,7 @@ rewritten without running anything again, and says where each number comes from.
 
 import json
 import os
-import platform
 import shutil
-import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from msldm_jax import plotting
+from msldm_jax import provenance
 from msldm_jax import stems
 from msldm_jax import workdir_layout
 from msldm_jax.diffusion import samplers
@@ -34,36 +33,17 @@ KAD, FD = "KAD ×100", "FD"
 BASELINES = ("isldm", "mixldm")
 
 
-def commit(report_dir: str = "") -> str:
-  """HEAD, marked when tracked files differ from it, the report's own files in `report_dir`
-  aside (a report written into the repository, as docs/study is, and rewritten by a later
-  run would otherwise mark its own run)."""
-  def git(*args):
-    return subprocess.run(["git", *args], capture_output=True, text=True,
-                          check=True).stdout.strip()
-  try:
-    head = git("rev-parse", "--short", "HEAD")
-    pathspec = []
-    if report_dir:
-      inside = os.path.relpath(os.path.abspath(report_dir), git("rev-parse", "--show-toplevel"))
-      if not inside.startswith(os.pardir):
-        pathspec = ["--", ".", f":(exclude){inside}"]
-    dirty = git("status", "--porcelain", "--untracked-files=no", *pathspec)
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
-  return head + (" with uncommitted changes" if dirty else "")
-
-
-def machine() -> str:
-  """CPU model and cores this process may use, and JAX's devices."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
-    cpu = f"{names[0]}, {len(os.sched_getaffinity(0))} cores" if names else platform.machine()
-  except OSError:
-    cpu = platform.machine()
-  devices = jax.devices()
-  return f"{cpu}; jax {jax.__version__} on {len(devices)} {devices[0].platform} device(s)"
+def step_commits(steps: dict[str, dict]) -> str:
+  """Which commits the steps ran from (each step's newest run), most steps first."""
+  counts: dict[str, int] = {}
+  for record in steps.values():
+    name = record.get("commit", "not recorded")
+    counts[name] = counts.get(name, 0) + 1
+  if not counts:
+    return "no steps recorded"
+  ordered = sorted(counts.items(), key=lambda item: -item[1])
+  return "the steps' commits: " + ", ".join(
+      f"{name} ({count} step{'s' if count > 1 else ''})" for name, count in ordered)
 
 
 def bucket_means(records: list[dict], first_step: float, last_step: float) -> dict[str, float]:
@@ -631,9 +611,10 @@ def write(config: ml_collections.ConfigDict, workdir: str, out: str, steps: dict
       + (f" --config.study.report_dir={_shown_path(out)}`" if config.study.report_dir
          else "`"),
       "",
-      f"Commit {commit(out)}. Machine: {machine()}. The steps took {total_wall / 60:.0f} min of "
-      "wall time in all (the newest run of each, WORKDIR/study/steps.jsonl). Written by "
-      "msldm_jax/study/report.py.",
+      f"Report written at commit {provenance.commit(out)} by msldm_jax/study/report.py; "
+      f"{step_commits(steps)}. Machine: {provenance.machine()}. The steps took "
+      f"{total_wall / 60:.0f} min of wall time in all (the newest run of each, "
+      "WORKDIR/study/steps.jsonl).",
       "",
       f"Data: the mini dataset, {config.data.render.num_pieces or 'all usable'} Bach "
       "chorales rendered to bass, drums, guitar and piano (msldm_jax/data/minislakh.py). "

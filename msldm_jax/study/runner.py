@@ -16,7 +16,8 @@ system and per sampler run:
                                    E network evaluations
   WORKDIR/control/                 the control: a planted dependence, each system with
                                    stems trained on it and scored (study/control.py)
-  WORKDIR/study/                   markers of finished steps (steps.jsonl: their times)
+  WORKDIR/study/                   markers of finished steps (steps.jsonl: their times
+                                   and commits)
 
 Each step is a stage of `python -m msldm_jax.main` run with a config derived from the study's
 (`system_config`, `sampler_run_config`), so every system is reachable, and checked, through
@@ -36,6 +37,7 @@ import jax
 import ml_collections
 
 from msldm_jax import atomic_files
+from msldm_jax import provenance
 from msldm_jax import stems
 from msldm_jax import workdir_layout
 from msldm_jax.data import prepare
@@ -226,9 +228,12 @@ def step_digest(config: ml_collections.ConfigDict, mode: str) -> str:
 
 class Steps:
   """The study's record of finished steps: a marker per step holding its config's digest,
-  and one line per step run in steps.jsonl (wall and CPU seconds), for the report."""
+  and one line per step run in steps.jsonl (wall and CPU seconds, the commit it ran from),
+  for the report. `report_dir`: where the report goes, whose files do not mark a commit as
+  changed (docs/study is inside the repository)."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, report_dir: str = ""):
+    self.report_dir = report_dir
     self.dir = os.path.join(workdir, MARKERS_DIR)
     os.makedirs(self.dir, exist_ok=True)
     self.log_path = os.path.join(self.dir, STEPS_LOG)
@@ -250,7 +255,8 @@ class Steps:
     STAGES[mode](config, workdir)
     record = {"step": name, "mode": mode, "workdir": os.path.abspath(workdir),
               "wall_seconds": time.perf_counter() - wall,
-              "cpu_seconds": time.process_time() - cpu}
+              "cpu_seconds": time.process_time() - cpu,
+              "commit": provenance.commit(self.report_dir)}
     if jax.process_index() == 0:
       with open(self.log_path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -276,7 +282,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
     raise ValueError(f"config key study.systems={config.study.systems!r}: the samplers are "
                      f"compared on {SAMPLER_SYSTEM}, which must be one of the systems")
   workdir = os.path.abspath(workdir)
-  steps = Steps(workdir)
+  report_dir = config.study.report_dir or os.path.join(workdir, "report")
+  steps = Steps(workdir, report_dir)
   steps.run("control", "control", control_step_config(config), workdir)
   shared = _derived(config)
   for mode in ("data", "train_vae", "evaluate_vae", "encode_latents"):
@@ -295,7 +302,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
       steps.run(f"samplers/{sampler}_{evaluations}/{mode}", mode, derived, folder)
   # Imported here: the report reads every product above and draws (matplotlib).
   from msldm_jax.study import report  # pylint: disable=g-import-not-at-top
-  report_dir = config.study.report_dir or os.path.join(workdir, "report")
   if jax.process_index() == 0:
     report.write(config, workdir, report_dir, steps.records())
   return report_dir
