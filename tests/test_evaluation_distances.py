@@ -119,6 +119,29 @@ def test_scores_intervals_floors_and_refusal():
     distance_scores.score(np.full((3, 2, 8), np.nan), reference, protocol)
 
 
+def test_through_the_vae_pairs_the_floors_halves_with_only_the_codec_between():
+  rng = np.random.default_rng(5)
+  reference = rng.normal(size=(24, 4, 8))
+  generated = rng.normal(0.3, 1.0, size=(24, 4, 8))
+  protocol = distance_scores.Protocol(bootstrap_samples=100, seed=7)
+  alone = distance_scores.score(generated, reference, protocol)
+  lossless = distance_scores.score(generated, reference, protocol, reconstructed=reference)
+  blurred = distance_scores.score(generated, reference, protocol,
+                                  reconstructed=0.3 * reference + 0.5)
+  for measure in (distance_scores.KAD, distance_scores.FD):
+    # The value, its interval and the floor do not move when reconstructions are given.
+    for name in ("value", "low", "high", "floor", "floor_low", "floor_high"):
+      assert getattr(lossless[measure], name) == getattr(alone[measure], name)
+    assert alone[measure].through_vae is None
+    assert alone[measure].through_vae_cell() == "n/a"
+    # A lossless codec's ceiling is the floor: the same halves.
+    assert lossless[measure].through_vae == pytest.approx(alone[measure].floor, rel=1e-12)
+    # A codec that loses the data's spread lies above it, beyond the floor's interval.
+    assert blurred[measure].through_vae_low > alone[measure].floor_high
+  with pytest.raises(ValueError, match="pair with the reference"):
+    distance_scores.score(generated, reference, protocol, reconstructed=reference[:20])
+
+
 def test_weighted_fd_equals_repeated_rows():
   rng = np.random.default_rng(5)
   x, y = rng.normal(size=(30, 3)), rng.normal(size=(25, 3))

@@ -65,6 +65,31 @@ def test_total_generation_ordering(audio):
     assert far[row][KAD].generated_windows == 80
 
 
+def test_total_generation_through_the_vae_and_its_column(audio, tmp_path):
+  # A codec that returns noise: each row's ceiling far above its floor (halves of 4 pieces,
+  # so the floor's own interval is wide).
+  noisy = np.random.default_rng(1).normal(size=audio.shape).astype(np.float32)
+  scores = tables.total_generation_scores(_real(audio), audio, _embed, PROTOCOL,
+                                          reconstructed=noisy)
+  for row in scores.values():
+    assert row[KAD].through_vae_low > row[KAD].floor
+  # The mixture's ceiling is that of the reconstructed stems' sum.
+  mixture = distance_scores.score(
+      tables.embed_pieces(_real(audio).sum(axis=1), _embed),
+      tables.embed_pieces(audio.sum(axis=1), _embed), PROTOCOL,
+      tables.embed_pieces(noisy.sum(axis=1), _embed))
+  assert scores["mixture"][KAD] == mixture[KAD]
+  tables.write_distance_table(str(tmp_path), "total", {r: {"": s} for r, s in scores.items()},
+                              "toy")
+  markdown = (tmp_path / "total.md").read_text()
+  assert f"| {KAD} through the VAE |" in markdown and "Through the VAE:" in markdown
+  with open(tmp_path / "total.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert all(float(r["through_vae"]) > float(r["floor"]) for r in rows if r["measure"] == KAD)
+  with pytest.raises(ValueError, match="must have the reference's shape"):
+    tables.total_generation_scores(audio, audio, _embed, PROTOCOL, reconstructed=audio[:4])
+
+
 def test_embedding_shape_errors(audio):
   with pytest.raises(ValueError, match=r"expected \[pieces, windows, d\]"):
     tables.total_generation_scores(audio, audio, lambda w: np.zeros((len(w), 3)), PROTOCOL)

@@ -46,11 +46,15 @@ def _assert_an_evaluation_writes_every_table(out: pathlib.Path):
     kad, fd = row[""]["KAD ×100"], row[""]["FD"]
     # Every KAD has its interval and floor; FD of 2 one-window pieces is refused (2 < 192).
     assert np.isfinite([kad["value"], kad["low"], kad["high"], kad["floor"]]).all()
+    # And the codec's ceiling: the reference's first half through the VAE.
+    assert np.isfinite([kad["through_vae"], kad["through_vae_low"],
+                        kad["through_vae_high"]]).all()
     assert kad["generated_windows"] == 2 and kad["reference_windows"] == metrics[
         "num_reference"]
     assert fd["value"] is None and "refused" in fd["note"]
   markdown = (out / "total_generation.md").read_text()
   assert "Embedding: stats-logmel-mfcc-chroma" in markdown and "floor" in markdown
+  assert "KAD ×100 through the VAE" in markdown
   assert 1 <= metrics["num_reference"] <= metrics["reference_split_chunks"]
   for side in ("generated", "real"):
     rates = metrics["music_measures"][side]
@@ -176,6 +180,9 @@ def test_tiny_study_runs_end_to_end(repo_root, tmp_path, mini_dataset):
   with open(report_dir / "README.md") as f:
     report = f.read()
   assert "Against the goals" in report and "| SourceVAE (stems) | guitar |" in report
+  kad_mixture = next(line for line in report.splitlines()
+                     if line.startswith("| KAD ×100 mixture |"))
+  assert kad_mixture.count("through the VAE") == 3, kad_mixture  # msldm, isldm, mixldm
   steps_run = {record["step"] for record in records}
   assert f"the steps' commits: {commits.pop()} ({len(steps_run)} steps)" in report
   # Each VAE's level change beside SI-SDR and mel distance, and every generated level beside

@@ -9,6 +9,11 @@ Every score is reported as
   split), with its own interval. A perfect model scores about the floor at this sample size:
   a score whose interval overlaps the floor's cannot be told from real audio, and two models
   whose intervals overlap cannot be told apart;
+- with the reference's reconstructions through the system's VAE, the codec's ceiling: the
+  same distance from the first half's reconstructions to the second half (the floor's pairs,
+  with only the codec between them). A generator that decodes through that VAE cannot be
+  expected below it: how far a score lies above it is the latent model's, how far the
+  ceiling lies above the floor is the codec's;
 - the number of windows on each side.
 
 The Fréchet distance of a set with fewer windows than the embedding has dimensions rests on
@@ -61,6 +66,10 @@ class Score:
   generated_windows: int
   reference_windows: int
   note: str = ""
+  # The codec's ceiling (None when no reconstructions were given, or refused).
+  through_vae: Optional[float] = None
+  through_vae_low: Optional[float] = None
+  through_vae_high: Optional[float] = None
 
   def cell(self) -> str:
     """'12.30 [10.10, 14.50]' or the reason it was refused."""
@@ -68,6 +77,9 @@ class Score:
 
   def floor_cell(self) -> str:
     return _cell(self.floor, self.floor_low, self.floor_high, "n/a")
+
+  def through_vae_cell(self) -> str:
+    return _cell(self.through_vae, self.through_vae_low, self.through_vae_high, "n/a")
 
   def as_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -144,11 +156,20 @@ def reference_halves(pieces: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
   return np.sort(order[:pieces // 2]), np.sort(order[pieces // 2:])
 
 
-def score(generated, reference, protocol: Protocol = Protocol()) -> dict[str, Score]:
-  """{measure label: Score} of generated `[p, w, d]` against reference `[q, v, d]`."""
+def score(generated, reference, protocol: Protocol = Protocol(),
+          reconstructed=None) -> dict[str, Score]:
+  """{measure label: Score} of generated `[p, w, d]` against reference `[q, v, d]`;
+  with `reconstructed` (the reference's pieces through the VAE, `[q, v, d]` in the same
+  order), each Score's `through_vae` too: the codec's ceiling (module docstring)."""
   x, y = _pieces("generated", generated), _pieces("reference", reference)
   if x.shape[-1] != y.shape[-1]:
     raise ValueError(f"embedding dimensions differ: generated {x.shape}, reference {y.shape}")
+  r = None
+  if reconstructed is not None:
+    r = _pieces("reconstructed", reconstructed)
+    if r.shape != y.shape:
+      raise ValueError(f"reconstructed embeddings {r.shape} must pair with the reference's "
+                       f"{y.shape}, piece by piece")
   d = y.shape[-1]
   # One kernel for the value, its bootstrap and the floor: the reference's median distance.
   bandwidth = (kernel_distance.median_bandwidth(y.reshape(-1, d))
@@ -158,8 +179,13 @@ def score(generated, reference, protocol: Protocol = Protocol()) -> dict[str, Sc
   for measure in protocol.measures:
     rng = np.random.default_rng([protocol.seed, list(MEASURES).index(measure)])
     result = _distance_with_interval(measure, x, y, bandwidth, protocol, rng)
+    halves = min(len(first), len(second)) >= 2
     floor = (_distance_with_interval(measure, y[first], y[second], bandwidth, protocol, rng)
-             if min(len(first), len(second)) >= 2 else None)
+             if halves else None)
+    # Drawn after the floor from the same generator, so that the value and the floor do not
+    # depend on whether reconstructions were given.
+    ceiling = (_distance_with_interval(measure, r[first], y[second], bandwidth, protocol, rng)
+               if halves and r is not None else None)
     note = ""
     if result is None:
       note = (f"refused: {min(x.shape[0] * x.shape[1], y.shape[0] * y.shape[1])} windows "
@@ -174,5 +200,8 @@ def score(generated, reference, protocol: Protocol = Protocol()) -> dict[str, Sc
         floor_high=None if floor is None else floor[2],
         generated_windows=int(x.shape[0] * x.shape[1]),
         reference_windows=int(y.shape[0] * y.shape[1]),
-        note=note)
+        note=note,
+        through_vae=None if ceiling is None else ceiling[0],
+        through_vae_low=None if ceiling is None else ceiling[1],
+        through_vae_high=None if ceiling is None else ceiling[2])
   return scores

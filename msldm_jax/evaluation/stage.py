@@ -6,8 +6,10 @@ seeded random sample of `evaluate.max_reference_chunks`, never the first N in tr
 then writes into WORKDIR/evaluation:
 
   total_generation.{md,csv,png}   KAD and FD of the mixture and of each stem, each with a
-                                  bootstrap 95 % interval and its floor (two halves of the
-                                  real set), and the windows counted on each side
+                                  bootstrap 95 % interval, its floor (two halves of the
+                                  real set), the same through the VAE (the first half's
+                                  reconstructions against the second half: the codec's
+                                  ceiling), and the windows counted on each side
   partial_generation.{md,csv,png} for each of the 14 proper subsets of stems, generated given
                                   the others (the given stems from `evaluate.partial_chunks`
                                   seeded random real chunks, as MSDM does): the whole
@@ -366,7 +368,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     generated = generated.sum(axis=1, keepdims=True)
     reference = reference.sum(axis=1, keepdims=True)
     sources = (stems_lib.MIXTURE,)
-  total = tables.total_generation_scores(generated, reference, embed_fn, protocol, sources)
+  vae = denoiser = reconstructed = None
+  if scope != "mixture_distances":
+    # The VAE whose latents the diffusion model learned: it decoded the pieces, and its
+    # reconstructions bound what generation can reach (each distance's codec ceiling).
+    vae, denoiser = generation_stage.load_models(config, workdir)
+    reconstructed = vae_quality.reconstruct(vae, reference, sources)
+  total = tables.total_generation_scores(generated, reference, embed_fn, protocol, sources,
+                                         reconstructed)
   tables.write_distance_table(out_dir, "total_generation",
                               {row: {"": scores} for row, scores in total.items()}, embedding,
                               notes=[f"{len(generated)} generated pieces. {reference_note}"]
@@ -383,10 +392,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("Evaluation (the mixture's distances only) written to %s", out_dir)
     return metrics
 
-  # The VAE whose latents the diffusion model learned: it decoded the pieces, and its
-  # reconstructions bound what generation can reach.
-  vae, denoiser = generation_stage.load_models(config, workdir)
-  reconstructed = vae_quality.reconstruct(vae, reference, sources)
   partial, partial_facts = {}, {}
   if int(evaluate_config.partial_chunks) > 0 and not mixture_only:
     partial, partial_facts = partial_generation_table(config, vae, denoiser, reference,

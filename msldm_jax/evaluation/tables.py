@@ -76,22 +76,33 @@ Scores = dict[str, distance_scores.Score]
 
 def total_generation_scores(generated, reference, embed_fn: EmbedFn,
                             protocol: distance_scores.Protocol = distance_scores.Protocol(),
-                            stem_names: Sequence[str] = stems.STEM_NAMES
-                            ) -> dict[str, Scores]:
+                            stem_names: Sequence[str] = stems.STEM_NAMES,
+                            reconstructed=None) -> dict[str, Scores]:
   """{'mixture': scores of the mixtures, stem: scores of that stem} for
   `[pieces, stems, samples]`, each {measure: Score} (value, interval, floor). With
-  stem_names ("mix",) (mixtures only) the one row is the mixture's."""
+  stem_names ("mix",) (mixtures only) the one row is the mixture's. With `reconstructed`
+  (the reference through the VAE, its shape), each Score's codec ceiling too
+  (`distance_scores.score`): the mixture's is that of the reconstructed stems' sum."""
   generated = stems.as_pieces(generated, stem_names, "generated", np.float32)
   reference = stems.as_pieces(reference, stem_names, "reference", np.float32)
-  scores = {MIXTURE: distance_scores.score(embed_pieces(generated.sum(axis=1), embed_fn),
-                                           embed_pieces(reference.sum(axis=1), embed_fn),
-                                           protocol)}
+  if reconstructed is not None:
+    reconstructed = stems.as_pieces(reconstructed, stem_names, "reconstructed", np.float32)
+    if reconstructed.shape != reference.shape:
+      raise ValueError(f"reconstructed {reconstructed.shape} must have the reference's shape "
+                       f"{reference.shape}")
+
+  def row(pick) -> Scores:
+    return distance_scores.score(
+        embed_pieces(pick(generated), embed_fn), embed_pieces(pick(reference), embed_fn),
+        protocol,
+        None if reconstructed is None else embed_pieces(pick(reconstructed), embed_fn))
+
+  scores = {MIXTURE: row(lambda audio: audio.sum(axis=1))}
   if tuple(stem_names) == (stems.MIXTURE,):
     logging.info("Total generation: %s", _summary(scores))
     return scores
   for i, name in enumerate(stem_names):
-    scores[name] = distance_scores.score(embed_pieces(generated[:, i], embed_fn),
-                                         embed_pieces(reference[:, i], embed_fn), protocol)
+    scores[name] = row(lambda audio, i=i: audio[:, i])
   logging.info("Total generation: %s", _summary(scores))
   return scores
 
@@ -182,12 +193,18 @@ def write_distance_table(directory: str, name: str,
   first = next(iter(rows.values()))
   columns = list(first)
   measures = list(next(iter(first.values())))
+  # The codec's ceiling beside the floor, where the scores have it (total generation).
+  through_vae = any(score.through_vae is not None for columns_ in rows.values()
+                    for by_measure in columns_.values() for score in by_measure.values())
   os.makedirs(directory, exist_ok=True)
   paths = {ext: os.path.join(directory, f"{name}.{ext}") for ext in ("md", "csv", "png")}
   with open(paths["md"], "w") as f:
     f.write(f"Embedding: {embedding}. Each score: value [bootstrap 95 % interval over pieces];"
             " floor: the same distance between two disjoint halves of the real set (what a "
-            "perfect model gets at this sample size).\n\n")
+            "perfect model gets at this sample size)."
+            + (" Through the VAE: the first half's reconstructions by the system's VAE against"
+               " the second half (what a generator decoding through that VAE can reach)."
+               if through_vae else "") + "\n\n")
     for note in notes:
       f.write(f"{note}\n\n")
     header = [row_label]
@@ -195,6 +212,8 @@ def write_distance_table(directory: str, name: str,
       for measure in measures:
         prefix = f"{column}: " if len(columns) > 1 else ""
         header += [f"{prefix}{measure}", f"{prefix}{measure} floor"]
+        if through_vae:
+          header.append(f"{prefix}{measure} through the VAE")
     header.append("windows (generated / real)")
     f.write("| " + " | ".join(header) + " |\n|---|" + "---:|" * (len(header) - 1) + "\n")
     for row, values in rows.items():
@@ -202,11 +221,14 @@ def write_distance_table(directory: str, name: str,
       for column in columns:
         for measure in measures:
           cells += [values[column][measure].cell(), values[column][measure].floor_cell()]
+          if through_vae:
+            cells.append(values[column][measure].through_vae_cell())
       some = values[columns[0]][measures[0]]
       cells.append(f"{some.generated_windows} / {some.reference_windows}")
       f.write("| " + " | ".join(cells) + " |\n")
-  fields = ("value", "low", "high", "floor", "floor_low", "floor_high", "generated_windows",
-            "reference_windows", "note")
+  fields = ("value", "low", "high", "floor", "floor_low", "floor_high", "through_vae",
+            "through_vae_low", "through_vae_high", "generated_windows", "reference_windows",
+            "note")
   with open(paths["csv"], "w", newline="") as f:
     writer = csv.writer(f)
     writer.writerow([row_label, "column", "measure", *fields])
@@ -241,10 +263,16 @@ def _interval_plot(path: str, title: str, rows, columns: Sequence[str], measure:
       if score.floor is not None:
         ax.fill_between([xi - width / 2, xi + width / 2], score.floor_low, score.floor_high,
                         color="grey", alpha=0.6, linewidth=0, zorder=3)
+      if score.through_vae is not None:
+        ax.hlines(score.through_vae, xi - width / 2, xi + width / 2, color="black",
+                  linewidth=2, zorder=4)
+  through_vae = any(values[column][measure].through_vae is not None
+                    for values in rows.values() for column in columns)
   ax.axhline(0.0, color="black", linewidth=0.5)
   ax.set_xticks(positions)
   ax.set_xticklabels(list(rows), rotation=45, ha="right")
-  ax.set_ylabel(f"{measure} (grey: floor)")
+  ax.set_ylabel(f"{measure} (grey: floor"
+                + ("; black: real through the VAE)" if through_vae else ")"))
   ax.set_title(title)
   ax.grid(axis="y", alpha=0.3)
   if len(columns) > 1:
