@@ -183,6 +183,9 @@ def test_tiny_study_runs_end_to_end(repo_root, tmp_path, mini_dataset):
   kad_mixture = next(line for line in report.splitlines()
                      if line.startswith("| KAD ×100 mixture |"))
   assert kad_mixture.count("through the VAE") == 3, kad_mixture  # msldm, isldm, mixldm
+  shares = [line for line in report.splitlines()
+            if line.startswith("- ") and "above what its codec allows" in line]
+  assert [line.split(":")[0] for line in shares] == ["- msldm", "- isldm", "- mixldm"], shares
   steps_run = {record["step"] for record in records}
   assert f"the steps' commits: {commits.pop()} ({len(steps_run)} steps)" in report
   # Each VAE's level change beside SI-SDR and mel distance, and every generated level beside
