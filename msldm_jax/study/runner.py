@@ -251,12 +251,14 @@ class Steps:
           logging.info("study step %s: finished earlier under this config, skipped", name)
           return
     logging.info("study step %s: --mode=%s in %s", name, mode, workdir)
+    # At the start: the code the step runs is what is checked out when it begins.
+    commit = provenance.commit(self.report_dir)
     wall, cpu = time.perf_counter(), time.process_time()
     STAGES[mode](config, workdir)
     record = {"step": name, "mode": mode, "workdir": os.path.abspath(workdir),
               "wall_seconds": time.perf_counter() - wall,
               "cpu_seconds": time.process_time() - cpu,
-              "commit": provenance.commit(self.report_dir)}
+              "commit": commit}
     if jax.process_index() == 0:
       with open(self.log_path, "a") as f:
         f.write(json.dumps(record) + "\n")
