@@ -240,6 +240,25 @@ def test_per_source_stem_batches_train_only_their_stem_at_one_group_cost(repo_ro
   inputs = trainer.train_inputs()
   stems_seen = [int(np.asarray(next(inputs)[pipeline.STEM])[0]) for _ in range(4)]
   assert stems_seen == [0, 1, 2, 3]
+  # A step on bass, then one on guitar: the guitar step leaves every other stem's parameters
+  # and AdamW moments as the bass step left them (no weight decay, no leftover momentum).
+  bass = dict(batch, **{pipeline.STEM: np.zeros(8, np.int32)})
+  on_device, _ = trainer.compiled.step(trainer.initial_state(),
+                                       mesh_lib.to_global_batch(bass, trainer.mesh))
+  after_bass = jax.device_get(on_device)  # the next step donates its input
+  after_guitar, _ = trainer.compiled.step(on_device,
+                                          mesh_lib.to_global_batch(batch, trainer.mesh))
+  after_guitar = jax.device_get(after_guitar)
+  for name in ("generator", "generator_opt"):
+    moved = [np.asarray(a) for a in jax.tree.leaves(getattr(after_bass, name))]
+    again = [np.asarray(a) for a in jax.tree.leaves(getattr(after_guitar, name))]
+    for a, b in zip(moved, again):
+      if a.ndim:
+        np.testing.assert_array_equal(a[[0, 1, 3]], b[[0, 1, 3]], err_msg=name)
+    assert any(a.ndim and np.any(a[2] != b[2]) for a, b in zip(moved, again)), name
+  initial = jax.device_get(trainer.initial_state())
+  assert any(np.any(np.asarray(a)[0] != np.asarray(b)[0]) for a, b in zip(
+      jax.tree.leaves(initial.generator), jax.tree.leaves(after_bass.generator)))
 
 
 def test_loss_weights_by_stem_weigh_each_one_stem_batch_by_its_stem(repo_root, tmp_path,

@@ -141,10 +141,35 @@ def init_state(spec: VAETrainSpec, rng: jax.Array, window: int) -> VAETrainState
       discriminator_opt=spec.discriminator_tx.init(discriminator))
 
 
-def _update_generator(spec: VAETrainSpec, state: VAETrainState, g_grads):
+def _update_generator(spec: VAETrainSpec, state: VAETrainState, g_grads, stem_b):
   g_updates, generator_opt = spec.generator_tx.update(
       g_grads, state.generator_opt, state.generator)
-  return optax.apply_updates(state.generator, g_updates), generator_opt
+  generator = optax.apply_updates(state.generator, g_updates)
+  if spec.stem_batches and spec.vae.num_groups > 1:
+    # Only the batch's stem steps. Its gradient is zero elsewhere, but AdamW would still
+    # decay the other stems' parameters and move them by their leftover momentum at every
+    # step: with the stems in turn, four times the weight decay per gradient step and three
+    # momentum-only updates between a stem's gradients (benchmarks/RESULTS.md, "Guitar and
+    # piano's VAEs continued alone"). So the other stems keep their parameters and moments;
+    # the step count (learning rate, bias correction) stays one for all.
+    generator = _only_group(generator, state.generator, stem_b[0], spec.vae.num_groups)
+    generator_opt = _only_group(generator_opt, state.generator_opt, stem_b[0],
+                                spec.vae.num_groups)
+  return generator, generator_opt
+
+
+def _only_group(new, old, group, num_groups: int):
+  """`new` in group `group` of every per-group leaf (leading axis `num_groups`), `old` in the
+  others; scalars (step counts) from `new`."""
+  def pick(updated, kept):
+    if updated.ndim == 0:
+      return updated
+    if updated.shape[0] != num_groups:
+      raise ValueError(f"a per-source VAE's parameter or optimiser state of shape "
+                       f"{updated.shape} has no leading axis of its {num_groups} stems")
+    mask = (jnp.arange(num_groups) == group).reshape((num_groups,) + (1,) * (updated.ndim - 1))
+    return jnp.where(mask, updated, kept)
+  return jax.tree.map(pick, new, old)
 
 
 def adversarial_step(state: VAETrainState, batch, *, spec: VAETrainSpec, loss_weights, rng):
@@ -177,7 +202,7 @@ def adversarial_step(state: VAETrainState, batch, *, spec: VAETrainSpec, loss_we
   (g_loss, terms), cotangents = jax.value_and_grad(
       generator_objective, argnums=(0, 1, 2), has_aux=True)(recon, mean, logvar)
   (g_grads,) = generator_vjp(cotangents)
-  generator, generator_opt = _update_generator(spec, state, g_grads)
+  generator, generator_opt = _update_generator(spec, state, g_grads, stem)
   metrics = {f"loss/{name}": value for name, value in terms.items()}
   metrics.update({
       "loss/generator": g_loss, "loss/discriminator": d_loss,
@@ -207,7 +232,7 @@ def reconstruction_step(state: VAETrainState, batch, *, spec: VAETrainSpec, loss
     return vae_losses.weighted_generator_loss(terms, loss_weights)
 
   (g_loss, terms), g_grads = jax.value_and_grad(objective, has_aux=True)(state.generator)
-  generator, generator_opt = _update_generator(spec, state, g_grads)
+  generator, generator_opt = _update_generator(spec, state, g_grads, stem)
   metrics = {f"loss/{name}": value for name, value in terms.items()}
   metrics.update({
       "loss/generator": g_loss, "loss/discriminator": jnp.zeros((), jnp.float32),
