@@ -475,6 +475,27 @@ def test_bad_settings_fail_fast_naming_the_setting(tmp_path, name, process_ids, 
     assert "Check failure stack trace" not in log  # No abort from inside XLA.
 
 
+# An exit that hangs after the bound is armed (atexit runs the last registered first, so
+# the hang, registered before, runs after the arming, as JAX's shutdown does).
+_HANGING_EXIT = """
+import atexit, time
+atexit.register(time.sleep, 600)
+from msldm_jax.parallel import distributed
+distributed.bound_the_exit(1.0)
+raise ValueError("a stage failed")
+"""
+
+
+def test_an_exit_that_hangs_ends_after_the_bound():
+  start = time.monotonic()
+  result = subprocess.run([sys.executable, "-c", _HANGING_EXIT], cwd=conftest.REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == distributed.EXIT_STATUS, result.stderr[-3000:]
+  assert time.monotonic() - start < 60
+  assert "ValueError: a stage failed" in result.stderr
+  assert "still exiting 1 s after the exit began" in result.stderr
+
+
 def test_settings_come_from_flags_then_the_environment(monkeypatch):
   monkeypatch.setenv(distributed.COORDINATOR_ENV, "10.0.0.1:1234")
   monkeypatch.setenv(distributed.NUM_PROCESSES_ENV, "4")

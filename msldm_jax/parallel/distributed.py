@@ -22,11 +22,16 @@ Failures end in a bounded time with an error naming the setting, never a hang:
     sooner, in gloo's transport, with a misleading "collective mismatch" message), and a
     process failing with an error waits up to `shutdown_timeout` s for the others before
     all stop (JAX's defaults: 100 s and 300 s; a slow host must fit in them, e.g. process 0
-    finishing its plots while the others wait at exit).
+    finishing its plots while the others wait at exit);
+  - exit: JAX's own shutdown at exit can outlast `shutdown_timeout` (a coordinator whose
+    processes disagreed on --num_processes hung there for minutes on a loaded 2-core
+    machine, its error already printed), so a joined process that is still exiting
+    `shutdown_timeout` + _EXIT_GRACE_SECONDS s after its exit began ends itself.
 
 Cross-process collectives on CPU use gloo (named explicitly: it was not always the default).
 """
 
+import atexit
 import dataclasses
 import os
 import socket
@@ -45,7 +50,9 @@ PROCESS_ID_ENV = "JAX_PROCESS_ID"
 # JAX's connect deadline, past ours: JAX's would end the process from C++.
 _JAX_GRACE_SECONDS = 30
 _CONNECT_PROBE_SECONDS = 2.0
-EXIT_STATUS = 1  # of a process that could not join
+EXIT_STATUS = 1  # of a process that could not join, or whose exit did not end
+# How long past --shutdown_timeout a joined process's exit may take before it ends itself.
+_EXIT_GRACE_SECONDS = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +151,23 @@ def _exit_with(message: str):
   os._exit(EXIT_STATUS)
 
 
+def bound_the_exit(seconds: float):
+  """At exit, before JAX's own shutdown (atexit runs the last registered first), starts a
+  timer that ends the process with EXIT_STATUS if it is still exiting `seconds` later."""
+  def expire():
+    logging.error("still exiting %.0f s after the exit began (JAX's distributed shutdown did "
+                  "not end within --shutdown_timeout): ending the process", seconds)
+    logging.flush()
+    os._exit(EXIT_STATUS)
+
+  def arm():
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+
+  atexit.register(arm)
+
+
 def _check_agreement(settings: Settings):
   """Every process must have been started with the coordinator's process count."""
   counts = np.asarray(multihost_utils.process_allgather(
@@ -192,6 +216,7 @@ def initialize(settings: Settings = Settings()):
     _exit_with(_timeout_message(settings))
   if outcome[0] is not None:
     raise RuntimeError(f"jax.distributed.initialize failed: {outcome[0]}") from outcome[0]
+  bound_the_exit(settings.shutdown_timeout + _EXIT_GRACE_SECONDS)
   if settings.explicit:
     _check_agreement(settings)
   logging.info("process %d of %d: %d local devices of %d", jax.process_index(),
