@@ -33,6 +33,7 @@ Cross-process collectives on CPU use gloo (named explicitly: it was not always t
 
 import atexit
 import dataclasses
+import faulthandler
 import os
 import socket
 import threading
@@ -152,18 +153,16 @@ def _exit_with(message: str):
 
 
 def bound_the_exit(seconds: float):
-  """At exit, before JAX's own shutdown (atexit runs the last registered first), starts a
-  timer that ends the process with EXIT_STATUS if it is still exiting `seconds` later."""
-  def expire():
-    logging.error("still exiting %.0f s after the exit began (JAX's distributed shutdown did "
-                  "not end within --shutdown_timeout): ending the process", seconds)
-    logging.flush()
-    os._exit(EXIT_STATUS)
-
+  """At exit, before JAX's own shutdown (atexit runs the last registered first), arms a
+  watchdog that ends the process with status 1 (EXIT_STATUS) if it is still exiting
+  `seconds` later, after printing every thread's stack. faulthandler's watchdog is a C
+  thread: it fires even while the shutdown holds the GIL in C++, where a Python timer
+  would wait."""
   def arm():
-    timer = threading.Timer(seconds, expire)
-    timer.daemon = True
-    timer.start()
+    logging.info("exiting: JAX's distributed shutdown has %.0f s (--shutdown_timeout and "
+                 "%d s) before the process ends itself", seconds, _EXIT_GRACE_SECONDS)
+    logging.flush()
+    faulthandler.dump_traceback_later(seconds, exit=True)
 
   atexit.register(arm)
 
