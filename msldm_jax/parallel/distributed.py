@@ -24,7 +24,7 @@ Failures end in a bounded time with an error naming the setting, never a hang:
     all stop (JAX's defaults: 100 s and 300 s; a slow host must fit in them, e.g. process 0
     finishing its plots while the others wait at exit);
   - exit: JAX's own shutdown at exit can outlast `shutdown_timeout` (a coordinator whose
-    processes disagreed on --num_processes hung there for minutes on a loaded 2-core
+    processes disagreed on --num_processes hung there for over 100 s on a loaded 2-core
     machine, its error already printed), so a joined process that is still exiting
     `shutdown_timeout` + _EXIT_GRACE_SECONDS s after its exit began ends itself.
 
@@ -159,8 +159,8 @@ def bound_the_exit(seconds: float):
   thread: it fires even while the shutdown holds the GIL in C++, where a Python timer
   would wait."""
   def arm():
-    logging.info("exiting: JAX's distributed shutdown has %.0f s (--shutdown_timeout and "
-                 "%d s) before the process ends itself", seconds, _EXIT_GRACE_SECONDS)
+    logging.info("exiting: if still exiting in %.0f s (JAX's distributed shutdown past "
+                 "--shutdown_timeout), the process ends itself", seconds)
     logging.flush()
     faulthandler.dump_traceback_later(seconds, exit=True)
 
