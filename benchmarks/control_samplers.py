@@ -79,7 +79,8 @@ def rms_ratio(pieces: np.ndarray, data: np.ndarray) -> float:
 def plot(path: str, rows: list[dict], clock: str):
   """Agreement, median |coordinate| and RMS against the budget spent, a line per system,
   sampler and evaluations."""
-  from msldm_jax.plotting import plt  # pylint: disable=g-import-not-at-top
+  from msldm_jax import plotting  # pylint: disable=g-import-not-at-top
+  plt = plotting.plt
   figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
   lines = {}
   for row in rows:
@@ -103,8 +104,7 @@ def plot(path: str, rows: list[dict], clock: str):
   axes[0].axhline(0.5, color="grey", lw=0.5, ls=":")
   axes[0].legend(fontsize="small")
   figure.tight_layout()
-  figure.savefig(path, dpi=100)
-  plt.close(figure)
+  plotting.save_figure(figure, path, dpi=100)
 
 
 def main(argv):

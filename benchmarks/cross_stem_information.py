@@ -53,7 +53,8 @@ def _cell(row: dict) -> str:
 def plot(path: str, curves: dict[str, list[tuple[int, float | None, dict]]]):
   """One panel per denoiser: the relative information of all stems against training, a
   line per σ."""
-  from msldm_jax.plotting import plt  # pylint: disable=g-import-not-at-top
+  from msldm_jax import plotting  # pylint: disable=g-import-not-at-top
+  plt = plotting.plt
   figure, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 3.8), squeeze=False)
   for axis, (name, points) in zip(axes[0], curves.items()):
     for sigma in latent_dependence.SIGMAS:
@@ -70,8 +71,7 @@ def plot(path: str, curves: dict[str, list[tuple[int, float | None, dict]]]):
     axis.set_ylabel("loss increase with other chunks' stems / own")
   axes[0][0].legend(fontsize="small")
   figure.tight_layout()
-  figure.savefig(path, dpi=100)
-  plt.close(figure)
+  plotting.save_figure(figure, path, dpi=100)
 
 
 def main(argv):

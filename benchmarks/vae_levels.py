@@ -110,7 +110,8 @@ def band_labels() -> list[str]:
 
 
 def plot(path: str, profiles: dict[str, dict]):
-  from msldm_jax.plotting import plt  # pylint: disable=g-import-not-at-top
+  from msldm_jax import plotting  # pylint: disable=g-import-not-at-top
+  plt = plotting.plt
   sources = list(next(iter(profiles.values())))
   figure, axes = plt.subplots(2, len(sources), figsize=(4.2 * len(sources), 6.4),
                               squeeze=False, sharey="row")
@@ -129,8 +130,7 @@ def plot(path: str, profiles: dict[str, dict]):
   axes[1, 0].set_ylabel("by real frame loudness (dB)")
   axes[1, 0].legend(fontsize=7)
   figure.tight_layout()
-  figure.savefig(path, dpi=110)
-  plt.close(figure)
+  plotting.save_figure(figure, path, dpi=110)
   print(f"plot: {path}")
 
 

@@ -21,7 +21,7 @@ from typing import Callable, Mapping, Sequence, Union
 from absl import logging
 import numpy as np
 
-from msldm_jax import plotting  # noqa: F401  (selects the non-interactive matplotlib backend)
+from msldm_jax import plotting  # (also selects the non-interactive matplotlib backend)
 from msldm_jax import stems
 from msldm_jax.evaluation import distance_scores
 
@@ -278,5 +278,4 @@ def _interval_plot(path: str, title: str, rows, columns: Sequence[str], measure:
   if len(columns) > 1:
     ax.legend(fontsize="small")
   fig.tight_layout()
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
+  plotting.save_figure(fig, path, dpi=80)

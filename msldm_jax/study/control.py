@@ -304,7 +304,8 @@ def plot(path: str, coords_by_row: dict[str, np.ndarray]):
   """One panel per row: each segment's bass coordinate against the other stems' (total
   generation). A dependence puts the points in the (+, +) and (−, −) quadrants; stems drawn
   apart fill all four."""
-  from msldm_jax.plotting import plt  # pylint: disable=g-import-not-at-top
+  from msldm_jax import plotting  # pylint: disable=g-import-not-at-top
+  plt = plotting.plt
   figure, axes = plt.subplots(1, len(coords_by_row), figsize=(3.2 * len(coords_by_row), 3.2),
                               sharex=True, sharey=True, squeeze=False)
   for axis, (name, coords) in zip(axes[0], coords_by_row.items()):
@@ -318,8 +319,7 @@ def plot(path: str, coords_by_row: dict[str, np.ndarray]):
   axes[0][0].set_ylabel("other stem's coordinate")
   axes[0][-1].legend(loc="lower right", fontsize="small", markerscale=3)
   figure.tight_layout()
-  figure.savefig(path, dpi=100)
-  plt.close(figure)
+  plotting.save_figure(figure, path, dpi=100)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:

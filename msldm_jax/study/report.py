@@ -260,8 +260,7 @@ def loss_plot(results: dict, out: str):
   axis.legend()
   axis.grid(alpha=0.3)
   figure.tight_layout()
-  figure.savefig(os.path.join(out, "loss_by_sigma.png"), dpi=100)
-  plt.close(figure)
+  plotting.save_figure(figure, os.path.join(out, "loss_by_sigma.png"), dpi=100)
 
 
 def _system_results(config, workdir: str, systems: list[str]) -> dict:
@@ -480,8 +479,7 @@ def _sampler_section(config, workdir: str, steps: dict, out: str) -> list[str]:
   axis.legend()
   axis.grid(alpha=0.3)
   figure.tight_layout()
-  figure.savefig(os.path.join(out, "samplers.png"), dpi=100)
-  plt.close(figure)
+  plotting.save_figure(figure, os.path.join(out, "samplers.png"), dpi=100)
   return lines + ["", "![samplers against evaluations](samplers.png)"]
 
 
