@@ -11,7 +11,8 @@ import numpy as np  # noqa: E402
 
 # zlib level 1 for the PNGs, not Pillow's 6: a spectrogram's noise-like pixels barely compress
 # anyway, and at level 6 encoding was 40 % of a spectrogram figure's time (0.19 → 0.12 s a
-# figure, files 1.4× larger; benchmarks/RESULTS.md, "PNG encoding and the test suite").
+# figure, files 1.4× larger; benchmarks/RESULTS.md, "PNG encoding, a sampling profile of the
+# suite, and the elemental emitters' NaN narrowed").
 _PNG_OPTIONS = {"compress_level": 1}
 
 
