@@ -245,9 +245,7 @@ def _vae_section(results: dict, test_scores: dict, out: str) -> list[str]:
 
 def loss_plot(results: dict, out: str):
   """OUT/loss_by_sigma.png: each result's mean loss per σ bucket (its "buckets")."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = plotting.plt  # (plotting selected the Agg backend)
   edges = train_ldm.SIGMA_BUCKET_EDGES
   centres = np.sqrt(np.asarray(edges[:-1]) * np.asarray(edges[1:]))
   figure, axis = plt.subplots(figsize=(7, 4))
@@ -460,9 +458,7 @@ def _sampler_section(config, workdir: str, steps: dict, out: str) -> list[str]:
               + (f"Fewest evaluations whose score lies inside that interval: {inside[0][0]} "
                  f"({', '.join(s for e, s in inside if e == inside[0][0])})." if inside
                  else "No run lies inside that interval.")]
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = plotting.plt  # (plotting selected the Agg backend)
   figure, axis = plt.subplots(figsize=(7, 4))
   for sampler in dict.fromkeys(s for s, _ in runs):
     points = [(e, scores[(sampler, e)]) for s, e in runs
