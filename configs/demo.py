@@ -117,7 +117,13 @@ TINY_OVERRIDES = dict(
     data=dict(
         render=dict(num_pieces=6, max_seconds=20.0),
         min_duration=4.0,
-        vae_windows=dict(shuffle_buffer=256),
+        # Quarter-second training windows (17 latent frames at hop 320) and half-second
+        # validation windows: a tiny VAE step costs a quarter of one on the default second,
+        # and the tests that train the tiny VAE (its trainer's tests, the notebooks) all
+        # compile one GAN step, which their shared compilation cache then serves: ~13 s of
+        # XLA:CPU each on 2 cores.
+        vae_windows=dict(train_seconds=0.25, train_hop_seconds=0.125, jitter_seconds=0.05,
+                         eval_seconds=0.5, eval_hop_seconds=0.5, shuffle_buffer=32),
         chunks=dict(samples=10232, shuffle_buffer=16),  # 32 latent frames
     ),
     vae=dict(

@@ -21,13 +21,6 @@ def _config(repo_root, tfds_dir, **train):
   config = config_loading.load_config(os.path.join(repo_root, "configs", "demo.py") +
                                       ":variant=tiny")
   config.data.tfds_dir = str(tfds_dir)
-  # Quarter-second windows keep each CPU step cheap; the maths is the same.
-  config.data.vae_windows.train_seconds = 0.25
-  config.data.vae_windows.train_hop_seconds = 0.125
-  config.data.vae_windows.jitter_seconds = 0.05
-  config.data.vae_windows.eval_seconds = 0.5
-  config.data.vae_windows.eval_hop_seconds = 0.5
-  config.data.vae_windows.shuffle_buffer = 32
   for key, value in train.items():
     config.vae.train[key] = value
   return config
