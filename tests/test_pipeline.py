@@ -19,6 +19,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from msldm_jax import config_loading
+from msldm_jax import paper_config
 from msldm_jax import stems
 from msldm_jax.data import input_iterator
 from msldm_jax.data import pipeline
@@ -43,6 +44,12 @@ def data_config(**vae_overrides):
   config.sample_rate = SAMPLE_RATE
   config.chunks.samples = CHUNK
   config.chunks.shuffle_buffer = 8
+  # The paper's window seconds, which the module docstring's sample counts follow (the tiny
+  # variant trains on shorter ones).
+  paper_windows = paper_config.get_paper_config().data.vae_windows
+  for key in ("train_seconds", "train_hop_seconds", "jitter_seconds", "eval_seconds",
+              "eval_hop_seconds"):
+    config.vae_windows[key] = paper_windows[key]
   config.vae_windows.shuffle_buffer = 64
   for key, value in vae_overrides.items():
     config.vae_windows[key] = value
