@@ -31,7 +31,7 @@ MEASURES = (("mel_distance", "validation mel distance"), ("si_sdr", "validation 
 
 def stage_dir(run: str) -> str:
   """A run's vae/ folder, given it or its workdir."""
-  if os.path.isfile(os.path.join(run, "metrics.jsonl")):
+  if os.path.isfile(os.path.join(run, workdir_layout.METRICS_FILE)):
     return run
   return workdir_layout.trainer_dir(run, workdir_layout.VAE)
 
@@ -41,7 +41,7 @@ def curves(run: str, since: float = 0.0) -> dict[tuple[str, str], tuple[list, li
   records = loop.read_metrics(stage_dir(run))
   if not records:
     raise FileNotFoundError(f"no VAE training records under {stage_dir(run)} ({run!r})")
-  clock = {r["step"]: r[loop.BUDGET_SECONDS] for r in records if loop.BUDGET_SECONDS in r}
+  clock = loop.budget_by_step(records)
   out = {}
   for record in records:
     seconds = clock.get(record["step"])
@@ -74,14 +74,14 @@ def main(argv):
           print(f"| {label} | {source} | {points} |")
   if _PLOT.value:
     fig, axes = plotting.plt.subplots(1, len(MEASURES), figsize=(12, 4.5))
+    colours = plotting.plt.get_cmap("tab10")  # a colour per source, a line style per run
     for ax, (measure, title) in zip(axes, MEASURES):
       for index, (label, run_curves) in enumerate(by_run.items()):
+        sources = sorted({source for _, source in run_curves})
         for (name, source), (xs, ys) in sorted(run_curves.items()):
           if name == measure:
             ax.plot(xs, ys, linestyle=("-", "--", ":", "-.")[index % 4],
-                    color=plotting.plt.get_cmap("tab10")(sorted(
-                        {s for _, s in run_curves}).index(source)),
-                    label=f"{label}: {source}")
+                    color=colours(sources.index(source)), label=f"{label}: {source}")
       ax.set_xlabel("budget seconds of training")
       ax.set_ylabel(title)
       ax.grid(alpha=0.3)

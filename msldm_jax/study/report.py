@@ -185,7 +185,7 @@ def _vae_section(results: dict, test_scores: dict, out: str) -> list[str]:
   curves_mel, curves_sdr, rows = {}, {}, []
   for label, records in results.items():
     evals = [r for r in records if "eval/mel_distance" in r]
-    clock = {r["step"]: r[loop.BUDGET_SECONDS] for r in records if loop.BUDGET_SECONDS in r}
+    clock = loop.budget_by_step(records)
     points = [(clock[r["step"]], r) for r in evals if r["step"] in clock]
     if points:
       curves_mel[label] = ([t for t, _ in points], [r["eval/mel_distance"] for _, r in points])

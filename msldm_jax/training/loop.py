@@ -279,6 +279,12 @@ BUDGET_CLOCKS = {"wall": time.monotonic, "cpu": time.process_time}
 BUDGET_SECONDS = "budget_seconds"  # The log records' key for the budget clock's total.
 
 
+def budget_by_step(records: list[dict]) -> dict[int, float]:
+  """step -> the budget clock's seconds spent at it, from a trainer's log records (a step
+  logged again after a resume keeps its last record)."""
+  return {r["step"]: r[BUDGET_SECONDS] for r in records if BUDGET_SECONDS in r}
+
+
 def budget_spent(stage_dir: str, step: int) -> float | None:
   """The budget clock's seconds a trainer had spent at `step`, from its log: the record of
   that step, else interpolated between the records around it (a checkpoint written when a
@@ -286,8 +292,7 @@ def budget_spent(stage_dir: str, step: int) -> float | None:
   without a log."""
   if not os.path.exists(os.path.join(stage_dir, workdir_layout.METRICS_FILE)):
     return None
-  spent = sorted({r["step"]: r[BUDGET_SECONDS] for r in read_metrics(stage_dir)
-                  if BUDGET_SECONDS in r}.items())
+  spent = sorted(budget_by_step(read_metrics(stage_dir)).items())
   if not spent or not spent[0][0] <= step <= spent[-1][0]:
     return None
   steps, seconds = zip(*spent)
