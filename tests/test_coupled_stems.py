@@ -13,19 +13,14 @@ from msldm_jax.models import denoisers
 from msldm_jax.models import dit
 from msldm_jax.models import loading
 
+import network_helpers  # pylint: disable=g-bad-import-order
+
 STEMS, DIM, FRAMES = 4, 8, 16
 
 
 def _config(**overrides):
   return dit.model_config("tiny", in_channels=STEMS * DIM, dtype="float32", patch_skip=True,
                           **overrides)
-
-
-def _perturbed(params, seed, scale=0.1):
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return jax.tree.unflatten(treedef, [leaf + scale * jax.random.normal(k, leaf.shape)
-                                      for leaf, k in zip(leaves, keys)])
 
 
 def _coupled_from_isldm(isldm_params, coupled_params):
@@ -48,8 +43,8 @@ def _networks():
   coupled = denoisers.build(denoisers.DIT, _config(stem_streams=STEMS))
   assert isinstance(coupled, coupled_stems.CoupledStemsDiT)
   # Jitted, here and in the tests: op by op, four DiT streams dispatch hundreds of programs.
-  isldm_params = _perturbed(jax.jit(isldm.init)(jax.random.key(0), x, jnp.zeros((1,))),
-                            seed=1)
+  isldm_params = network_helpers.perturbed(
+      jax.jit(isldm.init)(jax.random.key(0), x, jnp.zeros((1,))), jax.random.key(1))
   coupled_params = jax.jit(coupled.init)(jax.random.key(0), x, jnp.zeros((1,)))
   return isldm, isldm_params, coupled, _coupled_from_isldm(isldm_params, coupled_params)
 
@@ -59,7 +54,7 @@ def _open_mixers(params, seed=7):
   opened = dict(params["params"])
   for name in opened:
     if name.startswith("mixer_"):
-      opened[name] = _perturbed(opened[name], seed, scale=0.3)
+      opened[name] = network_helpers.perturbed(opened[name], jax.random.key(seed), 0.3)
   return {"params": opened}
 
 

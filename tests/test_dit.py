@@ -1,5 +1,6 @@
 """The diffusion transformer: shapes, adaLN-Zero initialisation, precision, sizes."""
 
+import functools
 import math
 
 import jax
@@ -182,7 +183,7 @@ def _fit_noise_only_latents(patch_skip: bool, steps: int = 400) -> float:
   sigma_data, sigma = 0.5, 0.5
   model = dit.build_model(dit.model_config("tiny", in_channels=8, width=8, depth=1,
                                            num_heads=1, patch_size=2, patch_skip=patch_skip))
-  params = model.init(jax.random.key(0), jnp.zeros((1, 8, 16)), jnp.zeros((1,)))
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8, 16)), jnp.zeros((1,)))
   optimizer = optax.adam(1e-2)
 
   def loss_fn(params, key):
@@ -219,18 +220,20 @@ def test_patch_skip_starts_at_zero_and_its_gate_is_hoisted_with_the_conditioning
   model = dit.build_model(dit.model_config("tiny", in_channels=8, patch_skip=True))
   x = jax.random.normal(jax.random.key(0), (2, 8, 16))
   c_noise = jnp.array([-1.0, 0.5])
-  params = model.init(jax.random.key(1), x, c_noise)
-  np.testing.assert_array_equal(np.asarray(model.apply(params, x, c_noise)), 0.0)
+  # Each network and step jitted: op by op they are ~250 small compiles.
+  params = jax.jit(model.init)(jax.random.key(1), x, c_noise)
+  apply = jax.jit(model.apply)
+  np.testing.assert_array_equal(np.asarray(apply(params, x, c_noise)), 0.0)
   # Trained-like parameters: every leaf moved, so the gate and the skip both act.
-  moved = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape),
-                       params)
-  conditioning = model.apply(moved, c_noise, method="conditioning")
+  moved = jax.jit(lambda params: jax.tree.map(
+      lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params))(params)
+  conditioning = jax.jit(functools.partial(model.apply, method="conditioning"))(moved, c_noise)
   assert conditioning["skip"].shape == (2, 4 * 8)
-  direct = model.apply(moved, x, c_noise)
-  np.testing.assert_allclose(model.apply(moved, x, c_noise, conditioning=conditioning),
+  direct = apply(moved, x, c_noise)
+  np.testing.assert_allclose(apply(moved, x, c_noise, conditioning=conditioning),
                              direct, rtol=1e-5, atol=1e-6)
   without = dit.build_model(dit.model_config("tiny", in_channels=8))
-  assert not np.allclose(direct, without.apply({"params": {
+  assert not np.allclose(direct, jax.jit(without.apply)({"params": {
       k: v for k, v in moved["params"].items() if not k.startswith("skip")}}, x, c_noise))
   # Sampling's cast (bfloat16 compute) keeps the gate in float32, as the other modulations,
   # and casts the skip's matmul as the other token matmuls.

@@ -13,6 +13,8 @@ from msldm_jax.models import dit
 from msldm_jax.models import independent_stems
 from msldm_jax.models import unet1d
 
+import network_helpers  # pylint: disable=g-bad-import-order
+
 STEMS, DIM, FRAMES = 4, 8, 16
 
 
@@ -29,11 +31,7 @@ def _network(kind, independent):
   # programs, most of this file's time.
   params = jax.jit(model.init)(jax.random.key(0), x, jnp.zeros((1,)))
   # Random norm scales and biases too, so that no stem's output is trivially constant.
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  params = jax.tree.unflatten(treedef, [
-      leaf + 0.1 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)])
-  return model, params
+  return model, network_helpers.perturbed(params, jax.random.key(1))
 
 
 @pytest.mark.parametrize("kind", denoisers.KINDS)
@@ -55,7 +53,7 @@ def test_parameters_are_stacked_per_stem(kind):
   out = jax.jit(model.apply)(params, x, c_noise)
   single_apply = jax.jit(single.apply)
   for s in range(STEMS):
-    own = {"params": jax.tree.map(lambda leaf: leaf[s], stacked)}
+    own = {"params": jax.tree.map(lambda leaf: np.asarray(leaf)[s], stacked)}
     np.testing.assert_allclose(
         out[:, s * DIM:(s + 1) * DIM],
         single_apply(own, x[:, s * DIM:(s + 1) * DIM], c_noise), rtol=1e-5, atol=1e-5)

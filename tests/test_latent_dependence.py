@@ -16,6 +16,8 @@ from msldm_jax.models import denoisers
 from msldm_jax.models import dit
 from msldm_jax.models import loading
 
+import network_helpers  # pylint: disable=g-bad-import-order
+
 DIM, FRAMES, SIGMA = 4, 8, 0.3
 
 
@@ -91,13 +93,11 @@ def test_the_independent_stems_network_has_exactly_none():
   names = ("bass", "drums", "guitar", "piano")
   for independent, expect_zero in ((stems, True), (0, False)):
     model = denoisers.build(denoisers.DIT, config, independent)
-    params = model.init(jax.random.key(0), jnp.zeros((1, channels, 16)), jnp.zeros((1,)))
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, channels, 16)),
+                                 jnp.zeros((1,)))
     # Random norm scales and output layers too: a fresh DiT's zero-initialised output
     # would ignore every input.
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    params = jax.tree.unflatten(treedef, [
-        leaf + 0.1 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)])
+    params = network_helpers.perturbed(params, jax.random.key(1))
     rows = latent_dependence.cross_stem_information(
         loading.Loaded(model, params, {}), latents, stem_names=names, sigmas=(0.1, 1.0),
         batch_size=4, bootstrap_samples=20)

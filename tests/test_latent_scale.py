@@ -45,7 +45,8 @@ def test_source_scales_give_each_source_the_rms_of_sigma_data():
 
 
 def _step(spec, batch):
-  state = train_ldm.init_state(spec, jax.random.key(0), num_frames=test_train_ldm.FRAMES)
+  state = jax.jit(functools.partial(train_ldm.init_state, spec,
+                                    num_frames=test_train_ldm.FRAMES))(jax.random.key(0))
   step = jax.jit(functools.partial(train_ldm.train_step, spec=spec, seed=0))
   return step(state, batch)
 

@@ -175,7 +175,7 @@ def test_per_source_mode_uses_each_stems_parameters(tiny, tiny_per_source):
   decoded = _apply(model, variables, latents, method=sv.SourceVAE.decode)
 
   # Perturb stem 2's parameters only: only stem 2's outputs move.
-  perturbed = jax.tree.map(lambda p: p.at[2].add(0.1), variables)
+  perturbed = jax.jit(lambda v: jax.tree.map(lambda p: p.at[2].add(0.1), v))(variables)
   mean_p, _ = _apply(model, perturbed, waveforms, method=sv.SourceVAE.encode)
   decoded_p = _apply(model, perturbed, latents, method=sv.SourceVAE.decode)
   for s in range(4):
@@ -217,7 +217,7 @@ def test_encode_and_decode_sources_equal_the_models_own(tiny, tiny_per_source, p
   if per_source:
     # A per-source model runs only the asked stems' networks: a broken set elsewhere
     # does not reach them.
-    broken = jax.tree.map(lambda p: p.at[1].set(jnp.nan), variables)
+    broken = jax.jit(lambda v: jax.tree.map(lambda p: p.at[1].set(jnp.nan), v))(variables)
     some = jax.jit(functools.partial(sv.decode_sources, model, stem_indices=(2, 0)))(
         broken, latents)
     np.testing.assert_allclose(some, decoded[:, [2, 0]], rtol=1e-5, atol=1e-6)
