@@ -220,7 +220,7 @@ def test_patch_skip_starts_at_zero_and_its_gate_is_hoisted_with_the_conditioning
   model = dit.build_model(dit.model_config("tiny", in_channels=8, patch_skip=True))
   x = jax.random.normal(jax.random.key(0), (2, 8, 16))
   c_noise = jnp.array([-1.0, 0.5])
-  # Each network and step jitted: op by op they are ~250 small compiles.
+  # The init, the applies and the perturbation jitted: op by op they are ~250 small compiles.
   params = jax.jit(model.init)(jax.random.key(1), x, c_noise)
   apply = jax.jit(model.apply)
   np.testing.assert_array_equal(np.asarray(apply(params, x, c_noise)), 0.0)
