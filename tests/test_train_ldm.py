@@ -347,8 +347,9 @@ def test_stages_end_to_end_with_samples(tmp_path, streams):
   assert getattr(model, "stem_streams", 0) == streams
   x = jnp.asarray(store.LatentStore(latents_dir, "train").read_all()[:2])
   joint = x.reshape(2, stems.NUM_STEMS * LATENT_DIM, FRAMES)
-  denoised = jax.jit(edm.make_denoise_fn(model.apply, params,
-                                         sigma_data=config.ldm.sigma_data))(joint, 0.5)
+  # One program, the parameters an argument (not constants folded into it).
+  denoised = jax.jit(lambda params, x, sigma: edm.make_denoise_fn(
+      model.apply, params, sigma_data=config.ldm.sigma_data)(x, sigma))(params, joint, 0.5)
   assert denoised.shape == joint.shape and np.isfinite(np.asarray(denoised)).all()
 
   config.sample.num_pieces, config.sample.batch_size, config.sample.num_steps = 1, 1, 2
