@@ -76,9 +76,9 @@ def _best_of(call, repeats):
 
 
 def _timed(fn, *args, repeats):
-  out = fn(*args)
-  jax.block_until_ready(out)
-  return _best_of(lambda: jax.block_until_ready(fn(*args)), repeats), out
+  """`_best_of` the calls of fn(*args) after one untimed call (the compilation)."""
+  jax.block_until_ready(fn(*args))
+  return _best_of(lambda: jax.block_until_ready(fn(*args)), repeats)
 
 
 def _row(name, measured):
@@ -150,8 +150,7 @@ def main(argv):
   for name, fn, args in rows:
     if selected and not any(name.startswith(p) for p in selected):
       continue
-    measured, _ = _timed(fn, *args, repeats=_REPEATS.value)
-    print(_row(name, measured), flush=True)
+    print(_row(name, _timed(fn, *args, repeats=_REPEATS.value)), flush=True)
   mesh = mesh_lib.make_mesh()
   batch = mesh_lib.to_global_batch(
       {pipeline.AUDIO: np.asarray(x), pipeline.STEM: np.asarray(stem)}, mesh)
