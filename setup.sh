@@ -14,13 +14,17 @@ for arg in "$@"; do
   esac
 done
 
-# fluidsynth renders the mini dataset's MIDI stems to audio; libsndfile reads/writes audio.
-if ! command -v fluidsynth >/dev/null 2>&1; then
+# fluidsynth renders the mini dataset's MIDI stems to audio; libsndfile reads/writes audio;
+# jemalloc is the allocator our processes start on (msldm_jax/host_allocator.py).
+PACKAGES=()
+command -v fluidsynth >/dev/null 2>&1 || PACKAGES+=(fluidsynth libsndfile1)
+/sbin/ldconfig -p | grep -q 'libjemalloc\.so\.2 ' || PACKAGES+=(libjemalloc2)
+if [ "${#PACKAGES[@]}" -gt 0 ]; then
   SUDO=""
   if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
-    fluidsynth libsndfile1 >/dev/null
+    "${PACKAGES[@]}" >/dev/null
 fi
 
 PYTHON="${PYTHON:-python3}"

@@ -35,19 +35,27 @@ runs the same command with --multihost, plus --coordinator_address=HOST:PORT
 the README has the commands).
 """
 
-import hashlib
-import importlib
-import os
-import time
+# Before anything else: under `python -m msldm_jax.main` the process restarts itself on
+# jemalloc (host_allocator: the VAE's CPU steps spend a third of their time in the kernel
+# otherwise), and what it imports before that is imported twice.
+from msldm_jax import host_allocator
 
-from absl import app
-from absl import flags
-from absl import logging
-import jax
-from ml_collections import config_flags
+if __name__ == "__main__":
+  host_allocator.restart_on_jemalloc()
 
-from msldm_jax import workdir_layout
-from msldm_jax.parallel import distributed
+import hashlib  # noqa: E402
+import importlib  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+import jax  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from msldm_jax import workdir_layout  # noqa: E402
+from msldm_jax.parallel import distributed  # noqa: E402
 
 # mode -> the stage's module; every stage module has `run(config, workdir)`. Imported lazily
 # so that a mode pays only for what it uses.
@@ -162,6 +170,7 @@ def run_all(config, workdir: str) -> dict:
     logging.info("stage %s: running", mode)
     results[mode] = run(mode, config, workdir)
     logging.info("stage %s: done in %.0f s", mode, time.perf_counter() - start)
+    host_allocator.release_free_pages()
     if jax.process_index() == 0:
       with open(marker, "w") as f:
         f.write(digest + "\n")
@@ -182,8 +191,9 @@ def main(argv):
         heartbeat_timeout=_HEARTBEAT_TIMEOUT.value, shutdown_timeout=_SHUTDOWN_TIMEOUT.value))
   elif explicit:
     raise app.UsageError(f"{', '.join(explicit)} without --multihost: add --multihost")
-  logging.info("mode=%s workdir=%s process %d of %d", _MODE.value, _WORKDIR.value,
-               jax.process_index(), jax.process_count())
+  logging.info("mode=%s workdir=%s process %d of %d, host allocator %s", _MODE.value,
+               _WORKDIR.value, jax.process_index(), jax.process_count(),
+               host_allocator.describe())
   config = _CONFIG.value
   for flag, (section, key) in _SHORTHANDS:
     if flag.value is not None:

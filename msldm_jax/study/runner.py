@@ -37,6 +37,7 @@ import jax
 import ml_collections
 
 from msldm_jax import atomic_files
+from msldm_jax import host_allocator
 from msldm_jax import provenance
 from msldm_jax import stems
 from msldm_jax import workdir_layout
@@ -264,6 +265,7 @@ class Steps:
         f.write(json.dumps(record) + "\n")
       atomic_files.write_lines_atomic(marker, [digest + "\n"])
     logging.info("study step %s: done in %.0f s", name, record["wall_seconds"])
+    host_allocator.release_free_pages()
 
   def records(self) -> dict[str, dict]:
     """The newest record of each step."""
