@@ -10,10 +10,11 @@ faults (benchmarks/RESULTS.md, "The study's one-stem step"). jemalloc's default 
 10 s one, did not help: it returns the pages within the step.
 
 The allocator is chosen when a process starts, so `python -m msldm_jax.main` restarts itself
-once with jemalloc preloaded (`restart_on_jemalloc`), and the tests' conftest passes the
-same variables to its workers. Where jemalloc is not installed (Debian's libjemalloc2;
-setup.sh installs it) everything runs on glibc's malloc as before. MSLDM_HOST_ALLOCATOR=system
-keeps glibc's malloc; a MALLOC_CONF already set is kept as it is.
+once with jemalloc preloaded (`restart_on_jemalloc`). Where jemalloc is not installed
+(Debian's libjemalloc2; setup.sh installs it) everything runs on glibc's malloc as before.
+MSLDM_HOST_ALLOCATOR=system keeps glibc's malloc; a MALLOC_CONF already set is kept as it
+is. The test workers and notebooks stay on glibc's malloc: their work is compilations and
+one-off passes, where jemalloc saved no CPU time and held more memory.
 
 With decay off a process keeps its peak memory mapped. Between stages, `release_free_pages`
 returns what is free to the system, so a multi-stage run (--mode=all, --mode=study) holds

@@ -33,6 +33,9 @@ Several processes (a TPU pod slice, a GPU cluster, or processes on one machine):
 runs the same command with --multihost, plus --coordinator_address=HOST:PORT
 --num_processes=N --process_id=I where JAX cannot detect the cluster (parallel/distributed.py;
 the README has the commands).
+
+The process restarts itself once on jemalloc where it is installed (msldm_jax/host_allocator.py;
+MSLDM_HOST_ALLOCATOR=system keeps glibc's malloc).
 """
 
 # Before anything else: under `python -m msldm_jax.main` the process restarts itself on

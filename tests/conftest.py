@@ -36,13 +36,6 @@ os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(
         hashlib.sha256(sys.prefix.encode()).hexdigest()[:8], *sys.version_info[:2],
         *(importlib.metadata.version(package) for package in ("numba", "librosa")))))
 
-# The workers, and every process they start, allocate with jemalloc as `python -m
-# msldm_jax.main` does (msldm_jax/host_allocator.py): set here, in the controller, before
-# xdist starts the workers, who inherit it. The controller itself runs on glibc's malloc.
-from msldm_jax import host_allocator  # noqa: E402
-
-os.environ.update(host_allocator.preload_environment(os.environ))
-
 import dataclasses  # noqa: E402
 import pathlib  # noqa: E402
 import shutil  # noqa: E402
