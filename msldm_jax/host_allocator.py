@@ -44,13 +44,14 @@ def jemalloc_library() -> str | None:
 
 def preload_environment(environ) -> dict[str, str]:
   """The variables that start a new process on jemalloc: empty where MSLDM_HOST_ALLOCATOR is
-  'system', jemalloc is not installed, or LD_PRELOAD already names it."""
+  'system', jemalloc is not installed, or LD_PRELOAD already names an allocator (jemalloc, or
+  another one chosen on purpose, as TPU VMs preload tcmalloc)."""
   choice = environ.get(SWITCH, "jemalloc")
   if choice not in CHOICES:
     raise ValueError(f"environment variable {SWITCH}={choice!r}: expected one of "
                      f"{', '.join(CHOICES)}")
   preloaded = environ.get("LD_PRELOAD", "")
-  if choice == "system" or "jemalloc" in preloaded:
+  if choice == "system" or "malloc" in preloaded:
     return {}
   library = jemalloc_library()
   if library is None:

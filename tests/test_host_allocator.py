@@ -24,8 +24,10 @@ def test_preload_environment():
   assert host_allocator.preload_environment(
       {"LD_PRELOAD": "libother.so", "MALLOC_CONF": "narenas:2"}) == {
           "LD_PRELOAD": f"{LIBRARY}:libother.so", "MALLOC_CONF": "narenas:2"}
-  # Already preloaded (by a parent, or by the restart itself): nothing to do.
+  # Already preloaded (by a parent, or by the restart itself), or another allocator chosen
+  # on purpose: nothing to do.
   assert host_allocator.preload_environment({"LD_PRELOAD": f"/usr/lib/{LIBRARY}"}) == {}
+  assert host_allocator.preload_environment({"LD_PRELOAD": "libtcmalloc.so.4"}) == {}
   assert host_allocator.preload_environment({host_allocator.SWITCH: "system"}) == {}
   with pytest.raises(ValueError, match="MSLDM_HOST_ALLOCATOR='tcmalloc'"):
     host_allocator.preload_environment({host_allocator.SWITCH: "tcmalloc"})
