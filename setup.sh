@@ -15,10 +15,12 @@ for arg in "$@"; do
 done
 
 # fluidsynth renders the mini dataset's MIDI stems to audio; libsndfile reads/writes audio;
-# jemalloc is the allocator our processes start on (msldm_jax/host_allocator.py).
+# jemalloc is the allocator `python -m msldm_jax.main` restarts on (msldm_jax/host_allocator.py).
 PACKAGES=()
 command -v fluidsynth >/dev/null 2>&1 || PACKAGES+=(fluidsynth libsndfile1)
-/sbin/ldconfig -p | grep -q 'libjemalloc\.so\.2 ' || PACKAGES+=(libjemalloc2)
+# grep without -q reads all of ldconfig's output: under pipefail, -q's early exit could
+# end ldconfig with SIGPIPE and count a present library as missing.
+/sbin/ldconfig -p | grep 'libjemalloc\.so\.2 ' >/dev/null || PACKAGES+=(libjemalloc2)
 if [ "${#PACKAGES[@]}" -gt 0 ]; then
   SUDO=""
   if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
