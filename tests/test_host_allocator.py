@@ -68,7 +68,7 @@ held = resident() - base
 host_allocator.release_free_pages()
 print(held, resident() - base)
 """
-  env = {**os.environ, "LD_PRELOAD": LIBRARY, "MALLOC_CONF": host_allocator.JEMALLOC_CONF}
+  env = {**os.environ, **host_allocator.preload_environment({})}
   result = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True,
                           text=True, timeout=120, check=True)
   held, after = map(int, result.stdout.split())
