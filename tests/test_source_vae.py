@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from msldm_jax.models import audio_layers
+from msldm_jax.models import loading
 from msldm_jax.models import source_vae as sv
 
 
@@ -82,6 +83,26 @@ def test_paper_parameter_counts():
   per_source = sv.abstract_params(_model("paper", per_source=True))["params"]
   assert _count(per_source) == 4 * total
 
+
+
+def test_decoder_min_width_floors_the_halving():
+  """Each decoder block halves the width (the release's) unless `decoder_min_width` floors it;
+  the record a checkpoint keeps rebuilds the same network."""
+
+  def block_widths(model):
+    decoder = sv.abstract_params(model)["params"]["decoder"]
+    return [decoder[f"block_{i}"]["conv_transpose"]["bias"].shape[-1]
+            for i in range(len(model.decoder_strides))]
+
+  demo = dict(encoder_width=16, decoder_width=128, latent_dim=16)
+  assert block_widths(_model("paper", **demo)) == [64, 32, 16, 8]
+  floored = _model("paper", decoder_min_width=32, **demo)
+  assert block_widths(floored) == [64, 32, 32, 32]
+  record = loading.vae_record(floored)
+  assert loading.vae_from_config(record["config"], "test record") == floored
+  # A record written before the setting existed rebuilds the halving decoder.
+  del record["config"]["decoder_min_width"]
+  assert loading.vae_from_config(record["config"], "old record").decoder_min_width == 0
 
 # -- Layers ---------------------------------------------------------------------------------
 

@@ -88,7 +88,8 @@ def vae_config_dict(model: source_vae.SourceVAE) -> dict[str, Any]:
   """A SourceVAE's constructor settings as plain JSON values."""
   return dict(encoder_width=model.encoder_width, encoder_strides=list(model.encoder_strides),
               decoder_width=model.decoder_width, decoder_strides=list(model.decoder_strides),
-              latent_dim=model.latent_dim, dilations=list(model.dilations), dtype=model.dtype,
+              decoder_min_width=model.decoder_min_width, latent_dim=model.latent_dim,
+              dilations=list(model.dilations), dtype=model.dtype,
               per_source=model.per_source, num_stems=model.num_stems)
 
 

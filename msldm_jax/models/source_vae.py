@@ -52,6 +52,10 @@ def model_config(variant: str = "paper") -> ml_collections.ConfigDict:
     raise ValueError(f"unknown SourceVAE variant {variant!r} (paper, tiny)")
   config.update(
       dilations=(1, 3, 9),
+      # Ours: no decoder block narrower than this (0: each block halves the width, as the
+      # release's). The last blocks run at the highest rates, where the halving leaves a
+      # small decoder 16 and 8 channels for the harmonics above a few kHz.
+      decoder_min_width=0,
       # Compute dtype; parameters are always float32.
       dtype="float32",
       # False: one VAE for every stem (the paper). True: one VAE per stem.
@@ -142,6 +146,8 @@ class DecoderBlock(nn.Module):
 class Decoder(nn.Module):
   """WNConv(→width, k7) → DecoderBlocks (width halving) → Snake → WNConv(k7) to 1 channel.
 
+  `min_width` > 0 stops the halving there (ours; 0, the release's decoder).
+
   No final tanh (the release removed DAC's). [batch, frames, latent] → [batch, samples, 1].
   """
   width: int
@@ -149,13 +155,14 @@ class Decoder(nn.Module):
   out_features: int = 1
   dilations: Sequence[int] = (1, 3, 9)
   dtype: Any = jnp.float32
+  min_width: int = 0
 
   @nn.compact
   def __call__(self, x):
     x = audio_layers.WNConv1d(self.width, 7, padding=3, dtype=self.dtype, name="conv_in")(x)
     for i, stride in enumerate(self.strides):
-      x = DecoderBlock(self.width // 2**(i + 1), stride, self.dilations, dtype=self.dtype,
-                       name=f"block_{i}")(x)
+      width = max(self.width // 2**(i + 1), self.min_width)
+      x = DecoderBlock(width, stride, self.dilations, dtype=self.dtype, name=f"block_{i}")(x)
     x = audio_layers.Snake(dtype=self.dtype, name="snake_out")(x)
     return audio_layers.WNConv1d(self.out_features, 7, padding=3, dtype=self.dtype,
                                  name="conv_out")(x)
@@ -181,6 +188,7 @@ class SourceVAE(nn.Module):
   encoder_strides: tuple[int, ...] = (2, 4, 5, 8)
   decoder_width: int = 1536
   decoder_strides: tuple[int, ...] = (8, 5, 4, 2)
+  decoder_min_width: int = 0
   latent_dim: int = 80
   dilations: tuple[int, ...] = (1, 3, 9)
   dtype: str = "float32"
@@ -193,6 +201,7 @@ class SourceVAE(nn.Module):
                encoder_strides=tuple(int(s) for s in config.encoder_strides),
                decoder_width=int(config.decoder_width),
                decoder_strides=tuple(int(s) for s in config.decoder_strides),
+               decoder_min_width=int(config.get("decoder_min_width", 0)),
                latent_dim=int(config.latent_dim),
                dilations=tuple(int(d) for d in config.dilations),
                dtype=str(config.dtype),
@@ -212,7 +221,8 @@ class SourceVAE(nn.Module):
         self.encoder_width, self.encoder_strides, 2 * self.latent_dim, self.dilations,
         dtype=dtype)
     self.decoder = _grouped(Decoder, self.num_groups)(
-        self.decoder_width, self.decoder_strides, 1, self.dilations, dtype=dtype)
+        self.decoder_width, self.decoder_strides, 1, self.dilations, dtype=dtype,
+        min_width=self.decoder_min_width)
 
   # -- stem axis <-> parameter groups --------------------------------------------------------
 
