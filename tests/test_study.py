@@ -458,6 +458,16 @@ def test_the_report_names_the_vae_loss_terms_the_paper_does_not_have(repo_root):
   assert "no waveform or mel magnitude term); for drums: mel_magnitude 300; " in loss()
 
 
+def test_the_report_states_a_floor_on_the_decoders_width(repo_root):
+  from msldm_jax.study import report  # pylint: disable=g-import-not-at-top
+  config = config_loading.load_config(os.path.join(repo_root, "configs/study.py"))
+  vae = lambda: next(line for line in report._departures(config)  # noqa: E731  # pylint: disable=protected-access
+                     if line.startswith("- SourceVAE:"))
+  assert "decoder width 128, latent 16 per source" in vae()
+  config.vae.model.decoder_min_width = 16
+  assert "decoder width 128 (no block under 16 channels), latent 16 per source" in vae()
+
+
 def test_a_second_run_skips_every_step_and_a_scoring_setting_reruns_only_the_scoring(
     repo_root, tmp_path, monkeypatch):
   """The runner's resume logic on stand-in stages: each records that it ran. (The tiny

@@ -479,6 +479,12 @@ def _sampler_section(config, workdir: str, steps: dict, out: str) -> list[str]:
   return lines + ["", "![samplers against evaluations](samplers.png)"]
 
 
+def _decoder_floor(model: ml_collections.ConfigDict) -> str:
+  """How far the decoder's blocks halve their width, where a floor stops them (ours)."""
+  floor = int(model.get("decoder_min_width", 0))
+  return f" (no block under {floor} channels)" if floor else ""
+
+
 def _departures(config: ml_collections.ConfigDict) -> list[str]:
   """The study's settings that are not the paper's, read from the config it ran."""
   vae, ldm = config.vae, config.ldm
@@ -486,8 +492,8 @@ def _departures(config: ml_collections.ConfigDict) -> list[str]:
   per_source = bool(vae.model.per_source)
   return [
       f"- SourceVAE: encoder width {vae.model.encoder_width}, decoder width "
-      f"{vae.model.decoder_width}, latent {vae.model.latent_dim} per source (the paper's: "
-      "64, 1536, 80); discriminators "
+      f"{vae.model.decoder_width}{_decoder_floor(vae.model)}, latent {vae.model.latent_dim} "
+      "per source (the paper's: 64, 1536, 80); discriminators "
       f"'{vae.discriminator.variant}'; batch {vae.batch_size} one-second windows; AdamW at "
       f"{vae.optimizer.learning_rate:g}.",
       *(["- One SourceVAE per stem (the paper shares one across stems), trained on "
