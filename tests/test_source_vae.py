@@ -84,7 +84,6 @@ def test_paper_parameter_counts():
   assert _count(per_source) == 4 * total
 
 
-
 def test_decoder_min_width_floors_the_halving():
   """Each decoder block halves the width (the release's) unless `decoder_min_width` floors it;
   the record a checkpoint keeps rebuilds the same network."""
@@ -103,6 +102,7 @@ def test_decoder_min_width_floors_the_halving():
   # A record written before the setting existed rebuilds the halving decoder.
   del record["config"]["decoder_min_width"]
   assert loading.vae_from_config(record["config"], "old record").decoder_min_width == 0
+
 
 # -- Layers ---------------------------------------------------------------------------------
 

@@ -53,8 +53,10 @@ def model_config(variant: str = "paper") -> ml_collections.ConfigDict:
   config.update(
       dilations=(1, 3, 9),
       # Ours: no decoder block narrower than this (0: each block halves the width, as the
-      # release's). The last blocks run at the highest rates, where the halving leaves a
-      # small decoder 16 and 8 channels for the harmonics above a few kHz.
+      # release's). The last blocks run at the highest rates and make the upper harmonics;
+      # the halving leaves configs/demo.py's decoder 16 and 8 channels there. At 32 the
+      # study's pitched stems learned no better per step, at 2.3× the cost per step
+      # (benchmarks/RESULTS.md, "A wider latent, a wider decoder").
       decoder_min_width=0,
       # Compute dtype; parameters are always float32.
       dtype="float32",

@@ -480,7 +480,7 @@ def _sampler_section(config, workdir: str, steps: dict, out: str) -> list[str]:
 
 
 def _decoder_floor(model: ml_collections.ConfigDict) -> str:
-  """How far the decoder's blocks halve their width, where a floor stops them (ours)."""
+  """The decoder's width floor for the VAE's line ('' when its blocks halve all the way)."""
   floor = int(model.get("decoder_min_width", 0))
   return f" (no block under {floor} channels)" if floor else ""
 
