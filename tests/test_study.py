@@ -458,6 +458,30 @@ def test_the_report_names_the_vae_loss_terms_the_paper_does_not_have(repo_root):
   assert "no waveform or mel magnitude term); for drums: mel_magnitude 300; " in loss()
 
 
+def test_the_mixture_vae_gets_a_stems_share_of_the_time_and_of_the_reconstruction_steps(
+    repo_root):
+  """The stems' VAEs train in turn, so each gets a quarter of the steps before the GAN phase
+  and of the time; the mixture VAE, one VAE, gets that quarter of both. The report says so."""
+  from msldm_jax.study import report  # pylint: disable=g-import-not-at-top
+  config = config_loading.load_config(os.path.join(repo_root, "configs/study.py"))
+  mixture = runner.system_config(config, "/w", "mixldm")
+  assert config.vae.adversarial_start == 2960 and mixture.vae.adversarial_start == 740
+  assert mixture.vae.train.max_seconds == config.vae.train.max_seconds / 4
+  assert not mixture.vae.model.per_source
+  # The other systems read the stems' VAE as it is: their config keeps its recipe.
+  assert runner.system_config(config, "/w", "isldm").vae.adversarial_start == 2960
+  loss = lambda: next(line for line in report._departures(config)  # noqa: E731  # pylint: disable=protected-access
+                      if line.startswith("- Its loss:"))
+  assert loss().endswith("the first 2960 steps reconstruction-only (no discriminator), then "
+                         "GAN steps with the 'tiny' discriminators; the mixture VAE's first "
+                         "740 steps."), loss()
+  config.vae.model.per_source = False  # one VAE for all stems: the same start for both
+  assert runner.mixture_vae_adversarial_start(config) == 2960
+  assert loss().endswith("then GAN steps with the 'tiny' discriminators."), loss()
+  config.vae.adversarial_start = config.vae.train.num_steps
+  assert loss().endswith("reconstruction-only throughout (no discriminator)."), loss()
+
+
 def test_the_report_states_a_floor_on_the_decoders_width(repo_root):
   from msldm_jax.study import report  # pylint: disable=g-import-not-at-top
   config = config_loading.load_config(os.path.join(repo_root, "configs/study.py"))

@@ -510,7 +510,10 @@ def _departures(config: ml_collections.ConfigDict) -> list[str]:
                 for stem, overrides in vae.loss_weights_by_stem.items())
       + ("reconstruction-only throughout (no discriminator)."
          if vae.adversarial_start >= vae.train.num_steps else
-         f"the first {vae.adversarial_start} steps reconstruction-only (no discriminator)."),
+         f"the first {vae.adversarial_start} steps reconstruction-only (no discriminator), "
+         f"then GAN steps with the '{vae.discriminator.variant}' discriminators"
+         + (f"; the mixture VAE's first {runner.mixture_vae_adversarial_start(config)} steps"
+            if per_source else "") + "."),
       f"- Training for a time budget: {vae.train.max_seconds:.0f} s for the stems' VAE"
       + (f" ({vae.train.max_seconds / stems.NUM_STEMS:.0f} s per stem)"
          if per_source else "")

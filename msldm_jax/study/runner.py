@@ -140,11 +140,21 @@ def _derived(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return copy
 
 
+def mixture_vae_adversarial_start(config: ml_collections.ConfigDict) -> int:
+  """The mixture VAE's reconstruction-only steps: as many as each stem's VAE gets of
+  `vae.adversarial_start` (a quarter when the stems' VAEs are one per stem, trained in turn),
+  so that every VAE of the study follows the same recipe, as `study.mixture_vae_seconds`
+  gives it a stem's share of the time."""
+  start = int(config.vae.adversarial_start)
+  return start // stems.NUM_STEMS if config.vae.model.per_source else start
+
+
 def system_config(config: ml_collections.ConfigDict, workdir: str,
                   name: str) -> ml_collections.ConfigDict:
   """The config the stages of system `name` run under, in `system_dir(workdir, name)`: the
   shared data, and the shared VAE and latents unless it models the mixture (then its own,
-  made there, trained for `study.mixture_vae_seconds`); trained for `study.ldm_seconds` on
+  made there, trained for `study.mixture_vae_seconds` with its GAN phase from
+  `mixture_vae_adversarial_start`); trained for `study.ldm_seconds` on
   `ldm.train.budget_clock`."""
   system, denoiser = SYSTEMS[name]
   derived = _derived(config)
@@ -157,6 +167,7 @@ def system_config(config: ml_collections.ConfigDict, workdir: str,
     # The mixture is one source: one parameter set, whatever the stems' VAE has.
     derived.vae.model.per_source = False
     derived.vae.train.max_seconds = float(config.study.mixture_vae_seconds)
+    derived.vae.adversarial_start = mixture_vae_adversarial_start(config)
   else:
     derived.ldm.vae_checkpoint = os.path.abspath(workdir)
     derived.ldm.latents_dir = os.path.abspath(workdir_layout.latents_dir(config, workdir))
