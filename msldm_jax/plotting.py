@@ -67,11 +67,16 @@ def spectrogram_image(waveforms: dict, sample_rate: int, title: str = "") -> np.
 
 
 def save_curves(path: str, curves: dict, xlabel: str = "step", ylabel: str = "loss",
-                logy: bool = True):
-  """curves: name -> (steps, values)."""
+                logy: bool = True, marks: dict | None = None):
+  """curves: name -> (steps, values). marks: name -> (x, label), a dotted vertical line in
+  that curve's colour at x (where its training changed, e.g. its GAN phase began)."""
+  marks = marks or {}
   fig, ax = plt.subplots(figsize=(7, 4))
   for name, (steps, values) in curves.items():
-    ax.plot(steps, values, label=name)
+    (line,) = ax.plot(steps, values, label=name)
+    if name in marks:
+      x, label = marks[name]
+      ax.axvline(x, color=line.get_color(), linestyle=":", label=f"{name}: {label}")
   if logy:
     ax.set_yscale("log")
   ax.set_xlabel(xlabel)

@@ -482,6 +482,29 @@ def test_the_mixture_vae_gets_a_stems_share_of_the_time_and_of_the_reconstructio
   assert loss().endswith("reconstruction-only throughout (no discriminator)."), loss()
 
 
+def test_the_vae_section_counts_the_gan_steps_and_marks_where_they_began(tmp_path,
+                                                                        monkeypatch):
+  from msldm_jax import plotting  # pylint: disable=g-import-not-at-top
+  from msldm_jax.study import report  # pylint: disable=g-import-not-at-top
+  def records(last_step):  # a log record every 10 steps at 2 s a step, a validation every 20
+    return [{"step": step, "budget_seconds": 2.0 * step, "loss/mel": 1.0, "loss/kl": 0.5,
+             **({"eval/mel_distance": 3.0 - step / 100, "eval/si_sdr": -20.0 + step / 10}
+                if step % 20 == 0 else {})} for step in range(10, last_step + 1, 10)]
+  drawn = {}
+  monkeypatch.setattr(plotting, "save_curves",
+                      lambda path, curves, **kwargs: drawn.setdefault(
+                          os.path.basename(path), kwargs.get("marks")))
+  lines = report._vae_section(  # pylint: disable=protected-access
+      {"stems": records(100), "mixture": records(40)}, {"stems": 60, "mixture": 60},
+      {"stems": None, "mixture": None}, str(tmp_path))
+  assert "| VAE | steps | of them GAN steps | CPU-s |" in lines[0]
+  assert lines[2].startswith("| stems | 100 | 40 | 200 | 2.00 ("), lines[2]
+  assert lines[3].startswith("| mixture | 40 | 0 | 80 | 2.60 ("), lines[3]
+  # The stems' curves marked at step 60's CPU-s; the mixture never reached its GAN steps.
+  for plot in ("vae_mel.png", "vae_si_sdr.png"):
+    assert drawn[plot] == {"stems": (120.0, "GAN steps from step 61")}, drawn
+
+
 def test_the_report_states_a_floor_on_the_decoders_width(repo_root):
   from msldm_jax.study import report  # pylint: disable=g-import-not-at-top
   config = config_loading.load_config(os.path.join(repo_root, "configs/study.py"))

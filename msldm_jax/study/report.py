@@ -179,10 +179,11 @@ def _goal_lines(label: str, scores: dict) -> list[str]:
   return lines
 
 
-def _vae_section(results: dict, test_scores: dict, out: str) -> list[str]:
-  """Validation curves of both VAEs against CPU time, their last evaluation, and their
+def _vae_section(results: dict, gan_starts: dict, test_scores: dict, out: str) -> list[str]:
+  """Validation curves of both VAEs against CPU time (each marked where its GAN steps began,
+  `gan_starts`: label -> its vae.adversarial_start), their last evaluation, and their
   reconstructions of the test split against the goals."""
-  curves_mel, curves_sdr, rows = {}, {}, []
+  curves_mel, curves_sdr, marks, rows = {}, {}, {}, []
   for label, records in results.items():
     evals = [r for r in records if "eval/mel_distance" in r]
     clock = loop.budget_by_step(records)
@@ -190,6 +191,12 @@ def _vae_section(results: dict, test_scores: dict, out: str) -> list[str]:
     if points:
       curves_mel[label] = ([t for t, _ in points], [r["eval/mel_distance"] for _, r in points])
       curves_sdr[label] = ([t for t, _ in points], [r["eval/si_sdr"] for _, r in points])
+    logged = sorted(clock.items())
+    start = gan_starts[label]
+    if logged and logged[0][0] <= start < logged[-1][0]:
+      steps_logged, seconds = zip(*logged)
+      marks[label] = (float(np.interp(start, steps_logged, seconds)),
+                      f"GAN steps from step {start + 1}")
     if not evals:
       continue
     last = evals[-1]
@@ -200,18 +207,20 @@ def _vae_section(results: dict, test_scores: dict, out: str) -> list[str]:
                              if k.startswith("eval/si_sdr/"))
     steps = max(r["step"] for r in records if "loss/mel" in r)
     seconds = f"{clock[steps]:.0f}" if steps in clock else "–"
-    rows.append(f"| {label} | {steps} | {seconds} | "
+    rows.append(f"| {label} | {steps} | {max(0, steps - gan_starts[label])} | {seconds} | "
                 f"{last['eval/mel_distance']:.2f} ({per_stem}) | "
                 f"{last['eval/si_sdr']:.1f} ({per_stem_sdr}) | {np.mean(kl):.3f} |")
-  lines = ["| VAE | steps | CPU-s | validation mel distance (per source) | "
-           "validation SI-SDR dB (per source) | KL per element |", "|---|---|---|---|---|---|"]
+  lines = ["| VAE | steps | of them GAN steps | CPU-s | validation mel distance (per source) | "
+           "validation SI-SDR dB (per source) | KL per element |",
+           "|---|---|---|---|---|---|---|"]
   lines += rows
   if curves_mel:
     plotting.save_curves(os.path.join(out, "vae_mel.png"), curves_mel,
-                         xlabel="CPU seconds of training", ylabel="validation mel distance")
+                         xlabel="CPU seconds of training", ylabel="validation mel distance",
+                         marks=marks)
     plotting.save_curves(os.path.join(out, "vae_si_sdr.png"), curves_sdr,
                          xlabel="CPU seconds of training", ylabel="validation SI-SDR (dB)",
-                         logy=False)
+                         logy=False, marks=marks)
     lines += ["", "![VAE mel distance](vae_mel.png) ![VAE SI-SDR](vae_si_sdr.png)"]
   scored = {label: scores for label, scores in test_scores.items() if scores}
   if scored:
@@ -610,6 +619,8 @@ def write(config: ml_collections.ConfigDict, workdir: str, out: str, steps: dict
   results = _system_results(config, workdir, systems)
   vae_records = {"SourceVAE (stems)": loop.read_metrics(
       workdir_layout.trainer_dir(workdir, workdir_layout.VAE))}
+  gan_starts = {"SourceVAE (stems)": int(config.vae.adversarial_start),
+                "mixture VAE (mixldm)": runner.mixture_vae_adversarial_start(config)}
   vae_scores = {"SourceVAE (stems)": _read_vae_scores(workdir)}
   if "mixldm" in results:
     mixldm_dir = runner.system_dir(workdir, "mixldm")
@@ -658,7 +669,7 @@ def write(config: ml_collections.ConfigDict, workdir: str, out: str, steps: dict
       f"{GOAL_SI_SDR:g} dB, and the reconstructed guitar, piano and drums stems tagged right "
       f"as often as the real ones (within {GOAL_TAG_POINTS:g} points).",
       "",
-      *_vae_section(vae_records, vae_scores, out),
+      *_vae_section(vae_records, gan_starts, vae_scores, out),
       "",
       "## The latent models, for the same training time",
       "",
