@@ -505,6 +505,52 @@ def test_the_vae_section_counts_the_gan_steps_and_marks_where_they_began(tmp_pat
     assert drawn[plot] == {"stems": (120.0, "GAN steps from step 61")}, drawn
 
 
+def test_the_gpu_variant_builds_every_system_at_the_papers_sizes(repo_root):
+  """`:variant=gpu` without an accelerator: each system's trainer builds its network on
+  latents of the paper's shape (4 × 80 channels, 1024 frames per 327672-sample chunk) from
+  abstract shapes alone, so that a config error shows here and not on a lent machine."""
+  import math  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from msldm_jax.models import denoisers  # pylint: disable=g-import-not-at-top
+  from msldm_jax.models import source_vae  # pylint: disable=g-import-not-at-top
+  from msldm_jax.models import unet1d  # pylint: disable=g-import-not-at-top
+  from msldm_jax.training import train_ldm  # pylint: disable=g-import-not-at-top
+  from msldm_jax.training import train_vae  # pylint: disable=g-import-not-at-top
+  config = config_loading.load_config(os.path.join(repo_root, "configs/study.py:variant=gpu"))
+  count = lambda tree: sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))  # noqa: E731
+  # Both VAEs are the paper's shared SourceVAE (61.05 M) with its discriminators, and get the
+  # same time and GAN phase.
+  mixture = runner.system_config(config, "/w", "mixldm").vae
+  for vae_config in (config.vae, mixture):
+    vae = source_vae.SourceVAE.from_config(vae_config.model)
+    assert round(count(source_vae.abstract_params(vae)["params"]) / 1e6, 2) == 61.05
+    train_vae.make_train_spec(vae_config)
+  assert (mixture.adversarial_start, mixture.train.max_seconds) == (
+      config.vae.adversarial_start, config.vae.train.max_seconds)
+  sizes = {}
+  for name in runner.study_systems(config):
+    system = runner.system_config(config, "/w", name)
+    sources = 1 if system.system == "mixldm" else 4
+    frames = source_vae.encoded_length(int(system.data.chunks.samples),
+                                       system.vae.model.encoder_strides)
+    assert frames == 1024 and system.vae.model.latent_dim == 80
+    manifest = {"shape": [sources, 80, frames]}
+    model_config = train_ldm.model_config_for_latents(system.ldm, manifest, "/w/latents")
+    spec = train_ldm.make_train_spec(system.ldm, model_config,
+                                     sources if system.system == "isldm" else 0)
+    sizes[name] = count(denoisers.abstract_params(spec.model))
+  assert list(sizes) == ["msldm", "isldm", "mixldm", "msldm_unet", "msldm_coupled"]
+  # The release's U-Net exactly; the DiT base near it; isldm four of mixldm's one-source DiT;
+  # the coupled DiT isldm's four streams and their mixers.
+  assert sizes["msldm_unet"] == unet1d.RELEASE_PARAMS["release"]
+  assert 0.9 < sizes["msldm"] / sizes["msldm_unet"] < 1.2, sizes
+  assert sizes["isldm"] == 4 * sizes["mixldm"]
+  assert sizes["msldm_coupled"] > sizes["isldm"]
+  for sampler, evaluations in runner.sampler_runs(config):
+    run = runner.sampler_run_config(config, "/w", sampler, evaluations)
+    assert run.sample.num_pieces == 64 and run.sample.num_steps <= evaluations
+
+
 def test_the_report_states_a_floor_on_the_decoders_width(repo_root):
   from msldm_jax.study import report  # pylint: disable=g-import-not-at-top
   config = config_loading.load_config(os.path.join(repo_root, "configs/study.py"))
