@@ -199,7 +199,8 @@ def test_tiny_study_runs_end_to_end(repo_root, tmp_path, mini_dataset):
   for heading in ("## The SourceVAEs", "## The latent models, for the same training time",
                   "## Total generation", "## Partial generation",
                   "## Samplers against network evaluations (msldm)",
-                  "## The control: a dependence planted in the latents"):
+                  "## The control: a dependence planted in the latents",
+                  "## Where the time went"):
     assert heading in report
   for name in ("msldm", "isldm", "mixldm"):
     assert f"| {name} |" in report
@@ -549,6 +550,18 @@ def test_the_gpu_variant_builds_every_system_at_the_papers_sizes(repo_root):
   for sampler, evaluations in runner.sampler_runs(config):
     run = runner.sampler_run_config(config, "/w", sampler, evaluations)
     assert run.sample.num_pieces == 64 and run.sample.num_steps <= evaluations
+
+
+def test_the_time_table_lists_each_step_and_sums_the_sampler_runs():
+  from msldm_jax.study import report  # pylint: disable=g-import-not-at-top
+  steps = {name: {"step": name, "wall_seconds": wall, "cpu_seconds": 1.5 * wall}
+           for name, wall in (("control", 60.0), ("shared/train_vae", 600.0),
+                              ("samplers/heun_2/sample", 30.0),
+                              ("samplers/heun_2/evaluate", 6.0),
+                              ("samplers/dpmpp_2m_2/sample", 24.0))}
+  assert report.time_table(steps)[2:] == [
+      "| control | 1.0 | 1.5 |", "| shared/train_vae | 10.0 | 15.0 |",
+      "| samplers (every run, sample and evaluate) | 1.0 | 1.5 |"]
 
 
 def test_the_report_states_a_floor_on_the_decoders_width(repo_root):

@@ -46,6 +46,20 @@ def step_commits(steps: dict[str, dict]) -> str:
       f"{name} ({count} step{'s' if count > 1 else ''})" for name, count in ordered)
 
 
+def time_table(steps: dict[str, dict]) -> list[str]:
+  """Each step's wall and CPU minutes (its newest run), in the order they ran, the sampler
+  runs summed into one row."""
+  rows: dict[str, list[float]] = {}
+  for name, record in steps.items():
+    label = "samplers (every run, sample and evaluate)" if name.startswith(
+        f"{runner.SAMPLERS_DIR}/") else name
+    totals = rows.setdefault(label, [0.0, 0.0])
+    totals[0] += record.get("wall_seconds", float("nan")) / 60
+    totals[1] += record.get("cpu_seconds", float("nan")) / 60
+  return ["| step | wall min | CPU min (the study's process) |", "|---|---|---|",
+          *(f"| {label} | {wall:.1f} | {cpu:.1f} |" for label, (wall, cpu) in rows.items())]
+
+
 def bucket_means(records: list[dict], first_step: float, last_step: float) -> dict[str, float]:
   """Mean diffusion loss per σ bucket over the logged steps in (first_step, last_step]."""
   window = [r for r in records if "loss" in r and first_step < r["step"] <= last_step]
@@ -729,6 +743,11 @@ def write(config: ml_collections.ConfigDict, workdir: str, out: str, steps: dict
   lines += _partial_table(results)
   lines += ["", "## Samplers against network evaluations (msldm)", ""]
   lines += _sampler_section(config, workdir, steps, out)
+  lines += ["", "## Where the time went", "",
+            "Each step's newest run (WORKDIR/study/steps.jsonl): a step stopped and resumed "
+            "shows its last run only (the trainings' budgets above count every run); CPU "
+            "time is the study process's, so a step's share of 2 cores shows as CPU over "
+            "wall.", "", *time_table(steps)]
   lines += ["", "## What this does and does not show", "", NOTES]
   remarks = split_notes(str(config.study.notes))
   if remarks:
