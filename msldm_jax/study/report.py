@@ -205,12 +205,10 @@ def _vae_section(results: dict, gan_starts: dict, test_scores: dict, out: str) -
     if points:
       curves_mel[label] = ([t for t, _ in points], [r["eval/mel_distance"] for _, r in points])
       curves_sdr[label] = ([t for t, _ in points], [r["eval/si_sdr"] for _, r in points])
-    logged = sorted(clock.items())
     start = gan_starts[label]
-    if logged and logged[0][0] <= start < logged[-1][0]:
-      steps_logged, seconds = zip(*logged)
-      marks[label] = (float(np.interp(start, steps_logged, seconds)),
-                      f"GAN steps from step {start + 1}")
+    gan_from = loop.budget_at(records, start)
+    if gan_from is not None and start < max(clock):  # a VAE that took GAN steps
+      marks[label] = (gan_from, f"GAN steps from step {start + 1}")
     if not evals:
       continue
     last = evals[-1]

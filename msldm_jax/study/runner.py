@@ -314,7 +314,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
     derived = sampler_run_config(config, workdir, sampler, evaluations)
     folder = sampler_dir(workdir, sampler, evaluations)
     for mode in ("sample", "evaluate"):
-      steps.run(f"samplers/{sampler}_{evaluations}/{mode}", mode, derived, folder)
+      steps.run(f"{SAMPLERS_DIR}/{sampler}_{evaluations}/{mode}", mode, derived, folder)
   # Imported here: the report reads every product above and draws (matplotlib).
   from msldm_jax.study import report  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:

@@ -285,18 +285,22 @@ def budget_by_step(records: list[dict]) -> dict[int, float]:
   return {r["step"]: r[BUDGET_SECONDS] for r in records if BUDGET_SECONDS in r}
 
 
-def budget_spent(stage_dir: str, step: int) -> float | None:
-  """The budget clock's seconds a trainer had spent at `step`, from its log: the record of
-  that step, else interpolated between the records around it (a checkpoint written when a
-  run was stopped falls between two logging steps); None outside the logged steps, or
-  without a log."""
-  if not os.path.exists(os.path.join(stage_dir, workdir_layout.METRICS_FILE)):
-    return None
-  spent = sorted(budget_by_step(read_metrics(stage_dir)).items())
+def budget_at(records: list[dict], step: int) -> float | None:
+  """The budget clock's seconds a trainer had spent at `step`, from its log records: the
+  record of that step, else interpolated between the records around it (a checkpoint written
+  when a run was stopped falls between two logging steps); None outside the logged steps."""
+  spent = sorted(budget_by_step(records).items())
   if not spent or not spent[0][0] <= step <= spent[-1][0]:
     return None
   steps, seconds = zip(*spent)
   return float(np.interp(step, steps, seconds))
+
+
+def budget_spent(stage_dir: str, step: int) -> float | None:
+  """`budget_at` from the log in `stage_dir`; None without a log."""
+  if not os.path.exists(os.path.join(stage_dir, workdir_layout.METRICS_FILE)):
+    return None
+  return budget_at(read_metrics(stage_dir), step)
 
 
 class Budget:
