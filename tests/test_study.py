@@ -506,6 +506,26 @@ def test_the_vae_section_counts_the_gan_steps_and_marks_where_they_began(tmp_pat
     assert drawn[plot] == {"stems": (120.0, "GAN steps from step 61")}, drawn
 
 
+def test_the_vae_goals_are_judged_and_counted_per_vae():
+  from msldm_jax.evaluation import vae_quality  # pylint: disable=g-import-not-at-top
+  from msldm_jax.study import report  # pylint: disable=g-import-not-at-top
+  def row(mel, sdr, tagged, real):
+    return {"mel_distance": mel, "si_sdr": sdr, vae_quality.TAGGED_RECONSTRUCTED: tagged,
+            vae_quality.TAGGED_REAL: real}
+  # As read back from strict JSON: NaN is the string "nan" (bass has no tag to judge).
+  scores = {"reconstruction": {"bass": row(1.49, 10.0, "nan", "nan"),
+                               "guitar": row(2.27, -0.2, 0.585, 0.854),
+                               "piano": row(2.54, 1.4, 0.512, 0.585),
+                               "drums": row(1.26, -7.4, "nan", 1.0)}}
+  lines = report._goal_lines("stems", scores)  # pylint: disable=protected-access
+  assert lines[0] == "- stems, bass: mel 1.49 ≤ 1.5 (met); SI-SDR 10.0 dB ≥ 0 (met).", lines
+  assert "(not met: 27 points behind, the goal within 10)" in lines[1], lines[1]
+  assert "(met: 7 points behind, the goal within 10)" in lines[2], lines[2]
+  assert "tagged right nan against real 1.00 (not met: nan points behind" in lines[3]
+  # bass 2, guitar 0, piano 2 (SI-SDR, tags), drums 1 (mel) of 2 + 3 + 3 + 3.
+  assert lines[-1] == "- stems: 5 of the 11 goals met.", lines[-1]
+
+
 def test_the_gpu_variant_builds_every_system_at_the_papers_sizes(repo_root):
   """`:variant=gpu` without an accelerator: each system's trainer builds its network on
   latents of the paper's shape (4 × 80 channels, 1024 frames per 327672-sample chunk) from

@@ -174,22 +174,27 @@ def _read_vae_scores(workdir: str) -> dict | None:
 
 def _goal_lines(label: str, scores: dict) -> list[str]:
   """Met / not met for each goal, from `vae_quality` scores of one VAE (read back from
-  strict JSON, where NaN is the string "nan": hence every float())."""
-  lines = []
+  strict JSON, where NaN is the string "nan": hence every float()), then how many it met."""
+  lines, met = [], []
   for name, row in scores["reconstruction"].items():
     mel, sdr = float(row["mel_distance"]), float(row["si_sdr"])
+    met += [mel <= GOAL_MEL, sdr >= GOAL_SI_SDR]
     verdicts = [f"mel {mel:.2f} {'≤' if mel <= GOAL_MEL else '>'} {GOAL_MEL} "
-                f"({'met' if mel <= GOAL_MEL else 'not met'})",
+                f"({'met' if met[-2] else 'not met'})",
                 f"SI-SDR {sdr:.1f} dB {'≥' if sdr >= GOAL_SI_SDR else '<'} {GOAL_SI_SDR:g} "
-                f"({'met' if sdr >= GOAL_SI_SDR else 'not met'})"]
+                f"({'met' if met[-1] else 'not met'})"]
     ours, real = (float(row[vae_quality.TAGGED_RECONSTRUCTED]),
                   float(row[vae_quality.TAGGED_REAL]))
     if np.isfinite(real):
-      gap = 100 * (real - ours) if np.isfinite(ours) else float("nan")
+      # Points behind the real stems (negative: ahead of them); NaN, when no reconstruction
+      # was tagged, meets nothing.
+      gap = 100 * (real - ours)
+      met.append(bool(gap <= GOAL_TAG_POINTS))
       verdicts.append(f"tagged right {ours:.2f} against real {real:.2f} "
-                      f"({'met' if gap <= GOAL_TAG_POINTS else 'not met'}: within "
-                      f"{GOAL_TAG_POINTS:g} points)")
+                      f"({'met' if met[-1] else 'not met'}: {gap:.0f} points behind, the goal "
+                      f"within {GOAL_TAG_POINTS:g})")
     lines.append(f"- {label}, {name}: " + "; ".join(verdicts) + ".")
+  lines.append(f"- {label}: {sum(met)} of the {len(met)} goals met.")
   return lines
 
 
