@@ -178,11 +178,12 @@ def _goal_lines(label: str, scores: dict) -> list[str]:
   lines, met = [], []
   for name, row in scores["reconstruction"].items():
     mel, sdr = float(row["mel_distance"]), float(row["si_sdr"])
-    met += [mel <= GOAL_MEL, sdr >= GOAL_SI_SDR]
-    verdicts = [f"mel {mel:.2f} {'≤' if mel <= GOAL_MEL else '>'} {GOAL_MEL} "
-                f"({'met' if met[-2] else 'not met'})",
-                f"SI-SDR {sdr:.1f} dB {'≥' if sdr >= GOAL_SI_SDR else '<'} {GOAL_SI_SDR:g} "
-                f"({'met' if met[-1] else 'not met'})"]
+    mel_met, sdr_met = mel <= GOAL_MEL, sdr >= GOAL_SI_SDR
+    met += [mel_met, sdr_met]
+    verdicts = [f"mel {mel:.2f} {'≤' if mel_met else '>'} {GOAL_MEL} "
+                f"({'met' if mel_met else 'not met'})",
+                f"SI-SDR {sdr:.1f} dB {'≥' if sdr_met else '<'} {GOAL_SI_SDR:g} "
+                f"({'met' if sdr_met else 'not met'})"]
     ours, real = (float(row[vae_quality.TAGGED_RECONSTRUCTED]),
                   float(row[vae_quality.TAGGED_REAL]))
     if np.isfinite(real):
