@@ -610,11 +610,14 @@ NOTES = """\
   joint model's pieces are closer to real music than the baselines' on this data at this
   scale, with bootstrap intervals over pieces and the real-vs-real floor beside each score.
 - What it cannot: the paper's numbers. At the default variant the models are tiny and
-  trained for minutes on CPU, on Bach chorales rendered by a soundfont; the VAE
-  reconstructions bound every generated score (see the VAE table); one seed per system.
-  The musicnn embedding (MSD tags) is not the paper's VGGish. ISLDM gets four times
-  msldm's parameters and FLOPs per step, msldm_coupled a little more (stated above), which
-  a fixed time budget charges them for.
+  trained on CPU for the budgets above, on Bach chorales rendered by a soundfont; the VAE
+  reconstructions bound every generated score (see the VAE table). One seed per system:
+  the intervals are over pieces, and a second training run of msldm moved its drum-bass
+  onset dependence by more than that interval spans, while its mixture scores stayed within
+  a point (benchmarks/RESULTS.md, "A second seed of msldm and isldm"). The musicnn
+  embedding (MSD tags) is not the paper's VGGish. ISLDM gets four times msldm's parameters
+  and FLOPs per step, msldm_coupled a little more (stated above), which a fixed time budget
+  charges them for.
 """
 
 
